@@ -1,0 +1,512 @@
+//! The agent's TOML configuration: parsed strictly (unknown keys refused),
+//! validated once into typed structs, and turned into the [`NetMap`] that static
+//! mode applies.
+//!
+//! Every error names the file, the key, the bad value and what is expected. This
+//! module reads the config and key files; it must not open sockets or devices.
+
+use crate::keys::PrivateKey;
+use ipnet::IpNet;
+use serde::Deserialize;
+use skymesh_wire::{NetMap, NetMapError, PeerSpec, PublicKey, PROTOCOL_VERSION};
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_INTERFACE: &str = "skymesh0";
+pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+pub const DEFAULT_MTU: u16 = 1420;
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9586";
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/skymesh/agent.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/skymesh";
+
+/// A config the agent refuses, with everything an operator needs to fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: PathBuf, reason: String },
+    #[error("{file}: {message}")]
+    Syntax { file: PathBuf, message: String },
+    #[error("{file}: {key} = {value}: {problem}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        value: String,
+        problem: String,
+    },
+}
+
+/// Raw file shape. Numbers are wide on purpose so that out-of-range values get our
+/// message ("expected 1..=65535") instead of a type error.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    interface: RawInterface,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    state: RawState,
+    #[serde(default)]
+    peers: Vec<RawPeer>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInterface {
+    name: Option<String>,
+    private_key_file: String,
+    listen_port: Option<i64>,
+    address: String,
+    mtu: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPeer {
+    name: String,
+    public_key: String,
+    endpoint: Option<String>,
+    allowed_ips: Vec<String>,
+    persistent_keepalive: Option<i64>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub interface: Interface,
+    pub metrics_listen: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub peers: Vec<PeerSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Interface {
+    pub name: String,
+    pub private_key_file: PathBuf,
+    pub private_key: PrivateKey,
+    pub listen_port: u16,
+    pub address: IpNet,
+    pub mtu: u16,
+}
+
+impl Config {
+    /// Reads and validates `file`, including the private key file it names.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
+            file: file.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::parse(file, &text)
+    }
+
+    /// Validates `text` as the content of `file` (the name is used in messages and
+    /// to resolve nothing else; key file paths are taken as written).
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            file: file.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let v = Validator { file };
+        let interface = v.interface(&raw.interface)?;
+        let metrics_listen = v.socket_addr(
+            "metrics.listen",
+            raw.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN),
+        )?;
+        let admin_socket = v.abs_path(
+            "admin.socket",
+            raw.admin.socket.as_deref().unwrap_or(DEFAULT_ADMIN_SOCKET),
+        )?;
+        let state_dir = v.abs_path(
+            "state.dir",
+            raw.state.dir.as_deref().unwrap_or(DEFAULT_STATE_DIR),
+        )?;
+        let peers = raw
+            .peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| v.peer(i, p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = Config {
+            file: file.to_path_buf(),
+            interface,
+            metrics_listen,
+            admin_socket,
+            state_dir,
+            peers,
+        };
+        v.netmap_invariants(&config)?;
+        Ok(config)
+    }
+
+    /// The netmap static mode applies: exactly the peers of the file.
+    pub fn netmap(&self) -> NetMap {
+        NetMap {
+            version: PROTOCOL_VERSION,
+            address: self.interface.address,
+            mtu: self.interface.mtu,
+            peers: self.peers.clone(),
+        }
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+}
+
+/// Quotes a value the way it appears in TOML, for messages.
+struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+impl Validator<'_> {
+    fn invalid(&self, key: &str, value: impl fmt::Display, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_path_buf(),
+            key: key.to_string(),
+            value: value.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    fn interface(&self, raw: &RawInterface) -> Result<Interface, ConfigError> {
+        let name = raw.name.clone().unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
+        let name_ok = !name.is_empty()
+            && name.len() <= 15
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !name_ok {
+            return Err(self.invalid(
+                "interface.name",
+                Quoted(&name),
+                "expected 1 to 15 characters of letters, digits, '-', '_' or '.' (a Linux interface name)",
+            ));
+        }
+        let listen_port = self.port("interface.listen_port", raw.listen_port)?;
+        let mtu = match raw.mtu {
+            None => DEFAULT_MTU,
+            Some(m) if (1280..=9000).contains(&m) => m as u16,
+            Some(m) => {
+                return Err(self.invalid(
+                    "interface.mtu",
+                    m,
+                    "expected 1280..=9000 (1420 fits a 1500-byte underlay; IPv6 needs at least 1280)",
+                ))
+            }
+        };
+        let address = self.cidr("interface.address", &raw.address)?;
+        let private_key_file = PathBuf::from(&raw.private_key_file);
+        let private_key = self.private_key(&private_key_file)?;
+        Ok(Interface {
+            name,
+            private_key_file,
+            private_key,
+            listen_port,
+            address,
+            mtu,
+        })
+    }
+
+    fn port(&self, key: &str, value: Option<i64>) -> Result<u16, ConfigError> {
+        match value {
+            None => Ok(DEFAULT_LISTEN_PORT),
+            Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
+            Some(p) => Err(self.invalid(key, p, "expected a UDP port in 1..=65535 (default 51820)")),
+        }
+    }
+
+    fn private_key(&self, path: &Path) -> Result<PrivateKey, ConfigError> {
+        let key = "interface.private_key_file";
+        let shown = Quoted(&path.to_string_lossy()).to_string();
+        let meta = std::fs::metadata(path).map_err(|e| {
+            self.invalid(
+                key,
+                &shown,
+                format!("cannot read the key file ({e}); create it with `umask 077; skymesh-agent genkey > {}`", path.display()),
+            )
+        })?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(self.invalid(
+                key,
+                &shown,
+                format!(
+                    "the private key file is readable by others (mode {:o}); run `chmod 600 {}`",
+                    meta.permissions().mode() & 0o777,
+                    path.display()
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            self.invalid(key, &shown, format!("cannot read the key file: {e}"))
+        })?;
+        PrivateKey::from_base64(&text).map_err(|e| {
+            self.invalid(
+                key,
+                &shown,
+                format!("the file does not hold a WireGuard private key: {e}"),
+            )
+        })
+    }
+
+    fn cidr(&self, key: &str, text: &str) -> Result<IpNet, ConfigError> {
+        text.parse::<IpNet>().map_err(|_| {
+            self.invalid(
+                key,
+                Quoted(text),
+                "not a valid CIDR; expected an address and a prefix length, like \"10.10.0.0/16\" or \"fd00:10::/48\" (IPv4 /0-/32, IPv6 /0-/128)",
+            )
+        })
+    }
+
+    fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        text.parse::<SocketAddr>().map_err(|_| {
+            self.invalid(
+                key,
+                Quoted(text),
+                "expected IP:PORT, like \"198.51.100.7:51820\" or \"[2001:db8::7]:51820\"",
+            )
+        })
+    }
+
+    fn abs_path(&self, key: &str, text: &str) -> Result<PathBuf, ConfigError> {
+        let path = PathBuf::from(text);
+        if path.is_absolute() {
+            Ok(path)
+        } else {
+            Err(self.invalid(key, Quoted(text), "expected an absolute path"))
+        }
+    }
+
+    fn peer(&self, i: usize, raw: &RawPeer) -> Result<PeerSpec, ConfigError> {
+        let at = format!("peers[{i}] ({:?})", raw.name);
+        if raw.name.is_empty()
+            || !raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(self.invalid(
+                &format!("peers[{i}].name"),
+                Quoted(&raw.name),
+                "expected a non-empty name of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        let public_key: PublicKey = raw.public_key.parse().map_err(|e| {
+            self.invalid(
+                &format!("{at}.public_key"),
+                Quoted(&raw.public_key),
+                format!("{e}; get it with `skymesh-agent pubkey < private.key` on the peer"),
+            )
+        })?;
+        let endpoint = raw
+            .endpoint
+            .as_deref()
+            .map(|e| self.socket_addr(&format!("{at}.endpoint"), e))
+            .transpose()?;
+        let allowed_ips = raw
+            .allowed_ips
+            .iter()
+            .enumerate()
+            .map(|(j, c)| self.cidr(&format!("{at}.allowed_ips[{j}]"), c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let persistent_keepalive = match raw.persistent_keepalive {
+            None | Some(0) => None,
+            Some(s) if (1..=65535).contains(&s) => Some(s as u16),
+            Some(s) => {
+                return Err(self.invalid(
+                    &format!("{at}.persistent_keepalive"),
+                    s,
+                    "expected seconds in 0..=65535 (0 or absent disables; 25 keeps NAT mappings alive)",
+                ))
+            }
+        };
+        Ok(PeerSpec {
+            name: raw.name.clone(),
+            public_key,
+            endpoint,
+            allowed_ips,
+            persistent_keepalive,
+        })
+    }
+
+    /// The cross-field rules, shared with controller-provided netmaps.
+    fn netmap_invariants(&self, config: &Config) -> Result<(), ConfigError> {
+        let at = |name: &str| {
+            let i = config.peers.iter().position(|p| p.name == name).unwrap_or(0);
+            format!("peers[{i}] ({name:?})")
+        };
+        if let Err(e) = config.netmap().validate() {
+            return Err(match e {
+                NetMapError::DuplicateName(name) => {
+                    let i = config.peers.iter().rposition(|p| p.name == name).unwrap_or(0);
+                    self.invalid(&format!("peers[{i}].name"), Quoted(&name), "another peer has this name; names must be unique")
+                }
+                NetMapError::DuplicateKey { name, other } => {
+                    let key = config.peers.iter().find(|p| p.name == name).map(|p| p.public_key.to_string()).unwrap_or_default();
+                    self.invalid(&format!("{}.public_key", at(&name)), Quoted(&key), format!("peer {other:?} has the same public key; each peer needs its own"))
+                }
+                NetMapError::Overlap { name, prefix, other, other_prefix } => self.invalid(
+                    &format!("{}.allowed_ips", at(&name)),
+                    Quoted(&prefix.to_string()),
+                    format!("overlaps {other_prefix} of peer {other:?}; a prefix can route to one peer only, remove or split one of them"),
+                ),
+                NetMapError::HostBits { name, prefix, suggestion } => self.invalid(
+                    &format!("{}.allowed_ips", at(&name)),
+                    Quoted(&prefix.to_string()),
+                    format!("host bits are set; did you mean \"{suggestion}\"?"),
+                ),
+                other @ (NetMapError::Version(_) | NetMapError::Mtu(_)) => {
+                    self.invalid("interface", "", other.to_string())
+                }
+            });
+        }
+        let own = config.interface.address;
+        if let Some((peer, prefix)) = config
+            .peers
+            .iter()
+            .flat_map(|p| p.allowed_ips.iter().map(move |a| (p, a)))
+            .find(|(_, a)| a.contains(&own.addr()))
+        {
+            return Err(self.invalid(
+                "interface.address",
+                Quoted(&own.to_string()),
+                format!("this node's own address lies inside {prefix}, an allowed_ips entry of peer {:?}; traffic to it would loop", peer.name),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    struct Fixture {
+        dir: PathBuf,
+        key: PathBuf,
+    }
+
+    fn fixture(tag: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("skymesh-config-test-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let key = dir.join("private.key");
+        let mut f = std::fs::File::create(&key).expect("key file");
+        writeln!(f, "{}", PrivateKey::generate().to_base64()).expect("write key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        Fixture { dir, key }
+    }
+
+    const PEER_KEY: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+
+    fn text(fx: &Fixture, extra_iface: &str, peers: &str) -> String {
+        format!(
+            "[interface]\nprivate_key_file = {:?}\naddress = \"100.96.0.1/32\"\n{extra_iface}\n{peers}",
+            fx.key.display()
+        )
+    }
+
+    fn err(fx: &Fixture, extra_iface: &str, peers: &str) -> String {
+        let file = fx.dir.join("agent.toml");
+        Config::parse(&file, &text(fx, extra_iface, peers))
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    fn peer(allowed: &str) -> String {
+        format!("[[peers]]\nname = \"gcp-gw\"\npublic_key = \"{PEER_KEY}\"\nallowed_ips = [{allowed}]\n")
+    }
+
+    #[test]
+    fn valid_config_gives_netmap_with_defaults() {
+        let fx = fixture("valid");
+        let cfg = Config::parse(
+            &fx.dir.join("a.toml"),
+            &text(&fx, "", &(peer("\"100.96.0.2/32\", \"10.10.0.0/16\"") + "endpoint = \"198.51.100.7:51820\"\npersistent_keepalive = 25\n")),
+        )
+        .expect("valid");
+        assert_eq!(cfg.interface.name, "skymesh0");
+        assert_eq!(cfg.interface.listen_port, 51820);
+        assert_eq!(cfg.interface.mtu, 1420);
+        assert_eq!(cfg.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
+        let map = cfg.netmap();
+        assert_eq!(map.peers.len(), 1);
+        assert_eq!(map.peers[0].persistent_keepalive, Some(25));
+        assert_eq!(map.peers[0].endpoint, Some("198.51.100.7:51820".parse().expect("addr")));
+        assert!(!format!("{cfg:?}").contains(&cfg.interface.private_key.to_base64()));
+    }
+
+    #[test]
+    fn each_bad_class_names_file_key_value_and_fix() {
+        let fx = fixture("bad");
+        let file = fx.dir.join("agent.toml").display().to_string();
+        let cases: Vec<(String, &[&str])> = vec![
+            (err(&fx, "colour = \"blue\"", ""), &["unknown field `colour`", "colour = \"blue\""]),
+            (err(&fx, "listen_port = 70000", ""), &["interface.listen_port = 70000", "1..=65535"]),
+            (err(&fx, "listen_port = 0", ""), &["interface.listen_port = 0"]),
+            (err(&fx, "", &peer("\"10.0.0.0/33\"")), &["allowed_ips[0] = \"10.0.0.0/33\"", "not a valid CIDR"]),
+            (err(&fx, "", &peer("\"nonsense\"")), &["allowed_ips[0] = \"nonsense\""]),
+            (err(&fx, "", &peer("\"10.0.0.1/16\"")), &["\"10.0.0.1/16\"", "did you mean \"10.0.0.0/16\""]),
+            (err(&fx, "", &peer("\"10.0.0.0/16\"").replace(PEER_KEY, "short")), &["public_key = \"short\"", "base64"]),
+            (err(&fx, "", &(peer("\"10.0.0.0/16\"") + "endpoint = \"example\"\n")), &["endpoint = \"example\"", "IP:PORT"]),
+            (err(&fx, "", &(peer("\"10.0.0.0/16\"") + "mystery = 1\n")), &["unknown field `mystery`"]),
+            (
+                err(&fx, "", &(peer("\"10.0.0.0/16\"") + &peer("\"10.0.128.0/17\"").replace("gcp-gw", "az-gw").replace(PEER_KEY, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo="))),
+                &["peers[1] (\"az-gw\").allowed_ips = \"10.0.128.0/17\"", "overlaps 10.0.0.0/16 of peer \"gcp-gw\""],
+            ),
+            (err(&fx, "", &peer("\"100.96.0.0/24\"")), &["interface.address", "inside 100.96.0.0/24"]),
+            (err(&fx, "mtu = 100", ""), &["interface.mtu = 100"]),
+            (err(&fx, "name = \"much-too-long-name0\"", ""), &["interface.name"]),
+        ];
+        for (msg, needles) in cases {
+            assert!(msg.starts_with(&file), "message must name the file: {msg}");
+            for n in needles {
+                assert!(msg.contains(n), "{msg:?} should contain {n:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn key_file_problems_are_named() {
+        let fx = fixture("keys");
+        let file = fx.dir.join("agent.toml");
+        let missing = text(&fx, "", "").replace("private.key", "missing.key");
+        let e = Config::parse(&file, &missing).expect_err("missing key").to_string();
+        assert!(e.contains("interface.private_key_file") && e.contains("missing.key") && e.contains("genkey"), "{e}");
+
+        std::fs::write(&fx.key, "not a key\n").expect("write");
+        let e = Config::parse(&file, &text(&fx, "", "")).expect_err("bad key").to_string();
+        assert!(e.contains("does not hold a WireGuard private key"), "{e}");
+
+        std::fs::set_permissions(&fx.key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = Config::parse(&file, &text(&fx, "", "")).expect_err("open key").to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+}

@@ -1,0 +1,17 @@
+//! skymesh-agent: the daemon on each cloud gateway. A sans-IO core ([`node`],
+//! [`routing`], [`packet`], [`batch`]) driven by thin IO drivers ([`tun`], [`udp`],
+//! [`netlink`], [`admin`], [`metrics`]) wired together in [`daemon`].
+
+pub mod admin;
+pub mod batch;
+pub mod config;
+pub mod daemon;
+pub mod keys;
+pub mod metrics;
+pub mod netlink;
+pub mod node;
+pub mod notify;
+pub mod packet;
+pub mod routing;
+pub mod tun;
+pub mod udp;

@@ -1,0 +1,136 @@
+//! The `skymesh-agent` command line.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use skymesh_agent::config::Config;
+use skymesh_agent::keys::PrivateKey;
+use skymesh_agent::{admin, daemon};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "skymesh-agent", version, about = "skymesh gateway agent: userspace WireGuard mesh on a TUN device")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground.
+    Run {
+        #[arg(long, short, env = "SKYMESH_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file (and the key file it names); exit 1 on the first problem.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Print a new private key (base64), like `wg genkey`.
+    Genkey,
+    /// Read a private key on stdin and print its public key, like `wg pubkey`.
+    Pubkey,
+    /// Show the running agent's interface and peers, like `wg show`.
+    Status {
+        #[arg(long, short, env = "SKYMESH_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run { config } => {
+            init_tracing();
+            let config = Config::load(&config)?;
+            runtime()?.block_on(daemon::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok (interface {}, {} peers)",
+                    config.display(),
+                    c.interface.name,
+                    c.peers.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        Command::Genkey => {
+            let key = PrivateKey::generate();
+            println!("{}", key.to_base64());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pubkey => {
+            let mut text = String::new();
+            std::io::stdin()
+                .take(1024)
+                .read_to_string(&mut text)
+                .context("reading the private key from stdin")?;
+            match PrivateKey::from_base64(&text) {
+                Ok(key) => {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", key.public_key())?;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("error: stdin is not a WireGuard private key: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let status = runtime()?.block_on(admin::query(&config.admin_socket))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                print!("{}", admin::render_table(&status, now));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,621 @@
+//! The agent's sans-IO core: the peer table, cryptokey routing and WireGuard
+//! sessions (boringtun `noise::Tunn`, one per peer).
+//!
+//! Inputs are `handle_*` calls with the current time; outputs go into the caller's
+//! [`Transmits`] / [`TunWrites`] batches, plus [`Node::poll_event`] and
+//! [`Node::poll_timeout`]. It owns no socket, no device and no clock. (boringtun's
+//! session timers read the monotonic clock internally; everything this module
+//! schedules itself runs on the `now` it is given.)
+
+use crate::batch::{Transmits, TunWrites};
+use crate::keys::PrivateKey;
+use crate::packet;
+use crate::routing::RoutingTable;
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519::PublicKey as XPublic;
+use ipnet::IpNet;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use skymesh_wire::{NetMap, NetMapError, PeerSpec, PublicKey};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often boringtun's session timers (rekey, keepalive, retries) are driven.
+pub const TIMER_TICK: Duration = Duration::from_millis(250);
+/// Handshake initiations per second accepted before cookies are demanded.
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+const LIMITER_RESET: Duration = Duration::from_secs(1);
+/// WireGuard's largest handshake message; any output slot must hold it.
+const MIN_SLOT: usize = 148;
+const DATA_OVERHEAD: usize = 32;
+const MSG_DATA: u8 = 4;
+
+/// Why a packet was dropped. The label is the `reason` of the drop metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A datagram that is no WireGuard message, or a TUN packet that is not IP.
+    Malformed,
+    /// A message for a key or session index this node does not know.
+    UnknownPeer,
+    /// A data counter or handshake timestamp seen before.
+    Replay,
+    /// MAC, AEAD tag or key check failed.
+    AuthFailed,
+    /// Data for a session that does not exist (yet or any more).
+    NoSession,
+    /// A decrypted packet whose source the sending peer may not use.
+    SourceNotAllowed,
+    /// No peer's allowed_ips contains the destination.
+    NoRoute,
+    /// The peer's endpoint is unknown (it has not reached us yet).
+    NoEndpoint,
+    /// Handshake refused while rate limiting without a source address.
+    UnderLoad,
+    /// Decrypted content that is not a valid IP packet.
+    InvalidInner,
+    /// A valid message at the wrong time (for example a response to no handshake).
+    Unexpected,
+    /// The UDP send failed.
+    SendFailed,
+    /// The write to the TUN device failed.
+    TunWriteFailed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 13] = [
+        DropReason::Malformed,
+        DropReason::UnknownPeer,
+        DropReason::Replay,
+        DropReason::AuthFailed,
+        DropReason::NoSession,
+        DropReason::SourceNotAllowed,
+        DropReason::NoRoute,
+        DropReason::NoEndpoint,
+        DropReason::UnderLoad,
+        DropReason::InvalidInner,
+        DropReason::Unexpected,
+        DropReason::SendFailed,
+        DropReason::TunWriteFailed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownPeer => "unknown_peer",
+            DropReason::Replay => "replay",
+            DropReason::AuthFailed => "auth_failed",
+            DropReason::NoSession => "no_session",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::UnderLoad => "under_load",
+            DropReason::InvalidInner => "invalid_inner",
+            DropReason::Unexpected => "unexpected",
+            DropReason::SendFailed => "send_failed",
+            DropReason::TunWriteFailed => "tun_write_failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        Self::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+
+    fn from_wireguard(e: &WireGuardError) -> Self {
+        match e {
+            WireGuardError::DuplicateCounter
+            | WireGuardError::InvalidCounter
+            | WireGuardError::WrongTai64nTimestamp => DropReason::Replay,
+            WireGuardError::InvalidMac
+            | WireGuardError::InvalidAeadTag
+            | WireGuardError::WrongKey
+            | WireGuardError::InvalidTai64nTimestamp => DropReason::AuthFailed,
+            WireGuardError::NoCurrentSession => DropReason::NoSession,
+            WireGuardError::WrongIndex => DropReason::UnknownPeer,
+            WireGuardError::UnderLoad => DropReason::UnderLoad,
+            WireGuardError::InvalidPacket => DropReason::InvalidInner,
+            WireGuardError::IncorrectPacketLength | WireGuardError::WrongPacketType => {
+                DropReason::Malformed
+            }
+            _ => DropReason::Unexpected,
+        }
+    }
+}
+
+/// Something the driver may want to log or act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A peer's endpoint moved to the source of its authenticated packets.
+    EndpointChanged {
+        peer: String,
+        from: Option<SocketAddr>,
+        to: SocketAddr,
+    },
+    /// boringtun gave up on a peer's session (no handshake for 3 minutes); it
+    /// restarts on the next packet.
+    SessionExpired { peer: String },
+}
+
+/// Traffic counters of one peer. Bytes are WireGuard datagram bytes on the wire
+/// (as `wg show` counts them); packets are data messages, keepalives included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerCounters {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+/// A peer as status and metrics show it.
+#[derive(Debug, Clone)]
+pub struct PeerStatus {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNet>,
+    pub persistent_keepalive: Option<u16>,
+    /// Time since the last completed handshake, if any.
+    pub since_handshake: Option<Duration>,
+    pub counters: PeerCounters,
+}
+
+/// What [`Node::apply`] changed, for the driver to mirror in the kernel.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyDiff {
+    pub routes_added: Vec<IpNet>,
+    pub routes_removed: Vec<IpNet>,
+    pub peers_added: Vec<String>,
+    pub peers_removed: Vec<String>,
+    pub peers_updated: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PeerId(usize);
+
+struct Peer {
+    spec: PeerSpec,
+    tunn: Tunn,
+    /// Our 24-bit session index base for this peer (boringtun shifts it left by 8).
+    index: u32,
+    endpoint: Option<SocketAddr>,
+    counters: PeerCounters,
+}
+
+pub struct Node {
+    key: PrivateKey,
+    public: XPublic,
+    peers: Vec<Option<Peer>>,
+    by_key: HashMap<PublicKey, PeerId>,
+    by_index: HashMap<u32, PeerId>,
+    routes: RoutingTable<PeerId>,
+    limiter: Arc<RateLimiter>,
+    drops: [u64; DropReason::ALL.len()],
+    cookie_replies: u64,
+    next_tick: Instant,
+    next_limiter_reset: Instant,
+    /// Peers that should start a handshake at the next timeout (keepalive peers).
+    pending_initiation: Vec<PeerId>,
+    events: VecDeque<Event>,
+    rng: StdRng,
+    address: Option<IpNet>,
+}
+
+impl Node {
+    /// A node with no peers. `seed` feeds the session-index generator (tests pass a
+    /// fixed one; the daemon passes OS randomness).
+    pub fn new(key: PrivateKey, seed: u64, now: Instant) -> Self {
+        let public = XPublic::from(key.secret());
+        Self {
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            key,
+            public,
+            peers: Vec::new(),
+            by_key: HashMap::new(),
+            by_index: HashMap::new(),
+            routes: RoutingTable::default(),
+            drops: [0; DropReason::ALL.len()],
+            cookie_replies: 0,
+            next_tick: now,
+            next_limiter_reset: now + LIMITER_RESET,
+            pending_initiation: Vec::new(),
+            events: VecDeque::new(),
+            rng: StdRng::seed_from_u64(seed),
+            address: None,
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from_bytes(self.public.to_bytes())
+    }
+
+    /// Makes the peer table match `map`, by diff: peers whose key is unchanged keep
+    /// their sessions; only routes that changed are reported.
+    pub fn apply(&mut self, map: &NetMap, now: Instant) -> Result<ApplyDiff, NetMapError> {
+        map.validate()?;
+        let mut diff = ApplyDiff::default();
+        self.address = Some(map.address);
+
+        // Remove peers no longer present.
+        let wanted: HashMap<&PublicKey, &PeerSpec> =
+            map.peers.iter().map(|p| (&p.public_key, p)).collect();
+        let gone: Vec<PeerId> = self
+            .by_key
+            .iter()
+            .filter(|(k, _)| !wanted.contains_key(k))
+            .map(|(_, id)| *id)
+            .collect();
+        for id in gone {
+            if let Some(peer) = self.peers[id.0].take() {
+                self.by_key.remove(&peer.spec.public_key);
+                self.by_index.remove(&peer.index);
+                for net in &peer.spec.allowed_ips {
+                    self.routes.remove(*net);
+                    diff.routes_removed.push(*net);
+                }
+                diff.peers_removed.push(peer.spec.name);
+            }
+        }
+
+        // Routes are rebuilt from scratch below; remember the old set for the diff.
+        let mut old_routes: Vec<IpNet> = Vec::new();
+        for peer in self.peers.iter().flatten() {
+            old_routes.extend(peer.spec.allowed_ips.iter().copied());
+            for net in &peer.spec.allowed_ips {
+                self.routes.remove(*net);
+            }
+        }
+
+        for spec in &map.peers {
+            match self.by_key.get(&spec.public_key).copied() {
+                Some(id) => {
+                    let Some(peer) = self.peers[id.0].as_mut() else { continue };
+                    if peer.spec != *spec {
+                        diff.peers_updated.push(spec.name.clone());
+                        if spec.endpoint.is_some() && spec.endpoint != peer.spec.endpoint {
+                            peer.endpoint = spec.endpoint;
+                        }
+                        if spec.persistent_keepalive != peer.spec.persistent_keepalive {
+                            // boringtun fixes keepalive at construction: a new Tunn
+                            // (and so a new handshake) is the only way to change it.
+                            peer.tunn = Tunn::new(
+                                self.key.secret().clone(),
+                                XPublic::from(*spec.public_key.as_bytes()),
+                                None,
+                                spec.persistent_keepalive,
+                                peer.index,
+                                None,
+                            );
+                            if spec.persistent_keepalive.is_some() {
+                                self.pending_initiation.push(id);
+                            }
+                        }
+                        peer.spec = spec.clone();
+                    }
+                }
+                None => {
+                    let index = self.fresh_index();
+                    let tunn = Tunn::new(
+                        self.key.secret().clone(),
+                        XPublic::from(*spec.public_key.as_bytes()),
+                        None,
+                        spec.persistent_keepalive,
+                        index,
+                        None,
+                    );
+                    let id = PeerId(match self.peers.iter().position(Option::is_none) {
+                        Some(free) => free,
+                        None => {
+                            self.peers.push(None);
+                            self.peers.len() - 1
+                        }
+                    });
+                    self.peers[id.0] = Some(Peer {
+                        spec: spec.clone(),
+                        tunn,
+                        index,
+                        endpoint: spec.endpoint,
+                        counters: PeerCounters::default(),
+                    });
+                    self.by_key.insert(spec.public_key, id);
+                    self.by_index.insert(index, id);
+                    if spec.persistent_keepalive.is_some() && spec.endpoint.is_some() {
+                        self.pending_initiation.push(id);
+                    }
+                    diff.peers_added.push(spec.name.clone());
+                }
+            }
+        }
+
+        let mut new_routes: Vec<IpNet> = Vec::new();
+        for (i, peer) in self.peers.iter().enumerate() {
+            if let Some(peer) = peer {
+                for net in &peer.spec.allowed_ips {
+                    self.routes.insert(*net, PeerId(i));
+                    new_routes.push(*net);
+                }
+            }
+        }
+        diff.routes_added = new_routes.iter().filter(|n| !old_routes.contains(n)).copied().collect();
+        diff.routes_removed.extend(old_routes.iter().filter(|n| !new_routes.contains(n)).copied());
+        self.next_tick = self.next_tick.min(now);
+        Ok(diff)
+    }
+
+    fn fresh_index(&mut self) -> u32 {
+        loop {
+            let candidate = self.rng.gen::<u32>() & 0x00FF_FFFF;
+            if !self.by_index.contains_key(&candidate) {
+                return candidate;
+            }
+        }
+    }
+
+    /// An IP packet read from the TUN device: route it to a peer and encrypt it.
+    pub fn handle_tun_packet(&mut self, ip_packet: &[u8], out: &mut Transmits, _now: Instant) {
+        let Some(dst) = packet::destination(ip_packet) else {
+            self.count_drop(DropReason::Malformed);
+            return;
+        };
+        let Some(id) = self.routes.lookup(dst) else {
+            self.count_drop(DropReason::NoRoute);
+            return;
+        };
+        let Some(peer) = self.peers[id.0].as_mut() else { return };
+        let slot = out.spare((ip_packet.len() + DATA_OVERHEAD + 16).max(MIN_SLOT));
+        let drop = match peer.tunn.encapsulate(ip_packet, slot) {
+            TunnResult::WriteToNetwork(msg) => {
+                let len = msg.len();
+                let is_data = msg[0] == MSG_DATA;
+                match peer.endpoint {
+                    Some(ep) => {
+                        peer.counters.tx_bytes += len as u64;
+                        if is_data {
+                            peer.counters.tx_packets += 1;
+                        }
+                        out.commit(ep, len);
+                        None
+                    }
+                    None => Some(DropReason::NoEndpoint),
+                }
+            }
+            TunnResult::Done => None, // queued until the handshake completes
+            TunnResult::Err(e) => Some(DropReason::from_wireguard(&e)),
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => None,
+        };
+        if let Some(reason) = drop {
+            self.count_drop(reason);
+        }
+    }
+
+    /// A datagram from the underlay. Decrypted packets go to `tun`; replies
+    /// (handshake responses, cookies, queued packets) go to `out`.
+    pub fn handle_datagram(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        tun: &mut TunWrites,
+        out: &mut Transmits,
+        _now: Instant,
+    ) {
+        let parsed = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => return self.count_drop(DropReason::Malformed),
+        };
+        let id = match &parsed {
+            Packet::HandshakeInit(init) => {
+                // mac1 check and, under load, the cookie dance happen before the
+                // expensive DH that identifies the peer.
+                let mut cookie = [0u8; 64];
+                match self.limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
+                    Ok(_) => {}
+                    Err(TunnResult::WriteToNetwork(reply)) => {
+                        out.push(from, reply);
+                        self.cookie_replies += 1;
+                        return;
+                    }
+                    Err(TunnResult::Err(e)) => return self.count_drop(DropReason::from_wireguard(&e)),
+                    Err(_) => return self.count_drop(DropReason::Unexpected),
+                }
+                let half = match parse_handshake_anon(self.key.secret(), &self.public, init) {
+                    Ok(h) => h,
+                    Err(e) => return self.count_drop(DropReason::from_wireguard(&e)),
+                };
+                self.by_key.get(&PublicKey::from_bytes(half.peer_static_public)).copied()
+            }
+            Packet::HandshakeResponse(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::PacketCookieReply(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+            Packet::PacketData(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
+        };
+        let is_data = matches!(parsed, Packet::PacketData(_));
+        let is_cookie = matches!(parsed, Packet::PacketCookieReply(_));
+        let Some(id) = id else {
+            return self.count_drop(DropReason::UnknownPeer);
+        };
+        let Some(peer) = self.peers[id.0].as_mut() else {
+            return self.count_drop(DropReason::UnknownPeer);
+        };
+
+        let slot = if is_data {
+            tun.spare(datagram.len())
+        } else {
+            out.spare(MIN_SLOT.max(datagram.len()))
+        };
+        let mut roam = !is_cookie;
+        let mut flush = false;
+        let mut drop = None;
+        match peer.tunn.decapsulate(Some(from.ip()), datagram, slot) {
+            TunnResult::Done => {}
+            TunnResult::WriteToNetwork(reply) => {
+                let len = reply.len();
+                let is_cookie_reply = reply.first() == Some(&3);
+                if is_data {
+                    // Not produced for data messages; never write into the TUN batch as a datagram.
+                    drop = Some(DropReason::Unexpected);
+                } else {
+                    peer.counters.tx_bytes += len as u64;
+                    out.commit(from, len);
+                    flush = true;
+                    if is_cookie_reply {
+                        // A cookie reply from the per-peer limiter: the message was
+                        // not processed, so it proves nothing about the endpoint.
+                        self.cookie_replies += 1;
+                        roam = false;
+                    }
+                }
+            }
+            TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
+                let len = inner.len();
+                // Cryptokey routing: the inner source must route back to this peer.
+                let allowed = packet::source(inner).and_then(|src| self.routes.lookup(src)) == Some(id);
+                if allowed {
+                    tun.commit((), len);
+                } else {
+                    drop = Some(DropReason::SourceNotAllowed);
+                }
+            }
+            TunnResult::Err(e) => {
+                roam = false;
+                drop = Some(DropReason::from_wireguard(&e));
+            }
+        }
+        if drop.is_none() || drop == Some(DropReason::SourceNotAllowed) {
+            // Authenticated: count it and follow the peer's endpoint (roaming).
+            peer.counters.rx_bytes += datagram.len() as u64;
+            if is_data {
+                peer.counters.rx_packets += 1;
+            }
+        }
+        if roam && drop.is_none() && peer.endpoint != Some(from) {
+            self.events.push_back(Event::EndpointChanged {
+                peer: peer.spec.name.clone(),
+                from: peer.endpoint,
+                to: from,
+            });
+            peer.endpoint = Some(from);
+        }
+        if flush {
+            // Packets queued while the handshake was pending can leave now.
+            Self::flush_queue(peer, out);
+        }
+        if let Some(reason) = drop {
+            self.count_drop(reason);
+        }
+    }
+
+    fn flush_queue(peer: &mut Peer, out: &mut Transmits) {
+        let Some(ep) = peer.endpoint else { return };
+        loop {
+            let slot = out.spare(crate::batch::MAX_PACKET);
+            match peer.tunn.decapsulate(None, &[], slot) {
+                TunnResult::WriteToNetwork(msg) => {
+                    let len = msg.len();
+                    peer.counters.tx_bytes += len as u64;
+                    peer.counters.tx_packets += 1;
+                    out.commit(ep, len);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Drives session timers (handshake retries, rekeying, keepalives) and the
+    /// handshake rate limiter. Call when [`poll_timeout`](Self::poll_timeout) is due.
+    pub fn handle_timeout(&mut self, now: Instant, out: &mut Transmits) {
+        if now >= self.next_limiter_reset {
+            self.limiter.reset_count();
+            self.next_limiter_reset = now + LIMITER_RESET;
+        }
+        for id in std::mem::take(&mut self.pending_initiation) {
+            if let Some(peer) = self.peers[id.0].as_mut() {
+                if let Some(ep) = peer.endpoint {
+                    let slot = out.spare(MIN_SLOT);
+                    if let TunnResult::WriteToNetwork(msg) = peer.tunn.format_handshake_initiation(slot, false) {
+                        let len = msg.len();
+                        peer.counters.tx_bytes += len as u64;
+                        out.commit(ep, len);
+                    }
+                }
+            }
+        }
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TIMER_TICK;
+        let mut no_endpoint = 0;
+        for peer in self.peers.iter_mut().flatten() {
+            let slot = out.spare(MIN_SLOT);
+            match peer.tunn.update_timers(slot) {
+                TunnResult::WriteToNetwork(msg) => {
+                    let len = msg.len();
+                    let is_data = msg[0] == MSG_DATA;
+                    match peer.endpoint {
+                        Some(ep) => {
+                            peer.counters.tx_bytes += len as u64;
+                            if is_data {
+                                peer.counters.tx_packets += 1;
+                            }
+                            out.commit(ep, len);
+                        }
+                        None => no_endpoint += 1,
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {
+                    self.events.push_back(Event::SessionExpired { peer: peer.spec.name.clone() });
+                }
+                _ => {}
+            }
+        }
+        for _ in 0..no_endpoint {
+            self.count_drop(DropReason::NoEndpoint);
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must next be called.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick.min(self.next_limiter_reset)
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Counts a drop seen by a driver (send or TUN write failures).
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.drops[r.index()]))
+    }
+
+    pub fn cookie_replies(&self) -> u64 {
+        self.cookie_replies
+    }
+
+    pub fn address(&self) -> Option<IpNet> {
+        self.address
+    }
+
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        let mut out: Vec<PeerStatus> = self
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| PeerStatus {
+                name: p.spec.name.clone(),
+                public_key: p.spec.public_key,
+                endpoint: p.endpoint,
+                allowed_ips: p.spec.allowed_ips.clone(),
+                persistent_keepalive: p.spec.persistent_keepalive,
+                since_handshake: p.tunn.stats().0,
+                counters: p.counters,
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}

@@ -1,0 +1,73 @@
+//! Just enough IP header reading for routing decisions: the version, source and
+//! destination of a packet. Never trusts a length it has not checked.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Destination address of an IPv4 or IPv6 packet, or `None` if it is not one.
+pub fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => Some(IpAddr::V4(v4_at(packet, 16))),
+        6 if packet.len() >= 40 => Some(IpAddr::V6(v6_at(packet, 24))),
+        _ => None,
+    }
+}
+
+/// Source address of an IPv4 or IPv6 packet, or `None` if it is not one.
+pub fn source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => Some(IpAddr::V4(v4_at(packet, 12))),
+        6 if packet.len() >= 40 => Some(IpAddr::V6(v6_at(packet, 8))),
+        _ => None,
+    }
+}
+
+fn v4_at(p: &[u8], off: usize) -> Ipv4Addr {
+    Ipv4Addr::new(p[off], p[off + 1], p[off + 2], p[off + 3])
+}
+
+fn v6_at(p: &[u8], off: usize) -> Ipv6Addr {
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&p[off..off + 16]);
+    Ipv6Addr::from(b)
+}
+
+/// Builds a minimal IPv4 header + payload; for tests of the core.
+#[cfg(test)]
+pub fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    p[20..].copy_from_slice(payload);
+    p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_v4_and_v6_addresses() {
+        let p = ipv4_packet(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 10, 0, 2), b"x");
+        assert_eq!(source(&p), Some("10.0.0.1".parse().expect("ip")));
+        assert_eq!(destination(&p), Some("10.10.0.2".parse().expect("ip")));
+        let mut v6 = vec![0u8; 40];
+        v6[0] = 0x60;
+        v6[8..24].copy_from_slice(&"fd00::1".parse::<Ipv6Addr>().expect("ip").octets());
+        v6[24..40].copy_from_slice(&"fd00::2".parse::<Ipv6Addr>().expect("ip").octets());
+        assert_eq!(source(&v6), Some("fd00::1".parse().expect("ip")));
+        assert_eq!(destination(&v6), Some("fd00::2".parse().expect("ip")));
+    }
+
+    #[test]
+    fn short_or_unknown_packets_have_no_addresses() {
+        assert_eq!(destination(&[]), None);
+        assert_eq!(destination(&[0x45; 19]), None);
+        assert_eq!(destination(&[0x65; 39]), None);
+        assert_eq!(source(&[0x15; 60]), None);
+    }
+}

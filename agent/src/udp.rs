@@ -1,0 +1,155 @@
+//! The underlay UDP driver: one dual-stack socket, batched receive (recvmmsg +
+//! GRO) and segmented send (GSO) through `quinn-udp`.
+//!
+//! Addresses cross this boundary in canonical form (IPv4 as IPv4, never as
+//! `::ffff:a.b.c.d`); the mapping for the dual-stack socket happens here only.
+
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use tokio::io::Interest;
+
+pub struct Udp {
+    sock: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    dual_stack: bool,
+}
+
+const SOCKET_BUFFER: usize = 4 << 20;
+
+impl Udp {
+    /// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
+    pub fn bind(port: u16) -> io::Result<Self> {
+        let (sock, dual_stack) = match Self::socket(Domain::IPV6, port) {
+            Ok(s) => (s, true),
+            Err(_) => (Self::socket(Domain::IPV4, port)?, false),
+        };
+        // Large buffers absorb bursts between batches; the *FORCE variants work as
+        // root (CAP_NET_ADMIN), the plain ones are the fallback.
+        if sock.set_recv_buffer_size(SOCKET_BUFFER).is_err() {
+            let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        }
+        force_buffer(&sock, libc::SO_RCVBUFFORCE);
+        force_buffer(&sock, libc::SO_SNDBUFFORCE);
+        let std_sock: std::net::UdpSocket = sock.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&std_sock))?;
+        // Unlike QUIC, WireGuard lets the underlay fragment (as the kernel module
+        // does): an inner MTU that is too large for a path degrades into fragments
+        // instead of a blackhole.
+        allow_fragments(&std_sock, dual_stack);
+        let sock = tokio::net::UdpSocket::from_std(std_sock)?;
+        Ok(Self { sock, state, dual_stack })
+    }
+
+    fn socket(domain: Domain, port: u16) -> io::Result<Socket> {
+        let sock = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+        let addr: SocketAddr = if domain == Domain::IPV6 {
+            sock.set_only_v6(false)?;
+            (Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, port).into()
+        };
+        sock.set_nonblocking(true)?;
+        sock.bind(&addr.into())?;
+        Ok(sock)
+    }
+
+    pub fn local_port(&self) -> io::Result<u16> {
+        Ok(self.sock.local_addr()?.port())
+    }
+
+    /// Largest number of datagrams one GSO send may carry.
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Receives a batch; returns how many `meta` entries were filled. Each entry may
+    /// hold several datagrams of `meta.stride` bytes (GRO).
+    pub async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+        loop {
+            self.sock.readable().await?;
+            match self.sock.try_io(Interest::READABLE, || {
+                self.state.recv(UdpSockRef::from(&self.sock), bufs, meta)
+            }) {
+                Ok(n) => {
+                    for m in meta[..n].iter_mut() {
+                        m.addr = canonical(m.addr);
+                    }
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sends `contents` to `dst` as datagrams of `segment` bytes (the last may be
+    /// shorter) in one syscall where GSO is available.
+    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+        let destination = self.wire_addr(dst);
+        let transmit = Transmit {
+            destination,
+            ecn: None,
+            contents,
+            segment_size: (contents.len() > segment).then_some(segment),
+            src_ip: None,
+        };
+        loop {
+            self.sock.writable().await?;
+            match self.sock.try_io(Interest::WRITABLE, || {
+                self.state.try_send(UdpSockRef::from(&self.sock), &transmit)
+            }) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn wire_addr(&self, addr: SocketAddr) -> SocketAddr {
+        match (self.dual_stack, addr.ip()) {
+            (true, IpAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
+            _ => addr,
+        }
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+fn force_buffer(sock: &Socket, option: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    let value = SOCKET_BUFFER as libc::c_int;
+    // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+fn allow_fragments(sock: &std::net::UdpSocket, dual_stack: bool) {
+    use std::os::fd::AsRawFd;
+    let set = |level, name, value: libc::c_int| {
+        // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    };
+    set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
+    if dual_stack {
+        set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DONT);
+    }
+}
