@@ -1,8 +1,10 @@
 //! The agent daemon: wires the sans-IO [`Node`] to its IO drivers (TUN, UDP,
 //! netlink, admin socket, metrics) and to the clock.
 //!
-//! Two pipelines run concurrently, each moving a batch per lock of the core:
-//! TUN → encrypt → UDP and UDP → decrypt → TUN. A third task drives timers.
+//! Two pipelines run on dedicated OS threads, each moving a batch per lock of the
+//! core: TUN → encrypt → UDP and UDP → decrypt → TUN. They sleep in `poll(2)`, so
+//! a packet costs one wakeup per hop (no async-runtime hand-off on the hot path).
+//! Timers, the admin socket and metrics run on tokio.
 
 use crate::admin::{self, InterfaceStatus, PeerStatusJson, Status};
 use crate::batch::{Transmits, TunWrites, MAX_PACKET};
@@ -20,7 +22,6 @@ use skymesh_wire::NetMap;
 use std::io::{self, IoSliceMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
 /// Packets read from the TUN per lock of the core.
@@ -31,7 +32,7 @@ const GRO_BUF: usize = 65_536;
 
 struct Shared {
     node: Mutex<Node>,
-    tun: AsyncFd<Tun>,
+    tun: Tun,
     udp: Udp,
     timer_wake: Notify,
     config: Config,
@@ -80,10 +81,10 @@ impl Shared {
         }
     }
 
-    async fn send(&self, tx: &Transmits) {
+    fn send(&self, tx: &Transmits) {
         let mut failed = 0;
         for (dst, bytes, seg) in tx.runs(self.udp.max_gso_segments()) {
-            if let Err(e) = self.udp.send(dst, bytes, seg).await {
+            if let Err(e) = self.udp.send_blocking(dst, bytes, seg) {
                 tracing::debug!(%dst, error = %e, "udp send failed");
                 failed += bytes.len().div_ceil(seg.max(1));
             }
@@ -145,10 +146,7 @@ pub async fn run(config: Config) -> Result<()> {
 
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
-        // SAFETY: `Tun` owns its descriptor (an OwnedFd) and returns that same fd
-        // from `as_raw_fd` until it is dropped together with this AsyncFd.
-        tun: unsafe { AsyncFd::register(tun) }
-            .map_err(|e| anyhow::anyhow!("registering the TUN device: {e}"))?,
+        tun,
         udp,
         timer_wake: Notify::new(),
         config: config.clone(),
@@ -164,8 +162,21 @@ pub async fn run(config: Config) -> Result<()> {
     );
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(tun_to_udp(shared.clone()));
-    tasks.spawn(udp_to_tun(shared.clone()));
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
+    for (name, pipeline) in [("skymesh-tun-rx", tun_to_udp as fn(&Shared) -> Result<()>), ("skymesh-udp-rx", udp_to_tun)] {
+        let s = shared.clone();
+        let fatal = fatal_tx.clone();
+        std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                let err = match pipeline(&s) {
+                    Ok(()) => anyhow::anyhow!("{name} stopped"),
+                    Err(e) => e,
+                };
+                let _ = fatal.send(err);
+            })
+            .context("starting a data-plane thread")?;
+    }
     tasks.spawn(timers(shared.clone()));
     {
         let s = shared.clone();
@@ -198,6 +209,7 @@ pub async fn run(config: Config) -> Result<()> {
     let outcome = tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
+        Some(err) = fatal_rx.recv() => Err(err),
         Some(res) = tasks.join_next() => match res {
             Ok(Ok(())) => Err(anyhow::anyhow!("a pipeline stopped unexpectedly")),
             Ok(Err(e)) => Err(e),
@@ -229,25 +241,25 @@ pub async fn apply(node: &Mutex<Node>, netlink: &Netlink, index: u32, map: &NetM
     Ok(())
 }
 
-async fn tun_to_udp(s: Arc<Shared>) -> Result<()> {
+fn tun_to_udp(s: &Shared) -> Result<()> {
     let mut bufs = vec![vec![0u8; MAX_PACKET]; TUN_BATCH];
     let mut lens = [0usize; TUN_BATCH];
     let mut tx = Transmits::with_capacity(TUN_BATCH);
     loop {
-        let mut guard = s.tun.readable().await.context("waiting on the TUN device")?;
         let mut n = 0;
         while n < TUN_BATCH {
-            match guard.try_io(|t| t.get_ref().read(&mut bufs[n])) {
-                Ok(Ok(len)) => {
+            match s.tun.read(&mut bufs[n]) {
+                Ok(len) => {
                     lens[n] = len;
                     n += 1;
                 }
-                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Ok(Err(e)) => return Err(e).context("reading from the TUN device"),
-                Err(_would_block) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e).context("reading from the TUN device"),
             }
         }
         if n == 0 {
+            crate::udp::wait(&s.tun, libc::POLLIN).context("waiting on the TUN device")?;
             continue;
         }
         {
@@ -257,20 +269,23 @@ async fn tun_to_udp(s: Arc<Shared>) -> Result<()> {
                 node.handle_tun_packet(&bufs[i][..lens[i]], &mut tx, now);
             }
         }
-        s.send(&tx).await;
+        s.send(&tx);
         tx.clear();
     }
 }
 
-async fn udp_to_tun(s: Arc<Shared>) -> Result<()> {
+fn udp_to_tun(s: &Shared) -> Result<()> {
     let mut storage = vec![vec![0u8; GRO_BUF]; UDP_BATCH];
     let mut meta = vec![RecvMeta::default(); UDP_BATCH];
     let mut tun_out = TunWrites::with_capacity(UDP_BATCH * 4);
     let mut tx = Transmits::with_capacity(8);
     loop {
         let n = {
-            let mut slices: Vec<IoSliceMut<'_>> = storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            s.udp.recv(&mut slices, &mut meta).await.context("receiving from the UDP socket")?
+            let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
+                let mut it = storage.iter_mut();
+                std::array::from_fn(|_| IoSliceMut::new(it.next().map(|b| b.as_mut_slice()).unwrap_or(&mut [])))
+            };
+            s.udp.recv_blocking(&mut slices, &mut meta).context("receiving from the UDP socket")?
         };
         {
             let mut node = s.node();
@@ -287,7 +302,7 @@ async fn udp_to_tun(s: Arc<Shared>) -> Result<()> {
         }
         let mut tun_failed = 0;
         for ((), packet) in tun_out.iter() {
-            if let Err(e) = s.tun.get_ref().write(packet) {
+            if let Err(e) = s.tun.write(packet) {
                 tracing::debug!(error = %e, "tun write failed");
                 tun_failed += 1;
             }
@@ -300,7 +315,7 @@ async fn udp_to_tun(s: Arc<Shared>) -> Result<()> {
         }
         tun_out.clear();
         if !tx.is_empty() {
-            s.send(&tx).await;
+            s.send(&tx);
             tx.clear();
         }
     }
@@ -322,7 +337,7 @@ async fn timers(s: Arc<Shared>) -> Result<()> {
             }
         }
         if !tx.is_empty() {
-            s.send(&tx).await;
+            s.send(&tx);
             tx.clear();
         }
     }

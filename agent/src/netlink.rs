@@ -5,6 +5,7 @@ use anyhow::{anyhow, Context, Result};
 use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute};
 use std::net::IpAddr;
 
 pub struct Netlink {
@@ -34,10 +35,21 @@ impl Netlink {
     pub async fn configure(&self, index: u32, address: IpNet, mtu: u16) -> Result<()> {
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).build())
+            .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).txqueuelen(1000).build())
             .execute()
             .await
             .context("setting the MTU")?;
+        // Like the kernel's WireGuard: no IPv6 link-local address, so the kernel
+        // sends no router solicitations or MLD reports into the tunnel. Best effort:
+        // a kernel without IPv6 refuses it and that is fine.
+        let no_ll = LinkUnspec::new_with_index(index)
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
+                AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
+            ])]))
+            .build();
+        if let Err(e) = self.handle.link().set(no_ll).execute().await {
+            tracing::debug!(error = %e, "could not disable IPv6 link-local addressing");
+        }
         self.handle
             .address()
             .add(index, address.addr(), address.prefix_len())

@@ -619,3 +619,265 @@ impl Node {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::ipv4_packet;
+    use skymesh_wire::PROTOCOL_VERSION;
+    use std::net::Ipv4Addr;
+
+    const A_UNDERLAY: &str = "192.0.2.1:51820";
+    const B_UNDERLAY: &str = "192.0.2.2:51820";
+
+    fn sock(s: &str) -> SocketAddr {
+        s.parse().expect("socket address")
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().expect("ip")
+    }
+
+    struct Pair {
+        a: Node,
+        b: Node,
+        now: Instant,
+    }
+
+    fn spec(name: &str, key: PublicKey, endpoint: Option<&str>, ips: &[&str], keepalive: Option<u16>) -> PeerSpec {
+        PeerSpec {
+            name: name.into(),
+            public_key: key,
+            endpoint: endpoint.map(sock),
+            allowed_ips: ips.iter().map(|s| s.parse().expect("cidr")).collect(),
+            persistent_keepalive: keepalive,
+        }
+    }
+
+    fn map(address: &str, peers: Vec<PeerSpec>) -> NetMap {
+        NetMap {
+            version: PROTOCOL_VERSION,
+            address: address.parse().expect("cidr"),
+            mtu: 1420,
+            peers,
+        }
+    }
+
+    /// Two nodes: A knows B's endpoint, B learns A's from its packets.
+    fn pair() -> Pair {
+        let now = Instant::now();
+        let (ka, kb) = (PrivateKey::from_bytes([1; 32]), PrivateKey::from_bytes([2; 32]));
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        let mut a = Node::new(ka, 1, now);
+        let mut b = Node::new(kb, 2, now);
+        a.apply(&map("100.96.0.1/32", vec![spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32", "10.10.0.0/16"], None)]), now)
+            .expect("apply a");
+        b.apply(&map("100.96.0.2/32", vec![spec("a", pa, None, &["100.96.0.1/32", "10.0.0.0/16"], None)]), now)
+            .expect("apply b");
+        Pair { a, b, now }
+    }
+
+    /// Delivers everything in `out` from `from_addr` to `to`; returns what `to` wrote to its TUN.
+    fn deliver(to: &mut Node, from_addr: &str, out: &Transmits, replies: &mut Transmits, now: Instant) -> Vec<Vec<u8>> {
+        let mut tun = TunWrites::with_capacity(4);
+        for (_, d) in out.iter() {
+            to.handle_datagram(sock(from_addr), d, &mut tun, replies, now);
+        }
+        tun.iter().map(|(_, p)| p.to_vec()).collect()
+    }
+
+    fn drops_of(n: &Node, reason: DropReason) -> u64 {
+        n.drops().find(|(r, _)| *r == reason).map(|(_, c)| c).unwrap_or(0)
+    }
+
+    /// Runs the handshake triggered by A's first packet; returns the packet B received.
+    fn first_packet(p: &mut Pair, payload: &[u8]) -> Vec<Vec<u8>> {
+        let pkt = ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), payload);
+        let mut a_out = Transmits::with_capacity(4);
+        p.a.handle_tun_packet(&pkt, &mut a_out, p.now);
+        assert_eq!(a_out.len(), 1, "a handshake initiation");
+        let (dst, init) = a_out.iter().next().expect("init");
+        assert_eq!(dst, sock(B_UNDERLAY));
+        assert_eq!(init[0], 1);
+        let mut b_out = Transmits::with_capacity(4);
+        assert!(deliver(&mut p.b, A_UNDERLAY, &a_out, &mut b_out, p.now).is_empty());
+        let (dst, resp) = b_out.iter().next().expect("response");
+        assert_eq!(dst, sock(A_UNDERLAY), "B answers where the initiation came from");
+        assert_eq!(resp[0], 2);
+        let mut a_out2 = Transmits::with_capacity(4);
+        deliver(&mut p.a, B_UNDERLAY, &b_out, &mut a_out2, p.now);
+        // Keepalive confirming the session, then the queued packet.
+        assert_eq!(a_out2.len(), 2);
+        let mut sink = Transmits::with_capacity(4);
+        deliver(&mut p.b, A_UNDERLAY, &a_out2, &mut sink, p.now)
+    }
+
+    #[test]
+    fn handshake_then_data_reaches_the_peer_tun() {
+        let mut p = pair();
+        let got = first_packet(&mut p, b"hello");
+        assert_eq!(got, vec![ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"hello")]);
+        let b_peer = &p.b.peers()[0];
+        assert_eq!(b_peer.endpoint, Some(sock(A_UNDERLAY)), "B learned A's endpoint");
+        assert_eq!(b_peer.counters.rx_packets, 2);
+        assert!(b_peer.since_handshake.is_some());
+        assert_eq!(p.b.poll_event(), Some(Event::EndpointChanged { peer: "a".into(), from: None, to: sock(A_UNDERLAY) }));
+
+        // Later packets go straight out as data, and back the other way too.
+        let mut out = Transmits::with_capacity(4);
+        let back = ipv4_packet(ip("10.0.3.4"), ip("100.96.0.2"), b"x");
+        p.b.handle_tun_packet(&ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply"), &mut out, p.now);
+        assert_eq!(out.iter().next().map(|(d, m)| (d, m[0])), Some((sock(A_UNDERLAY), MSG_DATA)));
+        let mut sink = Transmits::with_capacity(1);
+        let got = deliver(&mut p.a, B_UNDERLAY, &out, &mut sink, p.now);
+        assert_eq!(got, vec![ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply")]);
+        drop(back);
+    }
+
+    #[test]
+    fn source_outside_allowed_ips_is_dropped() {
+        let mut p = pair();
+        first_packet(&mut p, b"hi");
+        // A sends with a source B does not accept from A (10.99/16 is nobody's).
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("10.99.0.1"), ip("10.10.0.5"), b"spoof"), &mut out, p.now);
+        let mut sink = Transmits::with_capacity(1);
+        assert!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).is_empty());
+        assert_eq!(drops_of(&p.b, DropReason::SourceNotAllowed), 1);
+    }
+
+    #[test]
+    fn replay_and_garbage_are_counted_and_harmless() {
+        let mut p = pair();
+        first_packet(&mut p, b"hi");
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"once"), &mut out, p.now);
+        let mut sink = Transmits::with_capacity(1);
+        assert_eq!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(), 1);
+        // The same datagram again, from another address: dropped, endpoint unchanged.
+        assert!(deliver(&mut p.b, "203.0.113.9:4444", &out, &mut sink, p.now).is_empty());
+        assert_eq!(drops_of(&p.b, DropReason::Replay), 1);
+        assert_eq!(p.b.peers()[0].endpoint, Some(sock(A_UNDERLAY)));
+
+        let mut tun = TunWrites::with_capacity(1);
+        for garbage in [&b""[..], b"\x01", b"\x04\0\0\0garbage", &[0xff; 200], &[4, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]] {
+            p.b.handle_datagram(sock("203.0.113.9:4444"), garbage, &mut tun, &mut sink, p.now);
+        }
+        assert!(tun.is_empty());
+        assert!(drops_of(&p.b, DropReason::Malformed) >= 3);
+        assert!(drops_of(&p.b, DropReason::UnknownPeer) >= 1);
+        // The tunnel still works.
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"after"), &mut out, p.now);
+        assert_eq!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(), 1);
+    }
+
+    #[test]
+    fn roaming_follows_authenticated_packets() {
+        let mut p = pair();
+        first_packet(&mut p, b"hi");
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"moved"), &mut out, p.now);
+        let mut sink = Transmits::with_capacity(1);
+        assert_eq!(deliver(&mut p.b, "198.51.100.50:40000", &out, &mut sink, p.now).len(), 1);
+        assert_eq!(p.b.peers()[0].endpoint, Some(sock("198.51.100.50:40000")));
+    }
+
+    #[test]
+    fn no_route_and_no_endpoint_are_counted() {
+        let mut p = pair();
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("10.50.0.1"), b"x"), &mut out, p.now);
+        assert!(out.is_empty());
+        assert_eq!(drops_of(&p.a, DropReason::NoRoute), 1);
+        // B does not know where A is until A speaks first.
+        p.b.handle_tun_packet(&ipv4_packet(ip("100.96.0.2"), ip("100.96.0.1"), b"x"), &mut out, p.now);
+        assert!(out.is_empty());
+        assert_eq!(drops_of(&p.b, DropReason::NoEndpoint), 1);
+    }
+
+    #[test]
+    fn apply_by_diff_keeps_sessions_and_reports_routes() {
+        let mut p = pair();
+        first_packet(&mut p, b"hi");
+        let pb = PrivateKey::from_bytes([2; 32]).public_key();
+        let pc = PrivateKey::from_bytes([3; 32]).public_key();
+        let diff = p
+            .a
+            .apply(
+                &map(
+                    "100.96.0.1/32",
+                    vec![
+                        spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32", "10.10.0.0/16", "10.11.0.0/16"], None),
+                        spec("c", pc, None, &["100.96.0.3/32"], None),
+                    ],
+                ),
+                p.now,
+            )
+            .expect("apply");
+        assert_eq!(diff.routes_added, vec!["10.11.0.0/16".parse().expect("cidr"), "100.96.0.3/32".parse().expect("cidr")]);
+        assert!(diff.routes_removed.is_empty());
+        assert_eq!(diff.peers_added, vec!["c".to_string()]);
+        assert_eq!(diff.peers_updated, vec!["b".to_string()]);
+        // The session with B survived: the next packet is data, not a new handshake.
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("10.11.0.9"), b"x"), &mut out, p.now);
+        assert_eq!(out.iter().next().map(|(_, m)| m[0]), Some(MSG_DATA));
+
+        let diff = p.a.apply(&map("100.96.0.1/32", vec![]), p.now).expect("apply");
+        assert_eq!(diff.peers_removed.len(), 2);
+        assert_eq!(diff.routes_removed.len(), 4);
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"x"), &mut out, p.now);
+        assert_eq!(drops_of(&p.a, DropReason::NoRoute), 1);
+    }
+
+    #[test]
+    fn keepalive_peer_initiates_at_once_and_timers_tick_on_injected_time() {
+        let now = Instant::now();
+        let ka = PrivateKey::from_bytes([1; 32]);
+        let pb = PrivateKey::from_bytes([2; 32]).public_key();
+        let mut a = Node::new(ka, 7, now);
+        a.apply(&map("100.96.0.1/32", vec![spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32"], Some(25))]), now)
+            .expect("apply");
+        assert!(a.poll_timeout() <= now, "due at once");
+        let mut out = Transmits::with_capacity(2);
+        a.handle_timeout(now, &mut out);
+        assert_eq!(out.iter().next().map(|(d, m)| (d, m[0])), Some((sock(B_UNDERLAY), 1)));
+        assert_eq!(a.poll_timeout(), now + TIMER_TICK);
+        out.clear();
+        a.handle_timeout(now + Duration::from_millis(100), &mut out);
+        assert!(out.is_empty(), "nothing before the tick");
+    }
+
+    #[test]
+    fn handshake_flood_gets_cookie_replies() {
+        let now = Instant::now();
+        let kb = PrivateKey::from_bytes([2; 32]);
+        let pa = PrivateKey::from_bytes([1; 32]).public_key();
+        let mut b = Node::new(kb.clone(), 2, now);
+        b.apply(&map("100.96.0.2/32", vec![spec("a", pa, None, &["100.96.0.1/32"], None)]), now)
+            .expect("apply");
+        let mut attacker = Tunn::new(
+            PrivateKey::from_bytes([1; 32]).secret().clone(),
+            XPublic::from(*kb.public_key().as_bytes()),
+            None,
+            None,
+            1,
+            None,
+        );
+        let mut tun = TunWrites::with_capacity(1);
+        let mut out = Transmits::with_capacity(8);
+        let mut buf = [0u8; 256];
+        for _ in 0..(HANDSHAKE_RATE_LIMIT + 20) {
+            if let TunnResult::WriteToNetwork(init) = attacker.format_handshake_initiation(&mut buf, true) {
+                let init = init.to_vec();
+                b.handle_datagram(sock("203.0.113.5:1000"), &init, &mut tun, &mut out, now);
+            }
+        }
+        assert!(b.cookie_replies() > 0);
+        assert!(out.iter().any(|(_, m)| m[0] == 3 && m.len() == 64));
+        // Below the limit, initiations were answered with real responses.
+        assert!(out.iter().any(|(_, m)| m[0] == 2 && m.len() == 92));
+    }
+}

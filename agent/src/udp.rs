@@ -1,5 +1,5 @@
 //! The underlay UDP driver: one dual-stack socket, batched receive (recvmmsg +
-//! GRO) and segmented send (GSO) through `quinn-udp`.
+//! GRO) and segmented send (GSO) through `quinn-udp`, for blocking data-plane threads.
 //!
 //! Addresses cross this boundary in canonical form (IPv4 as IPv4, never as
 //! `::ffff:a.b.c.d`); the mapping for the dual-stack socket happens here only.
@@ -8,10 +8,9 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use tokio::io::Interest;
 
 pub struct Udp {
-    sock: tokio::net::UdpSocket,
+    sock: std::net::UdpSocket,
     state: UdpSocketState,
     dual_stack: bool,
 }
@@ -20,25 +19,25 @@ const SOCKET_BUFFER: usize = 4 << 20;
 
 impl Udp {
     /// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
+    /// The socket is non-blocking; the `*_blocking` calls wait with `poll(2)`, so
+    /// the data-plane threads sleep in the kernel, one wakeup per batch.
     pub fn bind(port: u16) -> io::Result<Self> {
         let (sock, dual_stack) = match Self::socket(Domain::IPV6, port) {
             Ok(s) => (s, true),
             Err(_) => (Self::socket(Domain::IPV4, port)?, false),
         };
-        // Large buffers absorb bursts between batches; the *FORCE variants work as
-        // root (CAP_NET_ADMIN), the plain ones are the fallback.
-        if sock.set_recv_buffer_size(SOCKET_BUFFER).is_err() {
-            let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-        }
+        // Large buffers absorb bursts between batches; the *FORCE variants work
+        // with CAP_NET_ADMIN, the plain ones are the fallback.
+        let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
         force_buffer(&sock, libc::SO_RCVBUFFORCE);
         force_buffer(&sock, libc::SO_SNDBUFFORCE);
-        let std_sock: std::net::UdpSocket = sock.into();
-        let state = UdpSocketState::new(UdpSockRef::from(&std_sock))?;
+        let sock: std::net::UdpSocket = sock.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         // Unlike QUIC, WireGuard lets the underlay fragment (as the kernel module
         // does): an inner MTU that is too large for a path degrades into fragments
         // instead of a blackhole.
-        allow_fragments(&std_sock, dual_stack);
-        let sock = tokio::net::UdpSocket::from_std(std_sock)?;
+        allow_fragments(&sock, dual_stack);
         Ok(Self { sock, state, dual_stack })
     }
 
@@ -64,44 +63,40 @@ impl Udp {
         self.state.max_gso_segments()
     }
 
-    /// Receives a batch; returns how many `meta` entries were filled. Each entry may
-    /// hold several datagrams of `meta.stride` bytes (GRO).
-    pub async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    /// Waits for and receives a batch; returns how many `meta` entries were
+    /// filled. Each entry may hold several datagrams of `meta.stride` bytes (GRO).
+    pub fn recv_blocking(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
         loop {
-            self.sock.readable().await?;
-            match self.sock.try_io(Interest::READABLE, || {
-                self.state.recv(UdpSockRef::from(&self.sock), bufs, meta)
-            }) {
+            match self.state.recv(UdpSockRef::from(&self.sock), bufs, meta) {
                 Ok(n) => {
                     for m in meta[..n].iter_mut() {
                         m.addr = canonical(m.addr);
                     }
                     return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&self.sock, libc::POLLIN)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
     }
 
     /// Sends `contents` to `dst` as datagrams of `segment` bytes (the last may be
-    /// shorter) in one syscall where GSO is available.
-    pub async fn send(&self, dst: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
-        let destination = self.wire_addr(dst);
+    /// shorter) in one syscall where GSO is available; waits while the socket
+    /// buffer is full.
+    pub fn send_blocking(&self, dst: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
         let transmit = Transmit {
-            destination,
+            destination: self.wire_addr(dst),
             ecn: None,
             contents,
             segment_size: (contents.len() > segment).then_some(segment),
             src_ip: None,
         };
         loop {
-            self.sock.writable().await?;
-            match self.sock.try_io(Interest::WRITABLE, || {
-                self.state.try_send(UdpSockRef::from(&self.sock), &transmit)
-            }) {
+            match self.state.try_send(UdpSockRef::from(&self.sock), &transmit) {
                 Ok(()) => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&self.sock, libc::POLLOUT)?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -111,6 +106,22 @@ impl Udp {
         match (self.dual_stack, addr.ip()) {
             (true, IpAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), addr.port()),
             _ => addr,
+        }
+    }
+}
+
+/// Sleeps in `poll(2)` until `fd` has `events`.
+pub fn wait(fd: &impl std::os::fd::AsRawFd, events: libc::c_short) -> io::Result<()> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+    loop {
+        // SAFETY: one valid pollfd, count 1, infinite timeout.
+        let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+        if rc >= 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }

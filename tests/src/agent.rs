@@ -168,7 +168,11 @@ impl AgentSpec {
         let mut s = String::new();
         let _ = writeln!(s, "[interface]");
         let _ = writeln!(s, "name = {:?}", self.ifname);
-        let _ = writeln!(s, "private_key_file = {:?}", private_key_file.display().to_string());
+        let _ = writeln!(
+            s,
+            "private_key_file = {:?}",
+            private_key_file.display().to_string()
+        );
         let _ = writeln!(s, "listen_port = {}", self.listen_port);
         let _ = writeln!(s, "address = {:?}", self.address);
         let _ = writeln!(s, "mtu = {}", self.mtu);
@@ -281,7 +285,13 @@ pub struct Agent {
 
 impl Agent {
     /// Writes config and key file for an agent called `label` into the test's scratch dir.
-    pub fn new(env: &TestEnv, ns: &Netns, label: &str, keys: Keypair, spec: AgentSpec) -> Result<Self> {
+    pub fn new(
+        env: &TestEnv,
+        ns: &Netns,
+        label: &str,
+        keys: Keypair,
+        spec: AgentSpec,
+    ) -> Result<Self> {
         let dir = env.path(&format!("agent-{label}"));
         std::fs::create_dir_all(dir.join("state")).context("creating agent dir")?;
         let key_file = dir.join("private.key");
@@ -332,6 +342,7 @@ impl Agent {
         cmd.args(["netns", "exec", &self.ns])
             .arg(&bin)
             .args(["run", "--config", self.config_arg()?])
+            .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("SKYMESH_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
@@ -391,13 +402,22 @@ impl Agent {
 
     /// `status --json`, parsed.
     pub fn status(&self) -> Result<Status> {
-        let out = check(&mut agent_command(&["status", "--config", self.config_arg()?, "--json"])?)?;
+        let out = check(&mut agent_command(&[
+            "status",
+            "--config",
+            self.config_arg()?,
+            "--json",
+        ])?)?;
         serde_json::from_str(&out).with_context(|| format!("parsing `status --json` output: {out}"))
     }
 
     /// `status` (the human table), as text.
     pub fn status_table(&self) -> Result<String> {
-        check(&mut agent_command(&["status", "--config", self.config_arg()?])?)
+        check(&mut agent_command(&[
+            "status",
+            "--config",
+            self.config_arg()?,
+        ])?)
     }
 
     /// Scrapes `/metrics` from inside the agent's namespace.
@@ -412,6 +432,10 @@ impl Agent {
 
     /// The overlay address without prefix length.
     pub fn overlay_ip(&self) -> &str {
-        self.spec.address.split('/').next().unwrap_or(&self.spec.address)
+        self.spec
+            .address
+            .split('/')
+            .next()
+            .unwrap_or(&self.spec.address)
     }
 }

@@ -42,7 +42,9 @@ fn missing(what: &str) -> bool {
     if in_ci() {
         panic!("CI is set but {what}: the end-to-end tests cannot run");
     }
-    eprintln!("SKIPPED: {what}");
+    // Straight to the stderr handle: libtest captures `eprintln!`, and a skip must be seen.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {what}");
     false
 }
 
@@ -100,11 +102,7 @@ pub struct TestEnv {
 impl TestEnv {
     /// Creates the scratch directory for test `name`.
     pub fn new(name: &str) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "{}{}-{name}",
-            netns::prefix(),
-            next_id()
-        ));
+        let dir = std::env::temp_dir().join(format!("{}{}-{name}", netns::prefix(), next_id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self {
             name: name.to_string(),

@@ -88,8 +88,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
-        .context("sending HTTP request")?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .context("sending HTTP request")?;
     let mut raw = Vec::new();
     stream
         .read_to_end(&mut raw)

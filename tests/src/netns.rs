@@ -162,6 +162,19 @@ impl Netns {
         check(&mut self.command(program, args))
     }
 
+    /// Starts a long-running `program args…` in the namespace, logging to `<label>.log` in
+    /// the test's scratch dir; the guard stops it on drop.
+    pub fn spawn(
+        &self,
+        env: &crate::TestEnv,
+        label: &str,
+        program: &str,
+        args: &[&str],
+    ) -> Result<crate::proc::Spawned> {
+        let log = env.path(&format!("{label}.log"));
+        crate::proc::Spawned::start(label, self.command(program, args), &log)
+    }
+
     /// Runs `ip -n <ns> args…`, which must succeed.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         check(Command::new("ip").args(["-n", &self.name]).args(args))
@@ -178,11 +191,10 @@ impl Netns {
         Ok(())
     }
 
-    /// Adds a dummy interface holding `cidr`, e.g. a stand-in for a VPC subnet behind a gateway.
-    pub fn add_dummy(&self, ifname: &str, cidr: &str) -> Result<()> {
-        self.ip(&["link", "add", ifname, "type", "dummy"])?;
-        self.ip(&["addr", "add", cidr, "dev", ifname])?;
-        self.ip(&["link", "set", ifname, "up"])?;
+    /// Adds `cidr` to `lo`: a stand-in for a VPC subnet behind a gateway (the kernel has no
+    /// dummy module, and a local address answers pings just as well).
+    pub fn add_local_address(&self, cidr: &str) -> Result<()> {
+        self.ip(&["addr", "add", cidr, "dev", "lo"])?;
         Ok(())
     }
 
@@ -227,7 +239,10 @@ impl Netns {
 
     /// Removes the black hole set by [`Netns::blackhole`].
     pub fn unblackhole(&self, ifname: &str) -> Result<()> {
-        self.exec("nft", &["delete", "table", "inet", &format!("smt_cut_{ifname}")])?;
+        self.exec(
+            "nft",
+            &["delete", "table", "inet", &format!("smt_cut_{ifname}")],
+        )?;
         Ok(())
     }
 }
@@ -260,7 +275,16 @@ impl Veth {
             bail!("interface name {ifname:?} is longer than 15 characters");
         }
         a.ip(&[
-            "link", "add", ifname, "type", "veth", "peer", "name", ifname, "netns", b.name(),
+            "link",
+            "add",
+            ifname,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            ifname,
+            "netns",
+            b.name(),
         ])?;
         for (ns, cidr) in [(a, a_cidr), (b, b_cidr)] {
             ns.sysctl(&format!("net.ipv6.conf.{ifname}.disable_ipv6"), "1")?;

@@ -24,20 +24,37 @@ impl Capture {
     /// Starts capturing full packets on `ifname` in `ns` and waits until tcpdump listens.
     pub fn start(env: &TestEnv, ns: &Netns, ifname: &str, label: &str) -> Result<Self> {
         let file = env.path(&format!("{label}.pcap"));
-        let log = env.path(&format!("tcpdump-{label}.log"));
         let file_arg = file.to_str().context("capture path is not UTF-8")?;
+        // --immediate-mode: hand over each packet at once (else a partly filled ring block
+        // is still pending when SIGTERM arrives and never reaches the file).
         // -Z root: do not drop to the tcpdump user, which could not write into the scratch dir.
-        let cmd = ns.command(
+        let mut process = ns.spawn(
+            env,
+            &format!("tcpdump-{label}"),
             "tcpdump",
-            &["-i", ifname, "-n", "-U", "-s", "0", "-Z", "root", "-w", file_arg],
-        );
-        let mut process = Spawned::start(&format!("tcpdump {label}"), cmd, &log)?;
+            &[
+                "-i",
+                ifname,
+                "-n",
+                "--immediate-mode",
+                "-U",
+                "-s",
+                "0",
+                "-Z",
+                "root",
+                "-w",
+                file_arg,
+            ],
+        )?;
         let listening = wait_until(Duration::from_secs(10), || {
             process.log().contains("listening on") || !matches!(process.try_status(), Ok(None))
         });
         process.ensure_running()?;
         if listening.is_none() {
-            bail!("tcpdump on {ifname} did not start listening: {}", process.log());
+            bail!(
+                "tcpdump on {ifname} did not start listening: {}",
+                process.log()
+            );
         }
         Ok(Self { process, file })
     }
@@ -227,7 +244,20 @@ mod tests {
         frame.extend_from_slice(&[0x08, 0x00]);
         let payload = b"hello";
         let total = 20 + 8 + payload.len();
-        let mut ip = vec![0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0, 0, 64, 17, 0, 0];
+        let mut ip = vec![
+            0x45,
+            0,
+            (total >> 8) as u8,
+            total as u8,
+            0,
+            0,
+            0,
+            0,
+            64,
+            17,
+            0,
+            0,
+        ];
         ip.extend_from_slice(&[192, 0, 2, 1, 192, 0, 2, 2]);
         ip.extend_from_slice(&51820u16.to_be_bytes());
         ip.extend_from_slice(&4000u16.to_be_bytes());

@@ -14,7 +14,7 @@ pub const B_UNDERLAY: &str = "192.0.2.2";
 pub const A_OVERLAY: &str = "100.96.0.1";
 /// Overlay address of side B.
 pub const B_OVERLAY: &str = "100.96.0.2";
-/// VPC address behind A (on a dummy interface in A's namespace).
+/// VPC address behind A (on `lo` in A's namespace).
 pub const A_VPC: &str = "10.10.0.1";
 /// VPC address behind B.
 pub const B_VPC: &str = "10.20.0.1";
@@ -58,17 +58,25 @@ impl AgentPair {
             &format!("{B_UNDERLAY}/24"),
             UNDERLAY_IF,
         )?;
-        a_ns.add_dummy("vpc0", &format!("{A_VPC}/16"))?;
-        b_ns.add_dummy("vpc0", &format!("{B_VPC}/16"))?;
+        a_ns.add_local_address(&format!("{A_VPC}/32"))?;
+        b_ns.add_local_address(&format!("{B_VPC}/32"))?;
         let a_keys = Keypair::generate()?;
         let b_keys = Keypair::generate()?;
         let mut a_spec = AgentSpec::new(&format!("{A_OVERLAY}/32")).peer(
-            PeerSpec::new("b", &b_keys.public, &[&format!("{B_OVERLAY}/32"), "10.20.0.0/16"])
-                .endpoint(&format!("{B_UNDERLAY}:51820")),
+            PeerSpec::new(
+                "b",
+                &b_keys.public,
+                &[&format!("{B_OVERLAY}/32"), "10.20.0.0/16"],
+            )
+            .endpoint(&format!("{B_UNDERLAY}:51820")),
         );
         let mut b_spec = AgentSpec::new(&format!("{B_OVERLAY}/32")).peer(
-            PeerSpec::new("a", &a_keys.public, &[&format!("{A_OVERLAY}/32"), "10.10.0.0/16"])
-                .endpoint(&format!("{A_UNDERLAY}:51820")),
+            PeerSpec::new(
+                "a",
+                &a_keys.public,
+                &[&format!("{A_OVERLAY}/32"), "10.10.0.0/16"],
+            )
+            .endpoint(&format!("{A_UNDERLAY}:51820")),
         );
         customize(&mut a_spec, &mut b_spec);
         let mut a = Agent::new(env, &a_ns, "a", a_keys, a_spec)?;

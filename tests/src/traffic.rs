@@ -17,8 +17,12 @@ pub fn ping_once(ns: &Netns, dst: &str) -> bool {
 
 /// Pings until one succeeds or `timeout` passes; returns how long it took.
 pub fn ping_until(ns: &Netns, dst: &str, timeout: Duration) -> Result<Duration> {
-    wait_until(timeout, || ping_once(ns, dst))
-        .with_context(|| format!("no ping reply from {dst} in {} within {timeout:?}", ns.name()))
+    wait_until(timeout, || ping_once(ns, dst)).with_context(|| {
+        format!(
+            "no ping reply from {dst} in {} within {timeout:?}",
+            ns.name()
+        )
+    })
 }
 
 /// What to send in a [`tcp_transfer`].
@@ -84,9 +88,16 @@ fn fill_pattern(index: u64, buf: &mut [u8]) {
 
 /// Sends `payload` over TCP from `from` to `dst:port`, received by a listener in `to`,
 /// and returns sizes and SHA-256 digests of both sides.
-pub fn tcp_transfer(from: &Netns, to: &Netns, dst: &str, port: u16, payload: Payload) -> Result<Transfer> {
+pub fn tcp_transfer(
+    from: &Netns,
+    to: &Netns,
+    dst: &str,
+    port: u16,
+    payload: Payload,
+) -> Result<Transfer> {
     let dst_ip: IpAddr = dst.parse().with_context(|| format!("bad address {dst}"))?;
-    let listener = to.run(move || TcpListener::bind(SocketAddr::new(dst_ip, port)))?
+    let listener = to
+        .run(move || TcpListener::bind(SocketAddr::new(dst_ip, port)))?
         .with_context(|| format!("binding {dst}:{port} in {}", to.name()))?;
     listener.set_nonblocking(true)?;
 
@@ -148,7 +159,9 @@ pub fn tcp_transfer(from: &Netns, to: &Netns, dst: &str, port: u16, payload: Pay
                     }
                 }
             }
-            stream.shutdown(std::net::Shutdown::Write).context("shutdown")?;
+            stream
+                .shutdown(std::net::Shutdown::Write)
+                .context("shutdown")?;
             Ok((total, hasher.finalize().into()))
         })??;
         let received = match receiver.join() {

@@ -52,7 +52,10 @@ impl WgGo {
 
         let key_file = env.path(&format!("{}.key", node.ifname));
         write_secret(&key_file, &format!("{}\n", node.keys.private))?;
-        let key_arg = key_file.to_str().context("key path is not UTF-8")?.to_string();
+        let key_arg = key_file
+            .to_str()
+            .context("key path is not UTF-8")?
+            .to_string();
         let port = listen_port.to_string();
         let allowed = peer.allowed_ips.join(",");
         let mut args = vec![
@@ -86,10 +89,15 @@ impl WgGo {
 
     /// `wg show <if> <what>` output.
     pub fn show(&self, what: &str) -> Result<String> {
-        crate::proc::check(
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &self.ns, "wg", "show", &self.ifname, what]),
-        )
+        crate::proc::check(std::process::Command::new("ip").args([
+            "netns",
+            "exec",
+            &self.ns,
+            "wg",
+            "show",
+            &self.ifname,
+            what,
+        ]))
     }
 
     /// Latest handshake (unix seconds) with the peer `public_key`, per `wg show latest-handshakes`.

@@ -1,0 +1,324 @@
+//! The agent's offline commands, run as a user would: `check-config` on each class of bad
+//! file, and `genkey`/`pubkey` against the stock `wg` tool. No namespaces, no root.
+
+use anyhow::{ensure, Context, Result};
+use skymesh_tests::agent::{agent_command, check_config, pubkey_of, write_secret};
+use skymesh_tests::proc::{check, output_with_stdin};
+use skymesh_tests::{e2e, require_tool, Keypair, TestEnv};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A valid config with two peers, and the key file it points to.
+struct ConfigCase {
+    text: String,
+    key_file: PathBuf,
+}
+
+impl ConfigCase {
+    /// Writes a fresh private key file into `env` and renders the valid base config.
+    fn new(env: &TestEnv) -> Result<Self> {
+        let key_file = env.path("private.key");
+        write_secret(&key_file, &format!("{}\n", Keypair::generate()?.private))?;
+        let gcp = Keypair::generate()?.public;
+        let aws = Keypair::generate()?.public;
+        let text = format!(
+            r#"[interface]
+name = "skymesh0"
+private_key_file = "{key}"
+listen_port = 51820
+address = "100.96.0.1/32"
+mtu = 1420
+
+[metrics]
+listen = "127.0.0.1:9586"
+
+[admin]
+socket = "{dir}/agent.sock"
+
+[state]
+dir = "{dir}/state"
+
+[[peers]]
+name = "gcp-gw"
+public_key = "{gcp}"
+endpoint = "198.51.100.7:51820"
+allowed_ips = ["100.96.0.2/32", "10.10.0.0/16"]
+persistent_keepalive = 25
+
+[[peers]]
+name = "aws-gw"
+public_key = "{aws}"
+allowed_ips = ["100.96.0.3/32", "10.20.0.0/16"]
+"#,
+            key = key_file.display(),
+            dir = env.dir.display(),
+        );
+        Ok(Self { text, key_file })
+    }
+
+    /// The base text with the first occurrence of `from` replaced by `to` (which must exist).
+    fn edit(&self, from: &str, to: &str) -> Result<String> {
+        ensure!(
+            self.text.contains(from),
+            "test bug: {from:?} not in base config"
+        );
+        Ok(self.text.replacen(from, to, 1))
+    }
+}
+
+/// Writes `text` as `<case>.toml`, runs `check-config`, and asserts exit code 1 with a message
+/// (stdout or stderr) that contains every string in `must_name`.
+fn refused(env: &TestEnv, case: &str, text: &str, must_name: &[&str]) -> Result<()> {
+    let path = env.path(&format!("{case}.toml"));
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    let out = check_config(&path)?;
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        out.status.code() == Some(1),
+        "{case}: check-config exited with {} (want 1); output:\n{msg}",
+        out.status
+    );
+    let path_text = path.display().to_string();
+    for needle in std::iter::once(path_text.as_str()).chain(must_name.iter().copied()) {
+        ensure!(
+            msg.contains(needle),
+            "{case}: the message does not name {needle:?}; output:\n{msg}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs one bad-config case built from the base config by a single text edit.
+fn bad_edit(name: &str, from: &str, to: &str, must_name: &[&str]) -> Result<()> {
+    e2e(name, |env| {
+        let base = ConfigCase::new(env)?;
+        refused(env, name, &base.edit(from, to)?, must_name)
+    })
+}
+
+#[test]
+fn check_config_accepts_a_valid_file() -> Result<()> {
+    e2e("cfg-valid", |env| {
+        let base = ConfigCase::new(env)?;
+        let path = env.path("valid.toml");
+        std::fs::write(&path, &base.text)?;
+        let out = check_config(&path)?;
+        ensure!(
+            out.status.success(),
+            "valid config refused ({}):\n{}{}\n--- config ---\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            base.text
+        );
+        Ok(())
+    })
+}
+
+#[test]
+fn check_config_refuses_unknown_top_level_key() -> Result<()> {
+    bad_edit(
+        "cfg-top",
+        "[interface]\n",
+        "colour = \"blue\"\n\n[interface]\n",
+        &["colour"],
+    )
+}
+
+#[test]
+fn check_config_refuses_unknown_interface_key() -> Result<()> {
+    bad_edit(
+        "cfg-iface",
+        "mtu = 1420\n",
+        "mtu = 1420\nlisten_addr = \"0.0.0.0\"\n",
+        &["listen_addr"],
+    )
+}
+
+#[test]
+fn check_config_refuses_unknown_peer_key() -> Result<()> {
+    bad_edit(
+        "cfg-peer",
+        "persistent_keepalive = 25\n",
+        "persistent_keepalive = 25\npubkey = \"abc\"\n",
+        &["pubkey"],
+    )
+}
+
+#[test]
+fn check_config_refuses_malformed_public_key() -> Result<()> {
+    e2e("cfg-pub", |env| {
+        let base = ConfigCase::new(env)?;
+        let aws_line = base
+            .text
+            .lines()
+            .filter(|l| l.starts_with("public_key"))
+            .nth(1)
+            .context("second public_key line")?
+            .to_string();
+        for (case, bad) in [
+            ("cfg-pub-text", "not-a-wireguard-key"),
+            ("cfg-pub-short", "AAAAAAAAAAAAAAAAAAAAAA=="),
+        ] {
+            let text = base.edit(&aws_line, &format!("public_key = \"{bad}\""))?;
+            refused(env, case, &text, &["public_key", bad])?;
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn check_config_refuses_malformed_private_key_file() -> Result<()> {
+    e2e("cfg-privbad", |env| {
+        let base = ConfigCase::new(env)?;
+        write_secret(&base.key_file, "this is not a key\n")?;
+        let key = base.key_file.display().to_string();
+        refused(env, "cfg-privbad", &base.text, &["private_key_file", &key])
+    })
+}
+
+#[test]
+fn check_config_refuses_missing_private_key_file() -> Result<()> {
+    e2e("cfg-privgone", |env| {
+        let base = ConfigCase::new(env)?;
+        let missing = env.path("no-such.key").display().to_string();
+        let text = base.edit(&base.key_file.display().to_string(), &missing)?;
+        refused(env, "cfg-privgone", &text, &["private_key_file", &missing])
+    })
+}
+
+#[test]
+fn check_config_refuses_prefix_length_33() -> Result<()> {
+    bad_edit(
+        "cfg-cidr33",
+        "\"10.10.0.0/16\"",
+        "\"10.0.0.0/33\"",
+        &["allowed_ips", "10.0.0.0/33"],
+    )
+}
+
+#[test]
+fn check_config_refuses_nonsense_cidr() -> Result<()> {
+    bad_edit(
+        "cfg-cidrjunk",
+        "\"10.10.0.0/16\"",
+        "\"nonsense\"",
+        &["allowed_ips", "nonsense"],
+    )
+}
+
+#[test]
+fn check_config_refuses_bad_interface_address() -> Result<()> {
+    bad_edit(
+        "cfg-addr",
+        "address = \"100.96.0.1/32\"",
+        "address = \"100.96.0.1/40\"",
+        &["address", "100.96.0.1/40"],
+    )
+}
+
+#[test]
+fn check_config_refuses_host_bits_set() -> Result<()> {
+    bad_edit(
+        "cfg-hostbits",
+        "\"10.10.0.0/16\"",
+        "\"10.10.0.1/16\"",
+        &["allowed_ips", "10.10.0.1/16"],
+    )
+}
+
+#[test]
+fn check_config_refuses_overlapping_peer_prefixes() -> Result<()> {
+    bad_edit(
+        "cfg-overlap",
+        "\"10.20.0.0/16\"",
+        "\"10.10.128.0/17\"",
+        &["allowed_ips", "10.10.128.0/17", "10.10.0.0/16"],
+    )
+}
+
+#[test]
+fn check_config_refuses_port_out_of_range() -> Result<()> {
+    bad_edit(
+        "cfg-port",
+        "listen_port = 51820",
+        "listen_port = 70000",
+        &["listen_port", "70000"],
+    )
+}
+
+#[test]
+fn check_config_refuses_bad_endpoint() -> Result<()> {
+    e2e("cfg-endpoint", |env| {
+        let base = ConfigCase::new(env)?;
+        for (case, bad) in [
+            ("cfg-ep-text", "not-an-endpoint"),
+            ("cfg-ep-noport", "198.51.100.7"),
+            ("cfg-ep-port", "198.51.100.7:99999"),
+        ] {
+            let text = base.edit("\"198.51.100.7:51820\"", &format!("\"{bad}\""))?;
+            refused(env, case, &text, &["endpoint", bad])?;
+        }
+        Ok(())
+    })
+}
+
+/// Runs `program args` with `input` on stdin; returns stdout, failing on a non-zero exit.
+fn pipe(program: &Path, args: &[&str], input: &str) -> Result<String> {
+    let out = output_with_stdin(Command::new(program).args(args), input.as_bytes())?;
+    ensure!(
+        out.status.success(),
+        "{} {args:?} failed ({}): {}",
+        program.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).context("output is not UTF-8")
+}
+
+#[test]
+fn genkey_and_pubkey_are_interchangeable_with_wg() -> Result<()> {
+    if !require_tool("wg") {
+        return Ok(());
+    }
+    let bin = skymesh_tests::agent_bin()?;
+    let wg = PathBuf::from("wg");
+    for _ in 0..5 {
+        // wg's private key → our pubkey == wg pubkey, byte for byte (newline included).
+        let private = check(Command::new("wg").arg("genkey"))?;
+        let theirs = pipe(&wg, &["pubkey"], &private)?;
+        let ours = pipe(&bin, &["pubkey"], &private)?;
+        ensure!(
+            ours == theirs,
+            "pubkey of {private:?}: ours {ours:?}, wg {theirs:?}"
+        );
+
+        // Our genkey looks like wg's, and wg accepts it and agrees on the public key.
+        let private = check(&mut agent_command(&["genkey"])?)?;
+        ensure!(
+            private.len() == 45 && private.ends_with('\n') && private.ends_with("=\n"),
+            "genkey printed {private:?}; want 44 base64 characters and a newline"
+        );
+        let theirs = pipe(&wg, &["pubkey"], &private)?;
+        let ours = pipe(&bin, &["pubkey"], &private)?;
+        ensure!(
+            ours == theirs,
+            "pubkey of our {private:?}: ours {ours:?}, wg {theirs:?}"
+        );
+        ensure!(
+            pubkey_of(private.trim())? == theirs.trim(),
+            "pubkey_of disagrees"
+        );
+    }
+    let bad = output_with_stdin(&mut agent_command(&["pubkey"])?, b"not a key\n")?;
+    ensure!(
+        !bad.status.success(),
+        "pubkey accepted garbage and printed {:?}",
+        String::from_utf8_lossy(&bad.stdout)
+    );
+    Ok(())
+}
