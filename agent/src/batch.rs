@@ -76,29 +76,45 @@ impl Transmits {
     /// datagrams to one destination, all of the first one's size except a shorter
     /// last one, at most `max_segments` and 64 KiB in total. Each item is
     /// (destination, contiguous bytes, segment size).
-    pub fn runs(&self, max_segments: usize) -> Vec<(SocketAddr, &[u8], usize)> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < self.items.len() {
-            let (dst, first) = &self.items[i];
-            let seg = first.len();
-            let mut j = i + 1;
-            let mut total = seg;
-            while j < self.items.len() && j - i < max_segments.max(1) {
-                let (d, r) = &self.items[j];
-                if d != dst || r.len() > seg || total + r.len() > 65_000 || seg == 0 {
-                    break;
-                }
-                total += r.len();
-                j += 1;
-                if r.len() < seg {
-                    break;
-                }
-            }
-            out.push((*dst, &self.buf[first.start..self.items[j - 1].1.end], seg));
-            i = j;
+    pub fn runs(&self, max_segments: usize) -> Runs<'_> {
+        Runs { batch: self, next: 0, max_segments: max_segments.max(1) }
+    }
+}
+
+/// Iterator over [`Transmits::runs`].
+pub struct Runs<'a> {
+    batch: &'a Transmits,
+    next: usize,
+    max_segments: usize,
+}
+
+impl<'a> Iterator for Runs<'a> {
+    type Item = (SocketAddr, &'a [u8], usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let items = &self.batch.items;
+        let i = self.next;
+        if i >= items.len() {
+            return None;
         }
-        out
+        let max_segments = self.max_segments;
+        let (dst, first) = &items[i];
+        let seg = first.len();
+        let mut j = i + 1;
+        let mut total = seg;
+        while j < items.len() && j - i < max_segments {
+            let (d, r) = &items[j];
+            if d != dst || r.len() > seg || total + r.len() > 65_000 || seg == 0 {
+                break;
+            }
+            total += r.len();
+            j += 1;
+            if r.len() < seg {
+                break;
+            }
+        }
+        self.next = j;
+        Some((*dst, &self.batch.buf[first.start..items[j - 1].1.end], seg))
     }
 }
 
@@ -121,10 +137,10 @@ mod tests {
         t.push(a, &[2u8; 40]); // shorter tail joins the run
         t.push(a, &[3u8; 100]); // starts a new run
         t.push(b, &[4u8; 100]);
-        let runs = t.runs(64);
+        let runs: Vec<_> = t.runs(64).collect();
         let shape: Vec<_> = runs.iter().map(|(d, bytes, seg)| (*d, bytes.len(), *seg)).collect();
         assert_eq!(shape, vec![(a, 340, 100), (a, 100, 100), (b, 100, 100)]);
-        assert_eq!(t.runs(2).len(), 4);
+        assert_eq!(t.runs(2).count(), 4);
         t.clear();
         assert!(t.is_empty());
     }

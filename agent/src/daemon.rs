@@ -1,9 +1,11 @@
 //! The agent daemon: wires the sans-IO [`Node`] to its IO drivers (TUN, UDP,
 //! netlink, admin socket, metrics) and to the clock.
 //!
-//! Two pipelines run on dedicated OS threads, each moving a batch per lock of the
-//! core: TUN → encrypt → UDP and UDP → decrypt → TUN. They sleep in `poll(2)`, so
-//! a packet costs one wakeup per hop (no async-runtime hand-off on the hot path).
+//! The data plane is one dedicated OS thread that sleeps in `poll(2)` on the TUN
+//! device and the UDP socket and moves a batch per lock of the core in each
+//! direction: TUN → encrypt → UDP and UDP → decrypt → TUN. One thread per agent
+//! keeps request/response traffic on one CPU: the reply the kernel produces while
+//! we write a packet to the TUN is read back without another thread's wakeup.
 //! Timers, the admin socket and metrics run on tokio.
 
 use crate::admin::{self, InterfaceStatus, PeerStatusJson, Status};
@@ -13,6 +15,7 @@ use crate::metrics;
 use crate::netlink::Netlink;
 use crate::node::{DropReason, Event, Node};
 use crate::notify::notify;
+use crate::poller::{Poller, Ready};
 use crate::tun::Tun;
 use crate::udp::Udp;
 use anyhow::{bail, Context, Result};
@@ -20,6 +23,7 @@ use quinn_udp::RecvMeta;
 use rand::RngCore;
 use skymesh_wire::NetMap;
 use std::io::{self, IoSliceMut};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
@@ -163,13 +167,14 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut tasks = tokio::task::JoinSet::new();
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::unbounded_channel::<anyhow::Error>();
-    for (name, pipeline) in [("skymesh-tun-rx", tun_to_udp as fn(&Shared) -> Result<()>), ("skymesh-udp-rx", udp_to_tun)] {
+    {
+        let name = "skymesh-dataplane";
         let s = shared.clone();
         let fatal = fatal_tx.clone();
         std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                let err = match pipeline(&s) {
+                let err = match dataplane(&s) {
                     Ok(()) => anyhow::anyhow!("{name} stopped"),
                     Err(e) => e,
                 };
@@ -241,84 +246,137 @@ pub async fn apply(node: &Mutex<Node>, netlink: &Netlink, index: u32, map: &NetM
     Ok(())
 }
 
-fn tun_to_udp(s: &Shared) -> Result<()> {
-    let mut bufs = vec![vec![0u8; MAX_PACKET]; TUN_BATCH];
-    let mut lens = [0usize; TUN_BATCH];
-    let mut tx = Transmits::with_capacity(TUN_BATCH);
+/// Buffers of the data-plane thread, allocated once.
+struct Buffers {
+    tun_in: Vec<Vec<u8>>,
+    tun_lens: [usize; TUN_BATCH],
+    udp_in: Vec<Vec<u8>>,
+    meta: Vec<RecvMeta>,
+    tun_out: TunWrites,
+    tx: Transmits,
+}
+
+fn dataplane(s: &Shared) -> Result<()> {
+    let mut b = Buffers {
+        tun_in: vec![vec![0u8; MAX_PACKET]; TUN_BATCH],
+        tun_lens: [0; TUN_BATCH],
+        udp_in: vec![vec![0u8; GRO_BUF]; UDP_BATCH],
+        meta: vec![RecvMeta::default(); UDP_BATCH],
+        tun_out: TunWrites::with_capacity(UDP_BATCH * 4),
+        tx: Transmits::with_capacity(TUN_BATCH),
+    };
+    let poller = Poller::new(s.tun.as_raw_fd(), s.udp.as_raw_fd()).context("creating the epoll set")?;
+    let mut ready = Ready { tun: true, udp: true };
     loop {
-        let mut n = 0;
-        while n < TUN_BATCH {
-            match s.tun.read(&mut bufs[n]) {
-                Ok(len) => {
-                    lens[n] = len;
-                    n += 1;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e).context("reading from the TUN device"),
-            }
-        }
-        if n == 0 {
-            crate::udp::wait(&s.tun, libc::POLLIN).context("waiting on the TUN device")?;
-            continue;
-        }
-        {
-            let mut node = s.node();
-            let now = Instant::now();
-            for i in 0..n {
-                node.handle_tun_packet(&bufs[i][..lens[i]], &mut tx, now);
-            }
-        }
-        s.send(&tx);
-        tx.clear();
+        // Serve what woke us; keep alternating batches until both sides are
+        // drained, then sleep. After writing to the TUN, look at the TUN first:
+        // the kernel often answers at once (an echo reply, a TCP ACK), and that
+        // answer is on the latency-critical path.
+        let from_udp = ready.udp && udp_batch(s, &mut b)?;
+        let from_tun = (ready.tun || from_udp) && tun_batch(s, &mut b)?;
+        ready = if from_udp || from_tun {
+            Ready { tun: true, udp: true }
+        } else {
+            poller.wait().context("waiting for packets")?
+        };
     }
 }
 
-fn udp_to_tun(s: &Shared) -> Result<()> {
-    let mut storage = vec![vec![0u8; GRO_BUF]; UDP_BATCH];
-    let mut meta = vec![RecvMeta::default(); UDP_BATCH];
-    let mut tun_out = TunWrites::with_capacity(UDP_BATCH * 4);
-    let mut tx = Transmits::with_capacity(8);
-    loop {
-        let n = {
-            let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
-                let mut it = storage.iter_mut();
-                std::array::from_fn(|_| IoSliceMut::new(it.next().map(|b| b.as_mut_slice()).unwrap_or(&mut [])))
-            };
-            s.udp.recv_blocking(&mut slices, &mut meta).context("receiving from the UDP socket")?
-        };
-        {
-            let mut node = s.node();
-            let now = Instant::now();
-            for (m, buf) in meta[..n].iter().zip(&storage) {
-                let stride = if m.stride == 0 { m.len } else { m.stride };
-                for datagram in buf[..m.len].chunks(stride.max(1)) {
-                    node.handle_datagram(m.addr, datagram, &mut tun_out, &mut tx, now);
-                }
-            }
-            while let Some(event) = node.poll_event() {
-                log_event(&event);
-            }
-        }
-        let mut tun_failed = 0;
-        for ((), packet) in tun_out.iter() {
-            if let Err(e) = s.tun.write(packet) {
-                tracing::debug!(error = %e, "tun write failed");
-                tun_failed += 1;
-            }
-        }
-        if tun_failed > 0 {
-            let mut node = s.node();
-            for _ in 0..tun_failed {
-                node.count_drop(DropReason::TunWriteFailed);
-            }
-        }
-        tun_out.clear();
-        if !tx.is_empty() {
-            s.send(&tx);
-            tx.clear();
+/// Moves one batch TUN → encrypt → UDP; false when the TUN had nothing.
+///
+/// The first packet leaves at once, before we learn (by a read that would
+/// block) whether more are queued: a lone packet is latency-bound, and under
+/// load the rest of the batch still goes out together.
+fn tun_batch(s: &Shared, b: &mut Buffers) -> Result<bool> {
+    match read_tun(s, &mut b.tun_in[0])? {
+        None => return Ok(false),
+        Some(len) => {
+            s.node().handle_tun_packet(&b.tun_in[0][..len], &mut b.tx, Instant::now());
+            s.send(&b.tx);
+            b.tx.clear();
         }
     }
+    let mut n = 0;
+    while n < TUN_BATCH {
+        match read_tun(s, &mut b.tun_in[n])? {
+            Some(len) => {
+                b.tun_lens[n] = len;
+                n += 1;
+            }
+            None => break,
+        }
+    }
+    if n == 0 {
+        return Ok(true);
+    }
+    {
+        let mut node = s.node();
+        let now = Instant::now();
+        for i in 0..n {
+            node.handle_tun_packet(&b.tun_in[i][..b.tun_lens[i]], &mut b.tx, now);
+        }
+    }
+    s.send(&b.tx);
+    b.tx.clear();
+    Ok(true)
+}
+
+fn read_tun(s: &Shared, buf: &mut [u8]) -> Result<Option<usize>> {
+    loop {
+        match s.tun.read(buf) {
+            Ok(len) => return Ok(Some(len)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e).context("reading from the TUN device"),
+        }
+    }
+}
+
+/// Moves one batch UDP → decrypt → TUN; false when the socket had nothing.
+fn udp_batch(s: &Shared, b: &mut Buffers) -> Result<bool> {
+    let n = {
+        let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
+            let mut it = b.udp_in.iter_mut();
+            std::array::from_fn(|_| IoSliceMut::new(it.next().map(|v| v.as_mut_slice()).unwrap_or(&mut [])))
+        };
+        match s.udp.try_recv(&mut slices, &mut b.meta) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e).context("receiving from the UDP socket"),
+        }
+    };
+    {
+        let mut node = s.node();
+        let now = Instant::now();
+        for (m, buf) in b.meta[..n].iter().zip(&b.udp_in) {
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            for datagram in buf[..m.len].chunks(stride.max(1)) {
+                node.handle_datagram(m.addr, datagram, &mut b.tun_out, &mut b.tx, now);
+            }
+        }
+        while let Some(event) = node.poll_event() {
+            log_event(&event);
+        }
+    }
+    let mut tun_failed = 0;
+    for ((), packet) in b.tun_out.iter() {
+        if let Err(e) = s.tun.write(packet) {
+            tracing::debug!(error = %e, "tun write failed");
+            tun_failed += 1;
+        }
+    }
+    if tun_failed > 0 {
+        let mut node = s.node();
+        for _ in 0..tun_failed {
+            node.count_drop(DropReason::TunWriteFailed);
+        }
+    }
+    b.tun_out.clear();
+    if !b.tx.is_empty() {
+        s.send(&b.tx);
+        b.tx.clear();
+    }
+    Ok(true)
 }
 
 async fn timers(s: Arc<Shared>) -> Result<()> {

@@ -12,6 +12,7 @@ pub mod netlink;
 pub mod node;
 pub mod notify;
 pub mod packet;
+pub mod poller;
 pub mod routing;
 pub mod tun;
 pub mod udp;

@@ -17,6 +17,12 @@ pub struct Udp {
 
 const SOCKET_BUFFER: usize = 4 << 20;
 
+impl std::os::fd::AsRawFd for Udp {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
 impl Udp {
     /// Binds `[::]:port` dual-stack, or `0.0.0.0:port` where IPv6 is unavailable.
     /// The socket is non-blocking; the `*_blocking` calls wait with `poll(2)`, so
@@ -34,10 +40,7 @@ impl Udp {
         force_buffer(&sock, libc::SO_SNDBUFFORCE);
         let sock: std::net::UdpSocket = sock.into();
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
-        // Unlike QUIC, WireGuard lets the underlay fragment (as the kernel module
-        // does): an inner MTU that is too large for a path degrades into fragments
-        // instead of a blackhole.
-        allow_fragments(&sock, dual_stack);
+        tune_for_wireguard(&sock, dual_stack);
         Ok(Self { sock, state, dual_stack })
     }
 
@@ -63,9 +66,10 @@ impl Udp {
         self.state.max_gso_segments()
     }
 
-    /// Waits for and receives a batch; returns how many `meta` entries were
-    /// filled. Each entry may hold several datagrams of `meta.stride` bytes (GRO).
-    pub fn recv_blocking(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    /// Receives a batch without waiting (`WouldBlock` when none is queued);
+    /// returns how many `meta` entries were filled. Each entry may hold several
+    /// datagrams of `meta.stride` bytes (GRO).
+    pub fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
         loop {
             match self.state.recv(UdpSockRef::from(&self.sock), bufs, meta) {
                 Ok(n) => {
@@ -74,7 +78,6 @@ impl Udp {
                     }
                     return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait(&self.sock, libc::POLLIN)?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
@@ -111,10 +114,10 @@ impl Udp {
 }
 
 /// Sleeps in `poll(2)` until `fd` has `events`.
-pub fn wait(fd: &impl std::os::fd::AsRawFd, events: libc::c_short) -> io::Result<()> {
+fn wait(fd: &impl std::os::fd::AsRawFd, events: libc::c_short) -> io::Result<()> {
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
     loop {
-        // SAFETY: one valid pollfd, count 1, infinite timeout.
+        // SAFETY: one live pollfd, count 1, infinite timeout.
         let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
         if rc >= 0 {
             return Ok(());
@@ -145,7 +148,12 @@ fn force_buffer(sock: &Socket, option: libc::c_int) {
     }
 }
 
-fn allow_fragments(sock: &std::net::UdpSocket, dual_stack: bool) {
+/// Undoes the QUIC-specific options `quinn-udp` sets. Unlike QUIC, WireGuard lets
+/// the underlay fragment (as the kernel module does): an inner MTU too large for a
+/// path degrades into fragments instead of a blackhole. And the data plane needs
+/// no receive timestamps, TOS or packet-info control messages, which cost time on
+/// every datagram.
+fn tune_for_wireguard(sock: &std::net::UdpSocket, dual_stack: bool) {
     use std::os::fd::AsRawFd;
     let set = |level, name, value: libc::c_int| {
         // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
@@ -160,7 +168,12 @@ fn allow_fragments(sock: &std::net::UdpSocket, dual_stack: bool) {
         }
     };
     set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
+    set(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
+    set(libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
+    set(libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
     if dual_stack {
         set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DONT);
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
+        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
     }
 }
