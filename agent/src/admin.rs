@@ -59,7 +59,8 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
                 path.display()
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     // The umask closes the window between bind() and chmod() in which the socket
     // would otherwise exist with the default mode.
@@ -77,7 +78,9 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
 pub async fn serve(listener: UnixListener, status: impl Fn() -> Status + Send + Sync + 'static) {
     let status = std::sync::Arc::new(status);
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let status = status.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
@@ -125,7 +128,10 @@ pub fn render_table(s: &Status, now_unix: u64) -> String {
     out.push_str(&format!("  mtu: {}\n", s.interface.mtu));
     for p in &s.peers {
         out.push_str(&format!("\npeer: {} ({})\n", p.name, p.public_key));
-        out.push_str(&format!("  endpoint: {}\n", p.endpoint.as_deref().unwrap_or("(none)")));
+        out.push_str(&format!(
+            "  endpoint: {}\n",
+            p.endpoint.as_deref().unwrap_or("(none)")
+        ));
         out.push_str(&format!("  allowed ips: {}\n", p.allowed_ips.join(", ")));
         let hs = match p.latest_handshake_unix {
             Some(t) => format!("{} ago", human_duration(now_unix.saturating_sub(t))),
@@ -209,7 +215,10 @@ mod tests {
         };
         let t = render_table(&s, 1075);
         assert!(t.contains("peer: gcp-gw (KEY)"), "{t}");
-        assert!(t.contains("latest handshake: 1 minutes, 15 seconds ago"), "{t}");
+        assert!(
+            t.contains("latest handshake: 1 minutes, 15 seconds ago"),
+            "{t}"
+        );
         assert!(t.contains("transfer: 3.00 MiB received, 500 B sent"), "{t}");
         assert!(t.contains("dropped packets: replay=2\n"), "{t}");
     }

@@ -77,7 +77,11 @@ impl Transmits {
     /// last one, at most `max_segments` and 64 KiB in total. Each item is
     /// (destination, contiguous bytes, segment size).
     pub fn runs(&self, max_segments: usize) -> Runs<'_> {
-        Runs { batch: self, next: 0, max_segments: max_segments.max(1) }
+        Runs {
+            batch: self,
+            next: 0,
+            max_segments: max_segments.max(1),
+        }
     }
 }
 
@@ -138,7 +142,10 @@ mod tests {
         t.push(a, &[3u8; 100]); // starts a new run
         t.push(b, &[4u8; 100]);
         let runs: Vec<_> = t.runs(64).collect();
-        let shape: Vec<_> = runs.iter().map(|(d, bytes, seg)| (*d, bytes.len(), *seg)).collect();
+        let shape: Vec<_> = runs
+            .iter()
+            .map(|(d, bytes, seg)| (*d, bytes.len(), *seg))
+            .collect();
         assert_eq!(shape, vec![(a, 340, 100), (a, 100, 100), (b, 100, 100)]);
         assert_eq!(t.runs(2).count(), 4);
         t.clear();

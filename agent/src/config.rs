@@ -133,7 +133,10 @@ impl Config {
         let interface = v.interface(&raw.interface)?;
         let metrics_listen = v.socket_addr(
             "metrics.listen",
-            raw.metrics.listen.as_deref().unwrap_or(DEFAULT_METRICS_LISTEN),
+            raw.metrics
+                .listen
+                .as_deref()
+                .unwrap_or(DEFAULT_METRICS_LISTEN),
         )?;
         let admin_socket = v.abs_path(
             "admin.socket",
@@ -186,7 +189,12 @@ impl fmt::Display for Quoted<'_> {
 }
 
 impl Validator<'_> {
-    fn invalid(&self, key: &str, value: impl fmt::Display, problem: impl Into<String>) -> ConfigError {
+    fn invalid(
+        &self,
+        key: &str,
+        value: impl fmt::Display,
+        problem: impl Into<String>,
+    ) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
             key: key.to_string(),
@@ -196,7 +204,10 @@ impl Validator<'_> {
     }
 
     fn interface(&self, raw: &RawInterface) -> Result<Interface, ConfigError> {
-        let name = raw.name.clone().unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
+        let name = raw
+            .name
+            .clone()
+            .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
         let name_ok = !name.is_empty()
             && name.len() <= 15
             && name
@@ -213,13 +224,11 @@ impl Validator<'_> {
         let mtu = match raw.mtu {
             None => DEFAULT_MTU,
             Some(m) if (1280..=9000).contains(&m) => m as u16,
-            Some(m) => {
-                return Err(self.invalid(
-                    "interface.mtu",
-                    m,
-                    "expected 1280..=9000 (1420 fits a 1500-byte underlay; IPv6 needs at least 1280)",
-                ))
-            }
+            Some(m) => return Err(self.invalid(
+                "interface.mtu",
+                m,
+                "expected 1280..=9000 (1420 fits a 1500-byte underlay; IPv6 needs at least 1280)",
+            )),
         };
         let address = self.cidr("interface.address", &raw.address)?;
         let private_key_file = PathBuf::from(&raw.private_key_file);
@@ -238,7 +247,9 @@ impl Validator<'_> {
         match value {
             None => Ok(DEFAULT_LISTEN_PORT),
             Some(p) if (1..=65535).contains(&p) => Ok(p as u16),
-            Some(p) => Err(self.invalid(key, p, "expected a UDP port in 1..=65535 (default 51820)")),
+            Some(p) => {
+                Err(self.invalid(key, p, "expected a UDP port in 1..=65535 (default 51820)"))
+            }
         }
     }
 
@@ -263,9 +274,8 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            self.invalid(key, &shown, format!("cannot read the key file: {e}"))
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| self.invalid(key, &shown, format!("cannot read the key file: {e}")))?;
         PrivateKey::from_base64(&text).map_err(|e| {
             self.invalid(
                 key,
@@ -339,13 +349,11 @@ impl Validator<'_> {
         let persistent_keepalive = match raw.persistent_keepalive {
             None | Some(0) => None,
             Some(s) if (1..=65535).contains(&s) => Some(s as u16),
-            Some(s) => {
-                return Err(self.invalid(
-                    &format!("{at}.persistent_keepalive"),
-                    s,
-                    "expected seconds in 0..=65535 (0 or absent disables; 25 keeps NAT mappings alive)",
-                ))
-            }
+            Some(s) => return Err(self.invalid(
+                &format!("{at}.persistent_keepalive"),
+                s,
+                "expected seconds in 0..=65535 (0 or absent disables; 25 keeps NAT mappings alive)",
+            )),
         };
         Ok(PeerSpec {
             name: raw.name.clone(),
@@ -359,7 +367,11 @@ impl Validator<'_> {
     /// The cross-field rules, shared with controller-provided netmaps.
     fn netmap_invariants(&self, config: &Config) -> Result<(), ConfigError> {
         let at = |name: &str| {
-            let i = config.peers.iter().position(|p| p.name == name).unwrap_or(0);
+            let i = config
+                .peers
+                .iter()
+                .position(|p| p.name == name)
+                .unwrap_or(0);
             format!("peers[{i}] ({name:?})")
         };
         if let Err(e) = config.netmap().validate() {
@@ -415,7 +427,8 @@ mod tests {
     }
 
     fn fixture(tag: &str) -> Fixture {
-        let dir = std::env::temp_dir().join(format!("skymesh-config-test-{}-{tag}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("skymesh-config-test-{}-{tag}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("tmp dir");
         let key = dir.join("private.key");
         let mut f = std::fs::File::create(&key).expect("key file");
@@ -449,7 +462,12 @@ mod tests {
         let fx = fixture("valid");
         let cfg = Config::parse(
             &fx.dir.join("a.toml"),
-            &text(&fx, "", &(peer("\"100.96.0.2/32\", \"10.10.0.0/16\"") + "endpoint = \"198.51.100.7:51820\"\npersistent_keepalive = 25\n")),
+            &text(
+                &fx,
+                "",
+                &(peer("\"100.96.0.2/32\", \"10.10.0.0/16\"")
+                    + "endpoint = \"198.51.100.7:51820\"\npersistent_keepalive = 25\n"),
+            ),
         )
         .expect("valid");
         assert_eq!(cfg.interface.name, "skymesh0");
@@ -459,7 +477,10 @@ mod tests {
         let map = cfg.netmap();
         assert_eq!(map.peers.len(), 1);
         assert_eq!(map.peers[0].persistent_keepalive, Some(25));
-        assert_eq!(map.peers[0].endpoint, Some("198.51.100.7:51820".parse().expect("addr")));
+        assert_eq!(
+            map.peers[0].endpoint,
+            Some("198.51.100.7:51820".parse().expect("addr"))
+        );
         assert!(!format!("{cfg:?}").contains(&cfg.interface.private_key.to_base64()));
     }
 
@@ -468,22 +489,69 @@ mod tests {
         let fx = fixture("bad");
         let file = fx.dir.join("agent.toml").display().to_string();
         let cases: Vec<(String, &[&str])> = vec![
-            (err(&fx, "colour = \"blue\"", ""), &["unknown field `colour`", "colour = \"blue\""]),
-            (err(&fx, "listen_port = 70000", ""), &["interface.listen_port = 70000", "1..=65535"]),
-            (err(&fx, "listen_port = 0", ""), &["interface.listen_port = 0"]),
-            (err(&fx, "", &peer("\"10.0.0.0/33\"")), &["allowed_ips[0] = \"10.0.0.0/33\"", "not a valid CIDR"]),
-            (err(&fx, "", &peer("\"nonsense\"")), &["allowed_ips[0] = \"nonsense\""]),
-            (err(&fx, "", &peer("\"10.0.0.1/16\"")), &["\"10.0.0.1/16\"", "did you mean \"10.0.0.0/16\""]),
-            (err(&fx, "", &peer("\"10.0.0.0/16\"").replace(PEER_KEY, "short")), &["public_key = \"short\"", "base64"]),
-            (err(&fx, "", &(peer("\"10.0.0.0/16\"") + "endpoint = \"example\"\n")), &["endpoint = \"example\"", "IP:PORT"]),
-            (err(&fx, "", &(peer("\"10.0.0.0/16\"") + "mystery = 1\n")), &["unknown field `mystery`"]),
             (
-                err(&fx, "", &(peer("\"10.0.0.0/16\"") + &peer("\"10.0.128.0/17\"").replace("gcp-gw", "az-gw").replace(PEER_KEY, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo="))),
-                &["peers[1] (\"az-gw\").allowed_ips = \"10.0.128.0/17\"", "overlaps 10.0.0.0/16 of peer \"gcp-gw\""],
+                err(&fx, "colour = \"blue\"", ""),
+                &["unknown field `colour`", "colour = \"blue\""],
             ),
-            (err(&fx, "", &peer("\"100.96.0.0/24\"")), &["interface.address", "inside 100.96.0.0/24"]),
+            (
+                err(&fx, "listen_port = 70000", ""),
+                &["interface.listen_port = 70000", "1..=65535"],
+            ),
+            (
+                err(&fx, "listen_port = 0", ""),
+                &["interface.listen_port = 0"],
+            ),
+            (
+                err(&fx, "", &peer("\"10.0.0.0/33\"")),
+                &["allowed_ips[0] = \"10.0.0.0/33\"", "not a valid CIDR"],
+            ),
+            (
+                err(&fx, "", &peer("\"nonsense\"")),
+                &["allowed_ips[0] = \"nonsense\""],
+            ),
+            (
+                err(&fx, "", &peer("\"10.0.0.1/16\"")),
+                &["\"10.0.0.1/16\"", "did you mean \"10.0.0.0/16\""],
+            ),
+            (
+                err(&fx, "", &peer("\"10.0.0.0/16\"").replace(PEER_KEY, "short")),
+                &["public_key = \"short\"", "base64"],
+            ),
+            (
+                err(
+                    &fx,
+                    "",
+                    &(peer("\"10.0.0.0/16\"") + "endpoint = \"example\"\n"),
+                ),
+                &["endpoint = \"example\"", "IP:PORT"],
+            ),
+            (
+                err(&fx, "", &(peer("\"10.0.0.0/16\"") + "mystery = 1\n")),
+                &["unknown field `mystery`"],
+            ),
+            (
+                err(
+                    &fx,
+                    "",
+                    &(peer("\"10.0.0.0/16\"")
+                        + &peer("\"10.0.128.0/17\"")
+                            .replace("gcp-gw", "az-gw")
+                            .replace(PEER_KEY, "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=")),
+                ),
+                &[
+                    "peers[1] (\"az-gw\").allowed_ips = \"10.0.128.0/17\"",
+                    "overlaps 10.0.0.0/16 of peer \"gcp-gw\"",
+                ],
+            ),
+            (
+                err(&fx, "", &peer("\"100.96.0.0/24\"")),
+                &["interface.address", "inside 100.96.0.0/24"],
+            ),
             (err(&fx, "mtu = 100", ""), &["interface.mtu = 100"]),
-            (err(&fx, "name = \"much-too-long-name0\"", ""), &["interface.name"]),
+            (
+                err(&fx, "name = \"much-too-long-name0\"", ""),
+                &["interface.name"],
+            ),
         ];
         for (msg, needles) in cases {
             assert!(msg.starts_with(&file), "message must name the file: {msg}");
@@ -493,20 +561,45 @@ mod tests {
         }
     }
 
+    /// The documented example must stay valid (only its key path is local).
+    #[test]
+    fn example_config_is_valid() {
+        let fx = fixture("example");
+        let example = include_str!("../../configs/agent.example.toml").replace(
+            "/var/lib/skymesh/private.key",
+            &fx.key.display().to_string(),
+        );
+        let cfg = Config::parse(Path::new("configs/agent.example.toml"), &example)
+            .expect("example config");
+        assert_eq!(cfg.peers[0].name, "gcp-gw");
+        assert_eq!(cfg.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
+    }
+
     #[test]
     fn key_file_problems_are_named() {
         let fx = fixture("keys");
         let file = fx.dir.join("agent.toml");
         let missing = text(&fx, "", "").replace("private.key", "missing.key");
-        let e = Config::parse(&file, &missing).expect_err("missing key").to_string();
-        assert!(e.contains("interface.private_key_file") && e.contains("missing.key") && e.contains("genkey"), "{e}");
+        let e = Config::parse(&file, &missing)
+            .expect_err("missing key")
+            .to_string();
+        assert!(
+            e.contains("interface.private_key_file")
+                && e.contains("missing.key")
+                && e.contains("genkey"),
+            "{e}"
+        );
 
         std::fs::write(&fx.key, "not a key\n").expect("write");
-        let e = Config::parse(&file, &text(&fx, "", "")).expect_err("bad key").to_string();
+        let e = Config::parse(&file, &text(&fx, "", ""))
+            .expect_err("bad key")
+            .to_string();
         assert!(e.contains("does not hold a WireGuard private key"), "{e}");
 
         std::fs::set_permissions(&fx.key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = Config::parse(&file, &text(&fx, "", "")).expect_err("open key").to_string();
+        let e = Config::parse(&file, &text(&fx, "", ""))
+            .expect_err("open key")
+            .to_string();
         assert!(e.contains("chmod 600"), "{e}");
     }
 }

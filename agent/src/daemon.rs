@@ -80,7 +80,10 @@ impl Shared {
                 mtu: self.config.interface.mtu,
             },
             peers,
-            drops: node.drops().map(|(r, n)| (r.label().to_string(), n)).collect(),
+            drops: node
+                .drops()
+                .map(|(r, n)| (r.label().to_string(), n))
+                .collect(),
             handshake_cookie_replies: node.cookie_replies(),
         }
     }
@@ -146,7 +149,12 @@ pub async fn run(config: Config) -> Result<()> {
     let admin_listener = admin::bind(&config.admin_socket).await?;
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
-        .with_context(|| format!("binding metrics listener {} ([metrics] listen)", config.metrics_listen))?;
+        .with_context(|| {
+            format!(
+                "binding metrics listener {} ([metrics] listen)",
+                config.metrics_listen
+            )
+        })?;
 
     let shared = Arc::new(Shared {
         node: Mutex::new(node),
@@ -198,14 +206,19 @@ pub async fn run(config: Config) -> Result<()> {
                 let s = s.clone();
                 async move {
                     (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
                         metrics::render(&s.status()),
                     )
                 }
             }),
         );
         tasks.spawn(async move {
-            axum::serve(metrics_listener, app).await.context("metrics server")
+            axum::serve(metrics_listener, app)
+                .await
+                .context("metrics server")
         });
     }
     notify("READY=1");
@@ -265,8 +278,12 @@ fn dataplane(s: &Shared) -> Result<()> {
         tun_out: TunWrites::with_capacity(UDP_BATCH * 4),
         tx: Transmits::with_capacity(TUN_BATCH),
     };
-    let poller = Poller::new(s.tun.as_raw_fd(), s.udp.as_raw_fd()).context("creating the epoll set")?;
-    let mut ready = Ready { tun: true, udp: true };
+    let poller =
+        Poller::new(s.tun.as_raw_fd(), s.udp.as_raw_fd()).context("creating the epoll set")?;
+    let mut ready = Ready {
+        tun: true,
+        udp: true,
+    };
     loop {
         // Serve what woke us; keep alternating batches until both sides are
         // drained, then sleep. After writing to the TUN, look at the TUN first:
@@ -275,7 +292,10 @@ fn dataplane(s: &Shared) -> Result<()> {
         let from_udp = ready.udp && udp_batch(s, &mut b)?;
         let from_tun = (ready.tun || from_udp) && tun_batch(s, &mut b)?;
         ready = if from_udp || from_tun {
-            Ready { tun: true, udp: true }
+            Ready {
+                tun: true,
+                udp: true,
+            }
         } else {
             poller.wait().context("waiting for packets")?
         };
@@ -291,7 +311,8 @@ fn tun_batch(s: &Shared, b: &mut Buffers) -> Result<bool> {
     match read_tun(s, &mut b.tun_in[0])? {
         None => return Ok(false),
         Some(len) => {
-            s.node().handle_tun_packet(&b.tun_in[0][..len], &mut b.tx, Instant::now());
+            s.node()
+                .handle_tun_packet(&b.tun_in[0][..len], &mut b.tx, Instant::now());
             s.send(&b.tx);
             b.tx.clear();
         }
@@ -337,7 +358,9 @@ fn udp_batch(s: &Shared, b: &mut Buffers) -> Result<bool> {
     let n = {
         let mut slices: [IoSliceMut<'_>; UDP_BATCH] = {
             let mut it = b.udp_in.iter_mut();
-            std::array::from_fn(|_| IoSliceMut::new(it.next().map(|v| v.as_mut_slice()).unwrap_or(&mut [])))
+            std::array::from_fn(|_| {
+                IoSliceMut::new(it.next().map(|v| v.as_mut_slice()).unwrap_or(&mut []))
+            })
         };
         match s.udp.try_recv(&mut slices, &mut b.meta) {
             Ok(n) => n,

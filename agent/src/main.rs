@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "skymesh-agent", version, about = "skymesh gateway agent: userspace WireGuard mesh on a TUN device")]
+#[command(
+    name = "skymesh-agent",
+    version,
+    about = "skymesh gateway agent: userspace WireGuard mesh on a TUN device"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

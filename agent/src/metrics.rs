@@ -21,7 +21,10 @@ pub fn render(status: &Status) -> String {
 
     let build = Family::<Labels, Gauge>::default();
     build
-        .get_or_create(&vec![("version".to_string(), env!("CARGO_PKG_VERSION").to_string())])
+        .get_or_create(&vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )])
         .set(1);
     registry.register("build_info", "skymesh-agent build information", build);
 
@@ -40,10 +43,26 @@ pub fn render(status: &Status) -> String {
             .get_or_create(&l)
             .set(p.latest_handshake_unix.map(|t| t as f64).unwrap_or(0.0));
     }
-    registry.register("peer_rx_bytes", "WireGuard bytes received from the peer", rx_bytes);
-    registry.register("peer_tx_bytes", "WireGuard bytes sent to the peer", tx_bytes);
-    registry.register("peer_rx_packets", "WireGuard data packets received from the peer", rx_packets);
-    registry.register("peer_tx_packets", "WireGuard data packets sent to the peer", tx_packets);
+    registry.register(
+        "peer_rx_bytes",
+        "WireGuard bytes received from the peer",
+        rx_bytes,
+    );
+    registry.register(
+        "peer_tx_bytes",
+        "WireGuard bytes sent to the peer",
+        tx_bytes,
+    );
+    registry.register(
+        "peer_rx_packets",
+        "WireGuard data packets received from the peer",
+        rx_packets,
+    );
+    registry.register(
+        "peer_tx_packets",
+        "WireGuard data packets sent to the peer",
+        tx_packets,
+    );
     registry.register(
         "peer_last_handshake_timestamp_seconds",
         "Unix time of the last completed handshake with the peer (0: never)",
@@ -116,7 +135,10 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
-        for l in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for l in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             assert!(l.starts_with("skymesh_"), "{l}");
         }
     }

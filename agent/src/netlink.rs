@@ -4,8 +4,8 @@
 use anyhow::{anyhow, Context, Result};
 use futures::TryStreamExt;
 use ipnet::IpNet;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, LinkAttribute};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::net::IpAddr;
 
 pub struct Netlink {
@@ -21,7 +21,12 @@ impl Netlink {
     }
 
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>> {
-        let mut links = self.handle.link().get().match_name(name.to_string()).execute();
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
         match links.try_next().await {
             Ok(Some(link)) => Ok(Some(link.header.index)),
             Ok(None) => Ok(None),
@@ -35,7 +40,12 @@ impl Netlink {
     pub async fn configure(&self, index: u32, address: IpNet, mtu: u16) -> Result<()> {
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(index).mtu(u32::from(mtu)).txqueuelen(1000).build())
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .mtu(u32::from(mtu))
+                    .txqueuelen(1000)
+                    .build(),
+            )
             .execute()
             .await
             .context("setting the MTU")?;
@@ -43,9 +53,9 @@ impl Netlink {
         // sends no router solicitations or MLD reports into the tunnel. Best effort:
         // a kernel without IPv6 refuses it and that is fine.
         let no_ll = LinkUnspec::new_with_index(index)
-            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(vec![
-                AfSpecInet6::AddrGenMode(In6AddrGenMode::None),
-            ])]))
+            .append_extra_attribute(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::None)],
+            )]))
             .build();
         if let Err(e) = self.handle.link().set(no_ll).execute().await {
             tracing::debug!(error = %e, "could not disable IPv6 link-local addressing");

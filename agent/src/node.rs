@@ -272,7 +272,9 @@ impl Node {
         for spec in &map.peers {
             match self.by_key.get(&spec.public_key).copied() {
                 Some(id) => {
-                    let Some(peer) = self.peers[id.0].as_mut() else { continue };
+                    let Some(peer) = self.peers[id.0].as_mut() else {
+                        continue;
+                    };
                     if peer.spec != *spec {
                         diff.peers_updated.push(spec.name.clone());
                         if spec.endpoint.is_some() && spec.endpoint != peer.spec.endpoint {
@@ -339,8 +341,17 @@ impl Node {
                 }
             }
         }
-        diff.routes_added = new_routes.iter().filter(|n| !old_routes.contains(n)).copied().collect();
-        diff.routes_removed.extend(old_routes.iter().filter(|n| !new_routes.contains(n)).copied());
+        diff.routes_added = new_routes
+            .iter()
+            .filter(|n| !old_routes.contains(n))
+            .copied()
+            .collect();
+        diff.routes_removed.extend(
+            old_routes
+                .iter()
+                .filter(|n| !new_routes.contains(n))
+                .copied(),
+        );
         self.next_tick = self.next_tick.min(now);
         Ok(diff)
     }
@@ -364,7 +375,9 @@ impl Node {
             self.count_drop(DropReason::NoRoute);
             return;
         };
-        let Some(peer) = self.peers[id.0].as_mut() else { return };
+        let Some(peer) = self.peers[id.0].as_mut() else {
+            return;
+        };
         let slot = out.spare((ip_packet.len() + DATA_OVERHEAD + 16).max(MIN_SLOT));
         let drop = match peer.tunn.encapsulate(ip_packet, slot) {
             TunnResult::WriteToNetwork(msg) => {
@@ -410,21 +423,28 @@ impl Node {
                 // mac1 check and, under load, the cookie dance happen before the
                 // expensive DH that identifies the peer.
                 let mut cookie = [0u8; 64];
-                match self.limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
+                match self
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
                     Ok(_) => {}
                     Err(TunnResult::WriteToNetwork(reply)) => {
                         out.push(from, reply);
                         self.cookie_replies += 1;
                         return;
                     }
-                    Err(TunnResult::Err(e)) => return self.count_drop(DropReason::from_wireguard(&e)),
+                    Err(TunnResult::Err(e)) => {
+                        return self.count_drop(DropReason::from_wireguard(&e))
+                    }
                     Err(_) => return self.count_drop(DropReason::Unexpected),
                 }
                 let half = match parse_handshake_anon(self.key.secret(), &self.public, init) {
                     Ok(h) => h,
                     Err(e) => return self.count_drop(DropReason::from_wireguard(&e)),
                 };
-                self.by_key.get(&PublicKey::from_bytes(half.peer_static_public)).copied()
+                self.by_key
+                    .get(&PublicKey::from_bytes(half.peer_static_public))
+                    .copied()
             }
             Packet::HandshakeResponse(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
             Packet::PacketCookieReply(p) => self.by_index.get(&(p.receiver_idx >> 8)).copied(),
@@ -470,7 +490,8 @@ impl Node {
             TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
                 let len = inner.len();
                 // Cryptokey routing: the inner source must route back to this peer.
-                let allowed = packet::source(inner).and_then(|src| self.routes.lookup(src)) == Some(id);
+                let allowed =
+                    packet::source(inner).and_then(|src| self.routes.lookup(src)) == Some(id);
                 if allowed {
                     tun.commit((), len);
                 } else {
@@ -533,7 +554,9 @@ impl Node {
             if let Some(peer) = self.peers[id.0].as_mut() {
                 if let Some(ep) = peer.endpoint {
                     let slot = out.spare(MIN_SLOT);
-                    if let TunnResult::WriteToNetwork(msg) = peer.tunn.format_handshake_initiation(slot, false) {
+                    if let TunnResult::WriteToNetwork(msg) =
+                        peer.tunn.format_handshake_initiation(slot, false)
+                    {
                         let len = msg.len();
                         peer.counters.tx_bytes += len as u64;
                         out.commit(ep, len);
@@ -564,7 +587,9 @@ impl Node {
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
-                    self.events.push_back(Event::SessionExpired { peer: peer.spec.name.clone() });
+                    self.events.push_back(Event::SessionExpired {
+                        peer: peer.spec.name.clone(),
+                    });
                 }
                 _ => {}
             }
@@ -644,7 +669,13 @@ mod tests {
         now: Instant,
     }
 
-    fn spec(name: &str, key: PublicKey, endpoint: Option<&str>, ips: &[&str], keepalive: Option<u16>) -> PeerSpec {
+    fn spec(
+        name: &str,
+        key: PublicKey,
+        endpoint: Option<&str>,
+        ips: &[&str],
+        keepalive: Option<u16>,
+    ) -> PeerSpec {
         PeerSpec {
             name: name.into(),
             public_key: key,
@@ -666,19 +697,46 @@ mod tests {
     /// Two nodes: A knows B's endpoint, B learns A's from its packets.
     fn pair() -> Pair {
         let now = Instant::now();
-        let (ka, kb) = (PrivateKey::from_bytes([1; 32]), PrivateKey::from_bytes([2; 32]));
+        let (ka, kb) = (
+            PrivateKey::from_bytes([1; 32]),
+            PrivateKey::from_bytes([2; 32]),
+        );
         let (pa, pb) = (ka.public_key(), kb.public_key());
         let mut a = Node::new(ka, 1, now);
         let mut b = Node::new(kb, 2, now);
-        a.apply(&map("100.96.0.1/32", vec![spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32", "10.10.0.0/16"], None)]), now)
-            .expect("apply a");
-        b.apply(&map("100.96.0.2/32", vec![spec("a", pa, None, &["100.96.0.1/32", "10.0.0.0/16"], None)]), now)
-            .expect("apply b");
+        a.apply(
+            &map(
+                "100.96.0.1/32",
+                vec![spec(
+                    "b",
+                    pb,
+                    Some(B_UNDERLAY),
+                    &["100.96.0.2/32", "10.10.0.0/16"],
+                    None,
+                )],
+            ),
+            now,
+        )
+        .expect("apply a");
+        b.apply(
+            &map(
+                "100.96.0.2/32",
+                vec![spec("a", pa, None, &["100.96.0.1/32", "10.0.0.0/16"], None)],
+            ),
+            now,
+        )
+        .expect("apply b");
         Pair { a, b, now }
     }
 
     /// Delivers everything in `out` from `from_addr` to `to`; returns what `to` wrote to its TUN.
-    fn deliver(to: &mut Node, from_addr: &str, out: &Transmits, replies: &mut Transmits, now: Instant) -> Vec<Vec<u8>> {
+    fn deliver(
+        to: &mut Node,
+        from_addr: &str,
+        out: &Transmits,
+        replies: &mut Transmits,
+        now: Instant,
+    ) -> Vec<Vec<u8>> {
         let mut tun = TunWrites::with_capacity(4);
         for (_, d) in out.iter() {
             to.handle_datagram(sock(from_addr), d, &mut tun, replies, now);
@@ -687,7 +745,10 @@ mod tests {
     }
 
     fn drops_of(n: &Node, reason: DropReason) -> u64 {
-        n.drops().find(|(r, _)| *r == reason).map(|(_, c)| c).unwrap_or(0)
+        n.drops()
+            .find(|(r, _)| *r == reason)
+            .map(|(_, c)| c)
+            .unwrap_or(0)
     }
 
     /// Runs the handshake triggered by A's first packet; returns the packet B received.
@@ -702,7 +763,11 @@ mod tests {
         let mut b_out = Transmits::with_capacity(4);
         assert!(deliver(&mut p.b, A_UNDERLAY, &a_out, &mut b_out, p.now).is_empty());
         let (dst, resp) = b_out.iter().next().expect("response");
-        assert_eq!(dst, sock(A_UNDERLAY), "B answers where the initiation came from");
+        assert_eq!(
+            dst,
+            sock(A_UNDERLAY),
+            "B answers where the initiation came from"
+        );
         assert_eq!(resp[0], 2);
         let mut a_out2 = Transmits::with_capacity(4);
         deliver(&mut p.a, B_UNDERLAY, &b_out, &mut a_out2, p.now);
@@ -716,21 +781,45 @@ mod tests {
     fn handshake_then_data_reaches_the_peer_tun() {
         let mut p = pair();
         let got = first_packet(&mut p, b"hello");
-        assert_eq!(got, vec![ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"hello")]);
+        assert_eq!(
+            got,
+            vec![ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"hello")]
+        );
         let b_peer = &p.b.peers()[0];
-        assert_eq!(b_peer.endpoint, Some(sock(A_UNDERLAY)), "B learned A's endpoint");
+        assert_eq!(
+            b_peer.endpoint,
+            Some(sock(A_UNDERLAY)),
+            "B learned A's endpoint"
+        );
         assert_eq!(b_peer.counters.rx_packets, 2);
         assert!(b_peer.since_handshake.is_some());
-        assert_eq!(p.b.poll_event(), Some(Event::EndpointChanged { peer: "a".into(), from: None, to: sock(A_UNDERLAY) }));
+        assert_eq!(
+            p.b.poll_event(),
+            Some(Event::EndpointChanged {
+                peer: "a".into(),
+                from: None,
+                to: sock(A_UNDERLAY)
+            })
+        );
 
         // Later packets go straight out as data, and back the other way too.
         let mut out = Transmits::with_capacity(4);
         let back = ipv4_packet(ip("10.0.3.4"), ip("100.96.0.2"), b"x");
-        p.b.handle_tun_packet(&ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply"), &mut out, p.now);
-        assert_eq!(out.iter().next().map(|(d, m)| (d, m[0])), Some((sock(A_UNDERLAY), MSG_DATA)));
+        p.b.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply"),
+            &mut out,
+            p.now,
+        );
+        assert_eq!(
+            out.iter().next().map(|(d, m)| (d, m[0])),
+            Some((sock(A_UNDERLAY), MSG_DATA))
+        );
         let mut sink = Transmits::with_capacity(1);
         let got = deliver(&mut p.a, B_UNDERLAY, &out, &mut sink, p.now);
-        assert_eq!(got, vec![ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply")]);
+        assert_eq!(
+            got,
+            vec![ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply")]
+        );
         drop(back);
     }
 
@@ -740,7 +829,11 @@ mod tests {
         first_packet(&mut p, b"hi");
         // A sends with a source B does not accept from A (10.99/16 is nobody's).
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("10.99.0.1"), ip("10.10.0.5"), b"spoof"), &mut out, p.now);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("10.99.0.1"), ip("10.10.0.5"), b"spoof"),
+            &mut out,
+            p.now,
+        );
         let mut sink = Transmits::with_capacity(1);
         assert!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).is_empty());
         assert_eq!(drops_of(&p.b, DropReason::SourceNotAllowed), 1);
@@ -751,25 +844,54 @@ mod tests {
         let mut p = pair();
         first_packet(&mut p, b"hi");
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"once"), &mut out, p.now);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"once"),
+            &mut out,
+            p.now,
+        );
         let mut sink = Transmits::with_capacity(1);
-        assert_eq!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(), 1);
+        assert_eq!(
+            deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(),
+            1
+        );
         // The same datagram again, from another address: dropped, endpoint unchanged.
         assert!(deliver(&mut p.b, "203.0.113.9:4444", &out, &mut sink, p.now).is_empty());
         assert_eq!(drops_of(&p.b, DropReason::Replay), 1);
         assert_eq!(p.b.peers()[0].endpoint, Some(sock(A_UNDERLAY)));
 
         let mut tun = TunWrites::with_capacity(1);
-        for garbage in [&b""[..], b"\x01", b"\x04\0\0\0garbage", &[0xff; 200], &[4, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]] {
-            p.b.handle_datagram(sock("203.0.113.9:4444"), garbage, &mut tun, &mut sink, p.now);
+        for garbage in [
+            &b""[..],
+            b"\x01",
+            b"\x04\0\0\0garbage",
+            &[0xff; 200],
+            &[
+                4, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+                12, 13, 14, 15, 16,
+            ],
+        ] {
+            p.b.handle_datagram(
+                sock("203.0.113.9:4444"),
+                garbage,
+                &mut tun,
+                &mut sink,
+                p.now,
+            );
         }
         assert!(tun.is_empty());
         assert!(drops_of(&p.b, DropReason::Malformed) >= 3);
         assert!(drops_of(&p.b, DropReason::UnknownPeer) >= 1);
         // The tunnel still works.
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"after"), &mut out, p.now);
-        assert_eq!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(), 1);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"after"),
+            &mut out,
+            p.now,
+        );
+        assert_eq!(
+            deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(),
+            1
+        );
     }
 
     #[test]
@@ -777,9 +899,16 @@ mod tests {
         let mut p = pair();
         first_packet(&mut p, b"hi");
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"moved"), &mut out, p.now);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"moved"),
+            &mut out,
+            p.now,
+        );
         let mut sink = Transmits::with_capacity(1);
-        assert_eq!(deliver(&mut p.b, "198.51.100.50:40000", &out, &mut sink, p.now).len(), 1);
+        assert_eq!(
+            deliver(&mut p.b, "198.51.100.50:40000", &out, &mut sink, p.now).len(),
+            1
+        );
         assert_eq!(p.b.peers()[0].endpoint, Some(sock("198.51.100.50:40000")));
     }
 
@@ -787,11 +916,19 @@ mod tests {
     fn no_route_and_no_endpoint_are_counted() {
         let mut p = pair();
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("10.50.0.1"), b"x"), &mut out, p.now);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.1"), ip("10.50.0.1"), b"x"),
+            &mut out,
+            p.now,
+        );
         assert!(out.is_empty());
         assert_eq!(drops_of(&p.a, DropReason::NoRoute), 1);
         // B does not know where A is until A speaks first.
-        p.b.handle_tun_packet(&ipv4_packet(ip("100.96.0.2"), ip("100.96.0.1"), b"x"), &mut out, p.now);
+        p.b.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.2"), ip("100.96.0.1"), b"x"),
+            &mut out,
+            p.now,
+        );
         assert!(out.is_empty());
         assert_eq!(drops_of(&p.b, DropReason::NoEndpoint), 1);
     }
@@ -802,33 +939,54 @@ mod tests {
         first_packet(&mut p, b"hi");
         let pb = PrivateKey::from_bytes([2; 32]).public_key();
         let pc = PrivateKey::from_bytes([3; 32]).public_key();
-        let diff = p
-            .a
-            .apply(
+        let diff =
+            p.a.apply(
                 &map(
                     "100.96.0.1/32",
                     vec![
-                        spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32", "10.10.0.0/16", "10.11.0.0/16"], None),
+                        spec(
+                            "b",
+                            pb,
+                            Some(B_UNDERLAY),
+                            &["100.96.0.2/32", "10.10.0.0/16", "10.11.0.0/16"],
+                            None,
+                        ),
                         spec("c", pc, None, &["100.96.0.3/32"], None),
                     ],
                 ),
                 p.now,
             )
             .expect("apply");
-        assert_eq!(diff.routes_added, vec!["10.11.0.0/16".parse().expect("cidr"), "100.96.0.3/32".parse().expect("cidr")]);
+        assert_eq!(
+            diff.routes_added,
+            vec![
+                "10.11.0.0/16".parse().expect("cidr"),
+                "100.96.0.3/32".parse().expect("cidr")
+            ]
+        );
         assert!(diff.routes_removed.is_empty());
         assert_eq!(diff.peers_added, vec!["c".to_string()]);
         assert_eq!(diff.peers_updated, vec!["b".to_string()]);
         // The session with B survived: the next packet is data, not a new handshake.
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("10.11.0.9"), b"x"), &mut out, p.now);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.1"), ip("10.11.0.9"), b"x"),
+            &mut out,
+            p.now,
+        );
         assert_eq!(out.iter().next().map(|(_, m)| m[0]), Some(MSG_DATA));
 
-        let diff = p.a.apply(&map("100.96.0.1/32", vec![]), p.now).expect("apply");
+        let diff =
+            p.a.apply(&map("100.96.0.1/32", vec![]), p.now)
+                .expect("apply");
         assert_eq!(diff.peers_removed.len(), 2);
         assert_eq!(diff.routes_removed.len(), 4);
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(&ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"x"), &mut out, p.now);
+        p.a.handle_tun_packet(
+            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"x"),
+            &mut out,
+            p.now,
+        );
         assert_eq!(drops_of(&p.a, DropReason::NoRoute), 1);
     }
 
@@ -838,12 +996,27 @@ mod tests {
         let ka = PrivateKey::from_bytes([1; 32]);
         let pb = PrivateKey::from_bytes([2; 32]).public_key();
         let mut a = Node::new(ka, 7, now);
-        a.apply(&map("100.96.0.1/32", vec![spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32"], Some(25))]), now)
-            .expect("apply");
+        a.apply(
+            &map(
+                "100.96.0.1/32",
+                vec![spec(
+                    "b",
+                    pb,
+                    Some(B_UNDERLAY),
+                    &["100.96.0.2/32"],
+                    Some(25),
+                )],
+            ),
+            now,
+        )
+        .expect("apply");
         assert!(a.poll_timeout() <= now, "due at once");
         let mut out = Transmits::with_capacity(2);
         a.handle_timeout(now, &mut out);
-        assert_eq!(out.iter().next().map(|(d, m)| (d, m[0])), Some((sock(B_UNDERLAY), 1)));
+        assert_eq!(
+            out.iter().next().map(|(d, m)| (d, m[0])),
+            Some((sock(B_UNDERLAY), 1))
+        );
         assert_eq!(a.poll_timeout(), now + TIMER_TICK);
         out.clear();
         a.handle_timeout(now + Duration::from_millis(100), &mut out);
@@ -856,8 +1029,14 @@ mod tests {
         let kb = PrivateKey::from_bytes([2; 32]);
         let pa = PrivateKey::from_bytes([1; 32]).public_key();
         let mut b = Node::new(kb.clone(), 2, now);
-        b.apply(&map("100.96.0.2/32", vec![spec("a", pa, None, &["100.96.0.1/32"], None)]), now)
-            .expect("apply");
+        b.apply(
+            &map(
+                "100.96.0.2/32",
+                vec![spec("a", pa, None, &["100.96.0.1/32"], None)],
+            ),
+            now,
+        )
+        .expect("apply");
         let mut attacker = Tunn::new(
             PrivateKey::from_bytes([1; 32]).secret().clone(),
             XPublic::from(*kb.public_key().as_bytes()),
@@ -870,7 +1049,9 @@ mod tests {
         let mut out = Transmits::with_capacity(8);
         let mut buf = [0u8; 256];
         for _ in 0..(HANDSHAKE_RATE_LIMIT + 20) {
-            if let TunnResult::WriteToNetwork(init) = attacker.format_handshake_initiation(&mut buf, true) {
+            if let TunnResult::WriteToNetwork(init) =
+                attacker.format_handshake_initiation(&mut buf, true)
+            {
                 let init = init.to_vec();
                 b.handle_datagram(sock("203.0.113.5:1000"), &init, &mut tun, &mut out, now);
             }

@@ -52,7 +52,11 @@ mod tests {
 
     #[test]
     fn reads_v4_and_v6_addresses() {
-        let p = ipv4_packet(Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 10, 0, 2), b"x");
+        let p = ipv4_packet(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 10, 0, 2),
+            b"x",
+        );
         assert_eq!(source(&p), Some("10.0.0.1".parse().expect("ip")));
         assert_eq!(destination(&p), Some("10.10.0.2".parse().expect("ip")));
         let mut v6 = vec![0u8; 40];

@@ -29,7 +29,10 @@ impl Poller {
         // SAFETY: `raw` is a fresh descriptor owned by nothing else.
         let epfd = unsafe { OwnedFd::from_raw_fd(raw) };
         for (fd, token) in [(tun, TUN_TOKEN), (udp, UDP_TOKEN)] {
-            let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: token,
+            };
             // SAFETY: valid epoll fd, valid target fd, pointer to a live epoll_event.
             if unsafe { libc::epoll_ctl(epfd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } < 0 {
                 return Err(io::Error::last_os_error());

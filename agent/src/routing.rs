@@ -60,9 +60,11 @@ impl<T: Copy> Family<T> {
     }
 
     fn lookup(&self, addr: u128) -> Option<T> {
-        self.lens
-            .iter()
-            .find_map(|&len| self.by_len[usize::from(len)].get(&self.mask(addr, len)).copied())
+        self.lens.iter().find_map(|&len| {
+            self.by_len[usize::from(len)]
+                .get(&self.mask(addr, len))
+                .copied()
+        })
     }
 }
 
@@ -79,14 +81,21 @@ impl<T: Copy> RoutingTable<T> {
     /// Adds or replaces the route for `net`; returns the value it replaced.
     pub fn insert(&mut self, net: IpNet, value: T) -> Option<T> {
         match net {
-            IpNet::V4(n) => self.v4.insert(u128::from(u32::from(n.network())), n.prefix_len(), value),
-            IpNet::V6(n) => self.v6.insert(u128::from(n.network()), n.prefix_len(), value),
+            IpNet::V4(n) => {
+                self.v4
+                    .insert(u128::from(u32::from(n.network())), n.prefix_len(), value)
+            }
+            IpNet::V6(n) => self
+                .v6
+                .insert(u128::from(n.network()), n.prefix_len(), value),
         }
     }
 
     pub fn remove(&mut self, net: IpNet) -> Option<T> {
         match net {
-            IpNet::V4(n) => self.v4.remove(u128::from(u32::from(n.network())), n.prefix_len()),
+            IpNet::V4(n) => self
+                .v4
+                .remove(u128::from(u32::from(n.network())), n.prefix_len()),
             IpNet::V6(n) => self.v6.remove(u128::from(n.network()), n.prefix_len()),
         }
     }

@@ -24,7 +24,10 @@ impl Tun {
     /// running process gives `EBUSY`.
     pub fn open(name: &str) -> io::Result<Self> {
         if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "interface name must be 1 to 15 bytes"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "interface name must be 1 to 15 bytes",
+            ));
         }
         // SAFETY: the path is a valid NUL-terminated C string and the flags are plain ints.
         let raw = unsafe {
@@ -53,7 +56,10 @@ impl Tun {
         if unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 0 as libc::c_ulong) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { fd, name: name.to_string() })
+        Ok(Self {
+            fd,
+            name: name.to_string(),
+        })
     }
 
     pub fn name(&self) -> &str {

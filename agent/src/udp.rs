@@ -41,7 +41,11 @@ impl Udp {
         let sock: std::net::UdpSocket = sock.into();
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         tune_for_wireguard(&sock, dual_stack);
-        Ok(Self { sock, state, dual_stack })
+        Ok(Self {
+            sock,
+            state,
+            dual_stack,
+        })
     }
 
     fn socket(domain: Domain, port: u16) -> io::Result<Socket> {
@@ -69,7 +73,11 @@ impl Udp {
     /// Receives a batch without waiting (`WouldBlock` when none is queued);
     /// returns how many `meta` entries were filled. Each entry may hold several
     /// datagrams of `meta.stride` bytes (GRO).
-    pub fn try_recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    pub fn try_recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
         loop {
             match self.state.recv(UdpSockRef::from(&self.sock), bufs, meta) {
                 Ok(n) => {
@@ -87,7 +95,12 @@ impl Udp {
     /// Sends `contents` to `dst` as datagrams of `segment` bytes (the last may be
     /// shorter) in one syscall where GSO is available; waits while the socket
     /// buffer is full.
-    pub fn send_blocking(&self, dst: SocketAddr, contents: &[u8], segment: usize) -> io::Result<()> {
+    pub fn send_blocking(
+        &self,
+        dst: SocketAddr,
+        contents: &[u8],
+        segment: usize,
+    ) -> io::Result<()> {
         let transmit = Transmit {
             destination: self.wire_addr(dst),
             ecn: None,
@@ -115,7 +128,11 @@ impl Udp {
 
 /// Sleeps in `poll(2)` until `fd` has `events`.
 fn wait(fd: &impl std::os::fd::AsRawFd, events: libc::c_short) -> io::Result<()> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events,
+        revents: 0,
+    };
     loop {
         // SAFETY: one live pollfd, count 1, infinite timeout.
         let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
@@ -167,12 +184,20 @@ fn tune_for_wireguard(sock: &std::net::UdpSocket, dual_stack: bool) {
             );
         }
     };
-    set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_DONT);
+    set(
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_DONT,
+    );
     set(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
     set(libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
     set(libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
     if dual_stack {
-        set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, libc::IPV6_PMTUDISC_DONT);
+        set(
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_DONT,
+        );
         set(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
         set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
     }

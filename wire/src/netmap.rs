@@ -48,7 +48,9 @@ pub enum NetMapError {
     Version(u32),
     #[error("peer name {0:?} appears more than once; names must be unique")]
     DuplicateName(String),
-    #[error("peer {name:?} has the same public key as peer {other:?}; each peer needs its own key")]
+    #[error(
+        "peer {name:?} has the same public key as peer {other:?}; each peer needs its own key"
+    )]
     DuplicateKey { name: String, other: String },
     #[error("allowed_ips {prefix} of peer {name:?} overlaps {other_prefix} of peer {other:?}; a prefix can route to one peer only")]
     Overlap {
@@ -169,7 +171,10 @@ mod tests {
             peer("b", 2, &["10.0.0.0/8"]),
         ]);
         assert!(matches!(m.validate(), Err(NetMapError::Overlap { .. })));
-        let m = map(vec![peer("a", 1, &["fd00::/64"]), peer("b", 2, &["fd00::/8"])]);
+        let m = map(vec![
+            peer("a", 1, &["fd00::/64"]),
+            peer("b", 2, &["fd00::/8"]),
+        ]);
         assert!(matches!(m.validate(), Err(NetMapError::Overlap { .. })));
     }
 
@@ -178,10 +183,16 @@ mod tests {
         let m = map(vec![peer("a", 1, &[]), peer("a", 2, &[])]);
         assert_eq!(m.validate(), Err(NetMapError::DuplicateName("a".into())));
         let m = map(vec![peer("a", 1, &[]), peer("b", 1, &[])]);
-        assert!(matches!(m.validate(), Err(NetMapError::DuplicateKey { .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(NetMapError::DuplicateKey { .. })
+        ));
         let m = map(vec![peer("a", 1, &["10.0.0.1/16"])]);
         let err = m.validate().expect_err("host bits");
-        assert!(err.to_string().contains("did you mean 10.0.0.0/16"), "{err}");
+        assert!(
+            err.to_string().contains("did you mean 10.0.0.0/16"),
+            "{err}"
+        );
     }
 
     #[test]
