@@ -185,6 +185,27 @@ struct Peer {
     counters: PeerCounters,
 }
 
+impl Peer {
+    /// Sends the `len`-byte message just written into `out`'s spare slot to this
+    /// peer's endpoint, and counts it; without an endpoint it is dropped.
+    fn commit_to_endpoint(
+        &mut self,
+        out: &mut Transmits,
+        len: usize,
+        is_data: bool,
+    ) -> Option<DropReason> {
+        let Some(ep) = self.endpoint else {
+            return Some(DropReason::NoEndpoint);
+        };
+        self.counters.tx_bytes += len as u64;
+        if is_data {
+            self.counters.tx_packets += 1;
+        }
+        out.commit(ep, len);
+        None
+    }
+}
+
 pub struct Node {
     key: PrivateKey,
     public: XPublic,
@@ -381,19 +402,8 @@ impl Node {
         let slot = out.spare((ip_packet.len() + DATA_OVERHEAD + 16).max(MIN_SLOT));
         let drop = match peer.tunn.encapsulate(ip_packet, slot) {
             TunnResult::WriteToNetwork(msg) => {
-                let len = msg.len();
-                let is_data = msg[0] == MSG_DATA;
-                match peer.endpoint {
-                    Some(ep) => {
-                        peer.counters.tx_bytes += len as u64;
-                        if is_data {
-                            peer.counters.tx_packets += 1;
-                        }
-                        out.commit(ep, len);
-                        None
-                    }
-                    None => Some(DropReason::NoEndpoint),
-                }
+                let (len, is_data) = (msg.len(), msg[0] == MSG_DATA);
+                peer.commit_to_endpoint(out, len, is_data)
             }
             TunnResult::Done => None, // queued until the handshake completes
             TunnResult::Err(e) => Some(DropReason::from_wireguard(&e)),
@@ -528,17 +538,14 @@ impl Node {
     }
 
     fn flush_queue(peer: &mut Peer, out: &mut Transmits) {
-        let Some(ep) = peer.endpoint else { return };
         loop {
             let slot = out.spare(crate::batch::MAX_PACKET);
-            match peer.tunn.decapsulate(None, &[], slot) {
-                TunnResult::WriteToNetwork(msg) => {
-                    let len = msg.len();
-                    peer.counters.tx_bytes += len as u64;
-                    peer.counters.tx_packets += 1;
-                    out.commit(ep, len);
-                }
-                _ => break,
+            let TunnResult::WriteToNetwork(msg) = peer.tunn.decapsulate(None, &[], slot) else {
+                break;
+            };
+            let len = msg.len();
+            if peer.commit_to_endpoint(out, len, true).is_some() {
+                break;
             }
         }
     }
@@ -551,16 +558,16 @@ impl Node {
             self.next_limiter_reset = now + LIMITER_RESET;
         }
         for id in std::mem::take(&mut self.pending_initiation) {
-            if let Some(peer) = self.peers[id.0].as_mut() {
-                if let Some(ep) = peer.endpoint {
-                    let slot = out.spare(MIN_SLOT);
-                    if let TunnResult::WriteToNetwork(msg) =
-                        peer.tunn.format_handshake_initiation(slot, false)
-                    {
-                        let len = msg.len();
-                        peer.counters.tx_bytes += len as u64;
-                        out.commit(ep, len);
-                    }
+            let Some(peer) = self.peers[id.0].as_mut() else {
+                continue;
+            };
+            if peer.endpoint.is_some() {
+                let slot = out.spare(MIN_SLOT);
+                if let TunnResult::WriteToNetwork(msg) =
+                    peer.tunn.format_handshake_initiation(slot, false)
+                {
+                    let len = msg.len();
+                    peer.commit_to_endpoint(out, len, false);
                 }
             }
         }
@@ -573,17 +580,9 @@ impl Node {
             let slot = out.spare(MIN_SLOT);
             match peer.tunn.update_timers(slot) {
                 TunnResult::WriteToNetwork(msg) => {
-                    let len = msg.len();
-                    let is_data = msg[0] == MSG_DATA;
-                    match peer.endpoint {
-                        Some(ep) => {
-                            peer.counters.tx_bytes += len as u64;
-                            if is_data {
-                                peer.counters.tx_packets += 1;
-                            }
-                            out.commit(ep, len);
-                        }
-                        None => no_endpoint += 1,
+                    let (len, is_data) = (msg.len(), msg[0] == MSG_DATA);
+                    if peer.commit_to_endpoint(out, len, is_data).is_some() {
+                        no_endpoint += 1;
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {
@@ -751,6 +750,15 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// A encrypts an IPv4 packet `src → dst`; B receives the result from `from`.
+    /// Returns what B wrote to its TUN.
+    fn a_to_b(p: &mut Pair, src: &str, dst: &str, payload: &[u8], from: &str) -> Vec<Vec<u8>> {
+        let mut out = Transmits::with_capacity(2);
+        p.a.handle_tun_packet(&ipv4_packet(ip(src), ip(dst), payload), &mut out, p.now);
+        let mut sink = Transmits::with_capacity(1);
+        deliver(&mut p.b, from, &out, &mut sink, p.now)
+    }
+
     /// Runs the handshake triggered by A's first packet; returns the packet B received.
     fn first_packet(p: &mut Pair, payload: &[u8]) -> Vec<Vec<u8>> {
         let pkt = ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), payload);
@@ -804,7 +812,6 @@ mod tests {
 
         // Later packets go straight out as data, and back the other way too.
         let mut out = Transmits::with_capacity(4);
-        let back = ipv4_packet(ip("10.0.3.4"), ip("100.96.0.2"), b"x");
         p.b.handle_tun_packet(
             &ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply"),
             &mut out,
@@ -820,7 +827,6 @@ mod tests {
             got,
             vec![ipv4_packet(ip("100.96.0.2"), ip("10.0.3.4"), b"reply")]
         );
-        drop(back);
     }
 
     #[test]
@@ -828,14 +834,7 @@ mod tests {
         let mut p = pair();
         first_packet(&mut p, b"hi");
         // A sends with a source B does not accept from A (10.99/16 is nobody's).
-        let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(
-            &ipv4_packet(ip("10.99.0.1"), ip("10.10.0.5"), b"spoof"),
-            &mut out,
-            p.now,
-        );
-        let mut sink = Transmits::with_capacity(1);
-        assert!(deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).is_empty());
+        assert!(a_to_b(&mut p, "10.99.0.1", "10.10.0.5", b"spoof", A_UNDERLAY).is_empty());
         assert_eq!(drops_of(&p.b, DropReason::SourceNotAllowed), 1);
     }
 
@@ -844,15 +843,12 @@ mod tests {
         let mut p = pair();
         first_packet(&mut p, b"hi");
         let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(
-            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"once"),
-            &mut out,
-            p.now,
-        );
+        let once = ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"once");
+        p.a.handle_tun_packet(&once, &mut out, p.now);
         let mut sink = Transmits::with_capacity(1);
         assert_eq!(
-            deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(),
-            1
+            deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now),
+            vec![once]
         );
         // The same datagram again, from another address: dropped, endpoint unchanged.
         assert!(deliver(&mut p.b, "203.0.113.9:4444", &out, &mut sink, p.now).is_empty());
@@ -860,15 +856,16 @@ mod tests {
         assert_eq!(p.b.peers()[0].endpoint, Some(sock(A_UNDERLAY)));
 
         let mut tun = TunWrites::with_capacity(1);
+        let unknown_index = [
+            4u8, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
+            12, 13, 14, 15, 16,
+        ];
         for garbage in [
             &b""[..],
             b"\x01",
             b"\x04\0\0\0garbage",
             &[0xff; 200],
-            &[
-                4, 0, 0, 0, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                12, 13, 14, 15, 16,
-            ],
+            &unknown_index,
         ] {
             p.b.handle_datagram(
                 sock("203.0.113.9:4444"),
@@ -882,14 +879,8 @@ mod tests {
         assert!(drops_of(&p.b, DropReason::Malformed) >= 3);
         assert!(drops_of(&p.b, DropReason::UnknownPeer) >= 1);
         // The tunnel still works.
-        let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(
-            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"after"),
-            &mut out,
-            p.now,
-        );
         assert_eq!(
-            deliver(&mut p.b, A_UNDERLAY, &out, &mut sink, p.now).len(),
+            a_to_b(&mut p, "100.96.0.1", "100.96.0.2", b"after", A_UNDERLAY).len(),
             1
         );
     }
@@ -898,15 +889,15 @@ mod tests {
     fn roaming_follows_authenticated_packets() {
         let mut p = pair();
         first_packet(&mut p, b"hi");
-        let mut out = Transmits::with_capacity(2);
-        p.a.handle_tun_packet(
-            &ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"moved"),
-            &mut out,
-            p.now,
-        );
-        let mut sink = Transmits::with_capacity(1);
         assert_eq!(
-            deliver(&mut p.b, "198.51.100.50:40000", &out, &mut sink, p.now).len(),
+            a_to_b(
+                &mut p,
+                "100.96.0.1",
+                "100.96.0.2",
+                b"moved",
+                "198.51.100.50:40000"
+            )
+            .len(),
             1
         );
         assert_eq!(p.b.peers()[0].endpoint, Some(sock("198.51.100.50:40000")));

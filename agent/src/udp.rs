@@ -36,8 +36,22 @@ impl Udp {
         // with CAP_NET_ADMIN, the plain ones are the fallback.
         let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
         let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
-        force_buffer(&sock, libc::SO_RCVBUFFORCE);
-        force_buffer(&sock, libc::SO_SNDBUFFORCE);
+        {
+            use std::os::fd::AsRawFd;
+            let size = SOCKET_BUFFER as libc::c_int;
+            set_int_option(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                size,
+            );
+            set_int_option(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUFFORCE,
+                size,
+            );
+        }
         let sock: std::net::UdpSocket = sock.into();
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
         tune_for_wireguard(&sock, dual_stack);
@@ -150,15 +164,20 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-fn force_buffer(sock: &Socket, option: libc::c_int) {
-    use std::os::fd::AsRawFd;
-    let value = SOCKET_BUFFER as libc::c_int;
+/// Sets an integer socket option, best effort: an option the kernel refuses
+/// leaves the default in place, which only costs performance.
+fn set_int_option(
+    fd: std::os::fd::RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: libc::c_int,
+) {
     // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
     unsafe {
         libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            option,
+            fd,
+            level,
+            name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         );
@@ -172,33 +191,24 @@ fn force_buffer(sock: &Socket, option: libc::c_int) {
 /// every datagram.
 fn tune_for_wireguard(sock: &std::net::UdpSocket, dual_stack: bool) {
     use std::os::fd::AsRawFd;
-    let set = |level, name, value: libc::c_int| {
-        // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
-        unsafe {
-            libc::setsockopt(
-                sock.as_raw_fd(),
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    };
-    set(
+    let fd = sock.as_raw_fd();
+    set_int_option(
+        fd,
         libc::IPPROTO_IP,
         libc::IP_MTU_DISCOVER,
         libc::IP_PMTUDISC_DONT,
     );
-    set(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
-    set(libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
-    set(libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
+    set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
+    set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
+    set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
     if dual_stack {
-        set(
+        set_int_option(
+            fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_DONT,
         );
-        set(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
-        set(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
+        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
+        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
     }
 }

@@ -328,8 +328,17 @@ impl Agent {
 
     /// Starts `skymesh-agent run` in the namespace and waits until `status` answers.
     pub fn start(&mut self) -> Result<()> {
-        if self.process.is_some() {
-            bail!("agent {} is already running", self.label);
+        self.spawn_with_env(&[])?;
+        self.wait_ready(Duration::from_secs(15))
+    }
+
+    /// Starts `skymesh-agent run` in the namespace with extra environment variables and
+    /// returns at once, for tests that watch the start-up itself (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_with_env(&mut self, vars: &[(&str, &str)]) -> Result<()> {
+        if let Some(process) = self.process.as_mut() {
+            if process.try_status()?.is_none() {
+                bail!("agent {} is already running", self.label);
+            }
         }
         self.starts += 1;
         let log = self
@@ -346,10 +355,22 @@ impl Agent {
             .env(
                 "RUST_LOG",
                 std::env::var("SKYMESH_TEST_LOG").unwrap_or_else(|_| "info".to_string()),
-            );
+            )
+            .envs(vars.iter().copied());
         let process = Spawned::start(&format!("agent {}", self.label), cmd, &log)?;
         self.process = Some(process);
-        self.wait_ready(Duration::from_secs(15))
+        Ok(())
+    }
+
+    /// The process id of the running agent (`ip netns exec` execs it in place).
+    pub fn pid(&self) -> Option<nix::unistd::Pid> {
+        self.process.as_ref().map(Spawned::pid)
+    }
+
+    /// Waits up to `timeout` for the agent to exit on its own; `None` if it is still running.
+    /// An exited agent keeps its [`Agent::log`] until the next start.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        self.process_mut()?.wait_timeout(timeout)
     }
 
     /// Waits until `status --json` answers, failing early if the process dies.

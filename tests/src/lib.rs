@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod netns;
 pub mod pcap;
 pub mod proc;
+pub mod sdnotify;
 pub mod topo;
 pub mod traffic;
 pub mod wggo;
