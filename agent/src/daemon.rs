@@ -107,6 +107,10 @@ impl Shared {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
+    // First, so that a stop request during start-up is not fatal by default: it is
+    // honoured once start-up finished, with the normal cleanup.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let name = config.interface.name.clone();
     let netmap = config.netmap();
 
@@ -147,6 +151,8 @@ pub async fn run(config: Config) -> Result<()> {
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     let admin_listener = admin::bind(&config.admin_socket).await?;
+    // Removes the socket file however this function returns.
+    let _admin_file = RemoveOnDrop(config.admin_socket.clone());
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {
@@ -223,10 +229,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     notify("READY=1");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let outcome = tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
+        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
         Some(err) = fatal_rx.recv() => Err(err),
         Some(res) = tasks.join_next() => match res {
             Ok(Ok(())) => Err(anyhow::anyhow!("a pipeline stopped unexpectedly")),
@@ -239,8 +244,16 @@ pub async fn run(config: Config) -> Result<()> {
     if let Err(e) = netlink.delete_link(index).await {
         tracing::warn!(error = %e, "could not delete the interface; it goes away with this process");
     }
-    let _ = std::fs::remove_file(&config.admin_socket);
     outcome
+}
+
+/// Deletes a file when dropped (the admin socket, on every exit path).
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Applies a netmap to a running node and mirrors route changes in the kernel.

@@ -1,5 +1,5 @@
-//! systemd readiness notification (`Type=notify`): sends `READY=1` to
-//! `$NOTIFY_SOCKET` when set; does nothing otherwise.
+//! systemd service notification (`Type=notify`): sends a state such as `READY=1`
+//! or `STOPPING=1` to `$NOTIFY_SOCKET` when set; does nothing otherwise.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -104,9 +104,8 @@ impl NotifySocket {
             match self.recv(Duration::from_millis(100))? {
                 Some(n) if n.has(line) => return Ok((n, before)),
                 Some(n) => before.push(n),
-                None => give_up().with_context(|| {
-                    format!("waiting for {line}; received before: {before:?}")
-                })?,
+                None => give_up()
+                    .with_context(|| format!("waiting for {line}; received before: {before:?}"))?,
             }
         }
         bail!("no {line} within {timeout:?}; received before: {before:?}")

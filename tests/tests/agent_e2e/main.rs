@@ -6,6 +6,7 @@
 mod dataplane;
 mod hostile;
 mod interop;
+mod rekey;
 mod resilience;
 mod status;
 
