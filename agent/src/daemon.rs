@@ -15,7 +15,7 @@ use crate::metrics;
 use crate::netlink::Netlink;
 use crate::node::{DropReason, Event, Node};
 use crate::notify::notify;
-use crate::poller::{Poller, Ready};
+use crate::poller::Poller;
 use crate::tun::Tun;
 use crate::udp::Udp;
 use anyhow::{bail, Context, Result};
@@ -293,25 +293,19 @@ fn dataplane(s: &Shared) -> Result<()> {
     };
     let poller =
         Poller::new(s.tun.as_raw_fd(), s.udp.as_raw_fd()).context("creating the epoll set")?;
-    let mut ready = Ready {
-        tun: true,
-        udp: true,
-    };
     loop {
-        // Serve what woke us; keep alternating batches until both sides are
-        // drained, then sleep. After writing to the TUN, look at the TUN first:
-        // the kernel often answers at once (an echo reply, a TCP ACK), and that
-        // answer is on the latency-critical path.
+        // The epoll set is level-triggered: it reports a side again at once while
+        // packets remain, so one batch per ready side and back to the wait costs
+        // fewer syscalls than probing each side until it would block. Syscalls
+        // are the dominant per-packet cost here, and on a busy machine time
+        // spent after a send delays the peer's wakeup on the same CPU.
+        let ready = poller.wait().context("waiting for packets")?;
         let from_udp = ready.udp && udp_batch(s, &mut b)?;
-        let from_tun = (ready.tun || from_udp) && tun_batch(s, &mut b)?;
-        ready = if from_udp || from_tun {
-            Ready {
-                tun: true,
-                udp: true,
-            }
-        } else {
-            poller.wait().context("waiting for packets")?
-        };
+        // After writing to the TUN, look at it at once: the kernel often answers
+        // right away (an echo reply, a TCP ACK) and that answer is latency-critical.
+        if ready.tun || from_udp {
+            tun_batch(s, &mut b)?;
+        }
     }
 }
 
