@@ -121,8 +121,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // The data plane has its own thread; timers, the admin socket and metrics are
+    // light enough for one.
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")
