@@ -14,6 +14,7 @@ pub mod proc;
 pub mod sdnotify;
 pub mod topo;
 pub mod traffic;
+pub mod wan;
 pub mod wggo;
 
 pub use agent::{agent_bin, Agent, AgentSpec, Keypair, PeerSpec, Status};
