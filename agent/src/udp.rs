@@ -39,13 +39,13 @@ impl Udp {
         {
             use std::os::fd::AsRawFd;
             let size = SOCKET_BUFFER as libc::c_int;
-            set_int_option(
+            let _ = set_int_option(
                 sock.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_RCVBUFFORCE,
                 size,
             );
-            set_int_option(
+            let _ = set_int_option(
                 sock.as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUFFORCE,
@@ -164,26 +164,33 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
-/// Sets an integer socket option, best effort: an option the kernel refuses
-/// leaves the default in place, which only costs performance.
-fn set_int_option(
+/// Sets an integer socket option.
+pub fn set_int_option(
     fd: std::os::fd::RawFd,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
-) {
+) -> io::Result<()> {
     // SAFETY: setsockopt with a pointer to a live c_int and its exact size.
-    unsafe {
+    let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
+/// Best effort throughout: an option the kernel refuses leaves the default in
+/// place, which only costs performance.
+///
 /// Undoes the QUIC-specific options `quinn-udp` sets. Unlike QUIC, WireGuard lets
 /// the underlay fragment (as the kernel module does): an inner MTU too large for a
 /// path degrades into fragments instead of a blackhole. And the data plane needs
@@ -192,23 +199,23 @@ fn set_int_option(
 fn tune_for_wireguard(sock: &std::net::UdpSocket, dual_stack: bool) {
     use std::os::fd::AsRawFd;
     let fd = sock.as_raw_fd();
-    set_int_option(
+    let _ = set_int_option(
         fd,
         libc::IPPROTO_IP,
         libc::IP_MTU_DISCOVER,
         libc::IP_PMTUDISC_DONT,
     );
-    set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
-    set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
-    set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
+    let _ = set_int_option(fd, libc::SOL_SOCKET, libc::SO_TIMESTAMPNS, 0);
+    let _ = set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, 0);
+    let _ = set_int_option(fd, libc::IPPROTO_IP, libc::IP_PKTINFO, 0);
     if dual_stack {
-        set_int_option(
+        let _ = set_int_option(
             fd,
             libc::IPPROTO_IPV6,
             libc::IPV6_MTU_DISCOVER,
             libc::IPV6_PMTUDISC_DONT,
         );
-        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
-        set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
+        let _ = set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, 0);
+        let _ = set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 0);
     }
 }

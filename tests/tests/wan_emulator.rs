@@ -3,6 +3,7 @@
 //! by sockets in one process (one clock), loss is counted over 2,000 datagrams.
 
 use anyhow::{ensure, Context, Result};
+use skymesh_agent::udp::set_int_option;
 use skymesh_tests::netns::run_in_netns;
 use skymesh_tests::wan::switch::disable_offloads;
 use skymesh_tests::wan::{PairShape, Switch, SwitchHandle};
@@ -114,6 +115,23 @@ fn within(measured: Duration, emulated: Duration) -> bool {
     measured >= emulated.saturating_sub(tol) && measured <= emulated + tol
 }
 
+/// Builds the two-host lab, opens a socket on each host, resolves ARP both ways
+/// (so no measured datagram waits on it) and runs `body`.
+fn with_hosts(
+    name: &str,
+    body: impl FnOnce(&Lab, &UdpSocket, &UdpSocket) -> Result<()>,
+) -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    e2e(name, |env| {
+        let l = lab(env)?;
+        let (a, b) = (udp(&l.h1, H1)?, udp(&l.h2, H2)?);
+        warm(&a, &b)?;
+        body(&l, &a, &b)
+    })
+}
+
 /// Resolves ARP both ways before measuring, so no datagram waits on it.
 fn warm(a: &UdpSocket, b: &UdpSocket) -> Result<()> {
     one_way(a, b, 3, 64, Duration::from_millis(5))?;
@@ -123,13 +141,7 @@ fn warm(a: &UdpSocket, b: &UdpSocket) -> Result<()> {
 
 #[test]
 fn delay_is_reproduced_per_direction() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("wan-delay", |env| {
-        let l = lab(env)?;
-        let (a, b) = (udp(&l.h1, H1)?, udp(&l.h2, H2)?);
-        warm(&a, &b)?;
+    with_hosts("wan-delay", |l, a, b| {
         for (there, back) in [(10, 10), (75, 12), (5, 90)] {
             let (there, back) = (Duration::from_millis(there), Duration::from_millis(back));
             l.switch.set(
@@ -148,8 +160,8 @@ fn delay_is_reproduced_per_direction() -> Result<()> {
                     ..Default::default()
                 },
             )?;
-            let ab = mean(&one_way(&a, &b, 200, 200, Duration::from_millis(2))?);
-            let ba = mean(&one_way(&b, &a, 200, 200, Duration::from_millis(2))?);
+            let ab = mean(&one_way(a, b, 200, 200, Duration::from_millis(2))?);
+            let ba = mean(&one_way(b, a, 200, 200, Duration::from_millis(2))?);
             eprintln!("emulated {there:?}/{back:?}: measured {ab:?}/{ba:?}");
             ensure!(
                 within(ab, there),
@@ -163,13 +175,7 @@ fn delay_is_reproduced_per_direction() -> Result<()> {
 
 #[test]
 fn loss_is_reproduced_over_2000_packets() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("wan-loss", |env| {
-        let l = lab(env)?;
-        let (a, b) = (udp(&l.h1, H1)?, udp(&l.h2, H2)?);
-        warm(&a, &b)?;
+    with_hosts("wan-loss", |l, a, b| {
         for loss in [0.02, 0.05, 0.20] {
             l.switch.set(
                 "p1",
@@ -180,7 +186,7 @@ fn loss_is_reproduced_over_2000_packets() -> Result<()> {
                     ..Default::default()
                 },
             )?;
-            let got = one_way(&a, &b, 2000, 200, Duration::from_micros(250))?;
+            let got = one_way(a, b, 2000, 200, Duration::from_micros(250))?;
             let measured = got.iter().filter(|d| d.is_none()).count() as f64 / 2000.0;
             eprintln!("emulated loss {loss}: measured {measured}");
             ensure!(
@@ -194,13 +200,7 @@ fn loss_is_reproduced_over_2000_packets() -> Result<()> {
 
 #[test]
 fn rate_limits_throughput() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("wan-rate", |env| {
-        let l = lab(env)?;
-        let (a, b) = (udp(&l.h1, H1)?, udp(&l.h2, H2)?);
-        warm(&a, &b)?;
+    with_hosts("wan-rate", |l, a, b| {
         // 400 × 1250 bytes of payload (plus 42 bytes of headers each) at 20 Mbit/s.
         let bps = 20_000_000u64;
         l.switch.set(
@@ -211,7 +211,7 @@ fn rate_limits_throughput() -> Result<()> {
                 ..Default::default()
             },
         )?;
-        let got = one_way(&a, &b, 400, 1250, Duration::ZERO)?;
+        let got = one_way(a, b, 400, 1250, Duration::ZERO)?;
         ensure!(
             got.iter().all(Option::is_some),
             "datagrams lost under the rate limit"
@@ -234,13 +234,7 @@ fn rate_limits_throughput() -> Result<()> {
 
 #[test]
 fn cut_and_restore_at_run_time() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("wan-cut", |env| {
-        let l = lab(env)?;
-        let (a, b) = (udp(&l.h1, H1)?, udp(&l.h2, H2)?);
-        warm(&a, &b)?;
+    with_hosts("wan-cut", |l, a, b| {
         l.switch.set_both(
             "p1",
             "p2",
@@ -250,13 +244,13 @@ fn cut_and_restore_at_run_time() -> Result<()> {
             },
         )?;
         l.switch.set_up("p1", "p2", false)?;
-        let cut = one_way(&a, &b, 50, 100, Duration::from_millis(2))?;
+        let cut = one_way(a, b, 50, 100, Duration::from_millis(2))?;
         ensure!(
             cut.iter().all(Option::is_none),
             "traffic crossed a cut pair"
         );
         l.switch.set_up("p1", "p2", true)?;
-        let back = one_way(&a, &b, 50, 100, Duration::from_millis(2))?;
+        let back = one_way(a, b, 50, 100, Duration::from_millis(2))?;
         ensure!(
             back.iter().all(Option::is_some),
             "traffic did not resume after restore"
@@ -272,13 +266,7 @@ fn cut_and_restore_at_run_time() -> Result<()> {
 
 #[test]
 fn small_mtu_fragments_without_df_and_blackholes_with_df() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("wan-mtu", |env| {
-        let l = lab(env)?;
-        let (a, b) = (udp(&l.h1, H1)?, udp(&l.h2, H2)?);
-        warm(&a, &b)?;
+    with_hosts("wan-mtu", |l, a, b| {
         l.switch.set_both(
             "p1",
             "p2",
@@ -287,19 +275,19 @@ fn small_mtu_fragments_without_df_and_blackholes_with_df() -> Result<()> {
                 ..Default::default()
             },
         )?;
-        set_df(&a, false)?;
-        let frag = one_way(&a, &b, 20, 1400, Duration::from_millis(2))?;
+        set_df(a, false)?;
+        let frag = one_way(a, b, 20, 1400, Duration::from_millis(2))?;
         ensure!(
             frag.iter().all(Option::is_some),
             "1400-byte datagrams without DF must arrive in fragments"
         );
-        set_df(&a, true)?;
-        let df = one_way(&a, &b, 20, 1400, Duration::from_millis(2))?;
+        set_df(a, true)?;
+        let df = one_way(a, b, 20, 1400, Duration::from_millis(2))?;
         ensure!(
             df.iter().all(Option::is_none),
             "1400-byte datagrams with DF crossed a 1280-byte path"
         );
-        let small = one_way(&a, &b, 20, 1200, Duration::from_millis(2))?;
+        let small = one_way(a, b, 20, 1200, Duration::from_millis(2))?;
         ensure!(
             small.iter().all(Option::is_some),
             "datagrams under the MTU must pass with DF"
@@ -310,25 +298,16 @@ fn small_mtu_fragments_without_df_and_blackholes_with_df() -> Result<()> {
 
 fn set_df(sock: &UdpSocket, df: bool) -> Result<()> {
     use std::os::fd::AsRawFd;
-    let value: libc::c_int = if df {
+    let value = if df {
         libc::IP_PMTUDISC_PROBE
     } else {
         libc::IP_PMTUDISC_DONT
     };
-    // SAFETY: setsockopt with a live c_int of the stated size.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "IP_MTU_DISCOVER: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    set_int_option(
+        sock.as_raw_fd(),
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        value,
+    )
+    .context("IP_MTU_DISCOVER")
 }

@@ -5,6 +5,7 @@
 use super::shaper::{PairShape, PairStats, Shaper};
 use crate::netns::run_in_netns;
 use anyhow::{bail, Context, Result};
+use skymesh_agent::udp::set_int_option;
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -163,37 +164,18 @@ fn open_port(name: &str) -> Result<OwnedFd> {
     }
     // Bursts (a TCP window, a GSO train) arrive faster than one thread reads;
     // a deep socket buffer absorbs them instead of dropping at the port.
-    let size: libc::c_int = 8 << 20;
     for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
-        // SAFETY: setsockopt with a live c_int.
-        unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&size as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
+        set_int_option(fd.as_raw_fd(), libc::SOL_SOCKET, opt, 8 << 20)
+            .with_context(|| format!("socket buffer on {name}"))?;
     }
     // Frames the switch itself sends on a port must not come back as input.
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_PACKET,
-            libc::PACKET_IGNORE_OUTGOING,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        bail!(
-            "PACKET_IGNORE_OUTGOING on {name}: {}",
-            io::Error::last_os_error()
-        );
-    }
+    set_int_option(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        libc::PACKET_IGNORE_OUTGOING,
+        1,
+    )
+    .with_context(|| format!("PACKET_IGNORE_OUTGOING on {name}"))?;
     Ok(fd)
 }
 
