@@ -7,6 +7,7 @@
 //! must not touch anything outside the namespaces and scratch directories it creates.
 
 pub mod agent;
+pub mod lab;
 pub mod metrics;
 pub mod netns;
 pub mod pcap;

@@ -1,0 +1,6 @@
+//! The multi-cloud lab: a topology file ([`topology`]) turned into network
+//! namespaces, an emulated WAN and running agents.
+
+pub mod topology;
+
+pub use topology::{Site, Topology};
