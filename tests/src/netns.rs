@@ -44,7 +44,7 @@ fn pids_in(name: &str) -> Vec<Pid> {
 }
 
 /// Kills everything in namespace `name` (SIGTERM, then SIGKILL) and deletes it.
-fn destroy(name: &str) {
+pub fn destroy(name: &str) {
     let pids = pids_in(name);
     for pid in &pids {
         let _ = kill(*pid, Signal::SIGTERM);
@@ -136,6 +136,17 @@ impl Netns {
         let name = format!("{}{}-{role}", prefix(), crate::next_id());
         check(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Creates a namespace with exactly this name (the lab's `<prefix>-<lab id>-…`
+    /// names) and brings up its loopback; fails if it exists.
+    pub fn named(name: &str) -> Result<Self> {
+        check(Command::new("ip").args(["netns", "add", name]))?;
+        let ns = Self {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }

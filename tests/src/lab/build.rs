@@ -1,0 +1,370 @@
+//! Builds a lab from a [`Topology`]: namespaces, links, addresses, NAT, the WAN
+//! switch and one agent per gateway; tears all of it down on drop.
+//!
+//! Layout per site `S` of lab `ID` (namespaces are `sml-ID-…`):
+//! - `S-gw`: the gateway, running skymesh-agent; `wan0` on the WAN segment
+//!   203.0.113.0/24 (or, behind NAT, on 192.0.2.0/24 towards `S-nat`), `vpc0`
+//!   holding the VPC's first address;
+//! - `S-vpc`: the workload host, `eth0` with the VPC's tenth address, default
+//!   route via the gateway;
+//! - `S-nat` (only with `nat = true`): masquerades the gateway onto the WAN.
+//!
+//! The `wan` namespace holds one switch port per site (`p-S`); nothing connects
+//! to the root namespace.
+
+use super::topology::{Site, Topology};
+use crate::agent::{agent_bin, write_secret, Keypair};
+use crate::netns::{destroy, list_namespaces, Netns};
+use crate::proc::Spawned;
+use crate::wan::switch::disable_offloads;
+use crate::wan::{Switch, SwitchHandle};
+use anyhow::{bail, Context, Result};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Prefix of every lab namespace.
+pub const LAB_PREFIX: &str = "sml-";
+pub const LISTEN_PORT: u16 = 51820;
+/// Keepalive for gateways behind NAT, short so the lab converges fast.
+const NAT_KEEPALIVE: u16 = 5;
+
+/// A running site.
+pub struct SiteRuntime {
+    pub site: Site,
+    pub index: usize,
+    /// Address other gateways reach this one at (its NAT's, when behind NAT).
+    pub public_ip: Ipv4Addr,
+    pub overlay_ip: Ipv4Addr,
+    pub vpc_host_ip: Ipv4Addr,
+    pub gateway_vpc_ip: Ipv4Addr,
+    pub config: PathBuf,
+    pub admin_socket: PathBuf,
+    pub agent: Option<Spawned>,
+    // Drop order: agent first, then namespaces.
+    pub vpc: Netns,
+    pub gw: Netns,
+    pub nat: Option<Netns>,
+}
+
+pub struct Lab {
+    pub id: String,
+    pub topology: Topology,
+    pub dir: PathBuf,
+    pub sites: Vec<SiteRuntime>,
+    pub switch: SwitchHandle,
+    pub wan: Netns,
+}
+
+/// Namespace name of `role` in lab `id`.
+pub fn ns_name(id: &str, role: &str) -> String {
+    format!("{LAB_PREFIX}{id}-{role}")
+}
+
+/// WAN switch port of a site.
+pub fn port_name(site: &str) -> String {
+    format!("p-{site}")
+}
+
+fn host(net: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(net.network()) + n)
+}
+
+impl Lab {
+    /// Builds the lab `id` from `topology`, keeping keys, configs and logs in `dir`,
+    /// and starts every agent (static mode, full mesh).
+    pub fn up(id: &str, topology: Topology, dir: &Path) -> Result<Self> {
+        if list_namespaces()
+            .iter()
+            .any(|n| n.starts_with(&ns_name(id, "")))
+        {
+            bail!("a lab with id {id:?} exists already; `skymesh-lab down --id {id}` removes it");
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let wan = Netns::named(&ns_name(id, "wan"))?;
+        let mut sites = Vec::new();
+        for (i, site) in topology.sites.iter().enumerate() {
+            sites.push(build_site(id, i, site, &wan, dir)?);
+        }
+        let ports: Vec<String> = topology.sites.iter().map(|s| port_name(&s.name)).collect();
+        let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let switch = Switch::start(wan.name(), &port_refs, 0x5eed)?;
+        for ((from, to), shape) in &topology.wan {
+            switch.set(&port_name(from), &port_name(to), *shape)?;
+        }
+        let mut lab = Self {
+            id: id.to_string(),
+            topology,
+            dir: dir.to_path_buf(),
+            sites,
+            switch,
+            wan,
+        };
+        lab.write_agent_configs()?;
+        for i in 0..lab.sites.len() {
+            lab.start_agent(i)?;
+        }
+        Ok(lab)
+    }
+
+    pub fn site(&self, name: &str) -> Result<&SiteRuntime> {
+        self.sites
+            .iter()
+            .find(|s| s.site.name == name)
+            .with_context(|| format!("no site {name:?} in this lab"))
+    }
+
+    fn site_index(&self, name: &str) -> Result<usize> {
+        self.sites
+            .iter()
+            .position(|s| s.site.name == name)
+            .with_context(|| format!("no site {name:?} in this lab"))
+    }
+
+    fn write_agent_configs(&self) -> Result<()> {
+        let keys: Vec<Keypair> = self
+            .sites
+            .iter()
+            .map(|_| Keypair::generate())
+            .collect::<Result<_>>()?;
+        for (s, key) in self.sites.iter().zip(&keys) {
+            let key_file = self.dir.join(format!("{}.key", s.site.name));
+            write_secret(&key_file, &format!("{}\n", key.private))?;
+            let mut toml = format!(
+                "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\naddress = \"{}/32\"\n\n[metrics]\nlisten = \"127.0.0.1:9586\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n",
+                key_file.display(),
+                s.overlay_ip,
+                s.admin_socket.display(),
+                self.dir.join(format!("{}-state", s.site.name)).display(),
+            );
+            for (p, pkey) in self
+                .sites
+                .iter()
+                .zip(&keys)
+                .filter(|(p, _)| p.index != s.index)
+            {
+                toml.push_str(&format!(
+                    "\n[[peers]]\nname = \"{}\"\npublic_key = \"{}\"\nallowed_ips = [\"{}/32\", \"{}\"]\n",
+                    p.site.name, pkey.public, p.overlay_ip, p.site.vpc
+                ));
+                // A peer behind NAT is reached at the address its packets come
+                // from; it keeps the mapping open with keepalives.
+                if !p.site.nat {
+                    toml.push_str(&format!("endpoint = \"{}:{LISTEN_PORT}\"\n", p.public_ip));
+                }
+                if s.site.nat {
+                    toml.push_str(&format!("persistent_keepalive = {NAT_KEEPALIVE}\n"));
+                }
+            }
+            write_secret(&s.config, &toml)?;
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts) the agent of site `i` and waits for its admin socket.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let s = &mut self.sites[i];
+        let log = self.dir.join(format!("{}-agent.log", s.site.name));
+        let config = s
+            .config
+            .to_str()
+            .context("config path is not UTF-8")?
+            .to_string();
+        let bin = agent_bin()?;
+        let bin = bin.to_str().context("agent path is not UTF-8")?.to_string();
+        let cmd = s.gw.command(&bin, &["run", "--config", &config]);
+        let mut agent = Spawned::start(&format!("{}-agent", s.site.name), cmd, &log)?;
+        let ready = crate::wait_until(Duration::from_secs(10), || s.admin_socket.exists());
+        if ready.is_none() {
+            let _ = agent.ensure_running();
+            bail!(
+                "agent of {} did not open its admin socket:\n{}",
+                s.site.name,
+                agent.log()
+            );
+        }
+        s.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Kills the agent of `site` with SIGKILL (a crash).
+    pub fn kill_agent(&mut self, site: &str) -> Result<()> {
+        let i = self.site_index(site)?;
+        if let Some(mut a) = self.sites[i].agent.take() {
+            a.kill9()?;
+        }
+        Ok(())
+    }
+
+    pub fn restart_agent(&mut self, site: &str) -> Result<()> {
+        let i = self.site_index(site)?;
+        self.start_agent(i)
+    }
+
+    /// Runs `program args…` in the VPC host of `site`.
+    pub fn vpc_command(&self, site: &str, program: &str, args: &[&str]) -> Result<Command> {
+        Ok(self.site(site)?.vpc.command(program, args))
+    }
+
+    /// One ping from the VPC host of `from` to the VPC host of `to`.
+    pub fn vpc_ping(&self, from: &str, to: &str, timeout_s: u32) -> Result<Option<f64>> {
+        let dst = self.site(to)?.vpc_host_ip.to_string();
+        let out = self
+            .vpc_command(
+                from,
+                "ping",
+                &["-n", "-c", "1", "-W", &timeout_s.to_string(), &dst],
+            )?
+            .output()
+            .context("running ping")?;
+        if !out.status.success() {
+            return Ok(None);
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .split("time=")
+            .nth(1)
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|t| t.parse().ok()))
+    }
+
+    /// Status of the agent of `site`, via `skymesh-agent status --json`.
+    pub fn agent_status(&self, site: &str) -> Result<crate::agent::Status> {
+        let s = self.site(site)?;
+        let config = s.config.to_str().context("config path")?;
+        let out =
+            s.gw.command(
+                agent_bin()?.to_str().context("agent path")?,
+                &["status", "--config", config, "--json"],
+            )
+            .output()
+            .context("running status")?;
+        if !out.status.success() {
+            bail!("status of {site}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).context("parsing status --json")
+    }
+}
+
+fn build_site(id: &str, i: usize, site: &Site, wan: &Netns, dir: &Path) -> Result<SiteRuntime> {
+    let n = site.name.as_str();
+    let gw = Netns::named(&ns_name(id, &format!("{n}-gw")))?;
+    let vpc = Netns::named(&ns_name(id, &format!("{n}-vpc")))?;
+    let public_ip = Ipv4Addr::new(203, 0, 113, 10 + i as u8);
+    let port = port_name(n);
+
+    // The gateway's (or its NAT's) leg on the WAN segment.
+    let nat = if site.nat {
+        let nat = Netns::named(&ns_name(id, &format!("{n}-nat")))?;
+        link(&nat, "wan0", &format!("{public_ip}/24"), wan, &port, None)?;
+        link(
+            &gw,
+            "wan0",
+            "192.0.2.2/24",
+            &nat,
+            "lan0",
+            Some("192.0.2.1/24"),
+        )?;
+        gw.ip(&["route", "add", "default", "via", "192.0.2.1"])?;
+        nat.sysctl("net.ipv4.ip_forward", "1")?;
+        nat.nft(
+            "table ip nat {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n  oifname \"wan0\" masquerade\n }\n}\n",
+        )?;
+        disable_offloads(nat.name(), "wan0")?;
+        disable_offloads(nat.name(), "lan0")?;
+        Some(nat)
+    } else {
+        link(&gw, "wan0", &format!("{public_ip}/24"), wan, &port, None)?;
+        None
+    };
+    disable_offloads(gw.name(), "wan0")?;
+
+    // The VPC: the gateway holds .1, the workload host .10.
+    let gateway_vpc_ip = host(site.vpc, 1);
+    let vpc_host_ip = host(site.vpc, 10);
+    link(
+        &vpc,
+        "eth0",
+        &format!("{vpc_host_ip}/{}", site.vpc.prefix_len()),
+        &gw,
+        "vpc0",
+        Some(&format!("{gateway_vpc_ip}/{}", site.vpc.prefix_len())),
+    )?;
+    vpc.ip(&[
+        "route",
+        "add",
+        "default",
+        "via",
+        &gateway_vpc_ip.to_string(),
+    ])?;
+    gw.sysctl("net.ipv4.ip_forward", "1")?;
+    Ok(SiteRuntime {
+        site: site.clone(),
+        index: i,
+        public_ip,
+        overlay_ip: Ipv4Addr::new(100, 96, 0, 1 + i as u8),
+        vpc_host_ip,
+        gateway_vpc_ip,
+        config: dir.join(format!("{n}.toml")),
+        admin_socket: dir.join(format!("{n}.sock")),
+        agent: None,
+        vpc,
+        gw,
+        nat,
+    })
+}
+
+/// A veth from `a` (named `a_if`, address `a_cidr`) to `b` (named `b_if`, optional
+/// address); both ends up, IPv6 off (the lab's underlay is IPv4).
+fn link(
+    a: &Netns,
+    a_if: &str,
+    a_cidr: &str,
+    b: &Netns,
+    b_if: &str,
+    b_cidr: Option<&str>,
+) -> Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
+    a.sysctl(&format!("net.ipv6.conf.{a_if}.disable_ipv6"), "1")?;
+    b.sysctl(&format!("net.ipv6.conf.{b_if}.disable_ipv6"), "1")?;
+    a.ip(&["addr", "add", a_cidr, "dev", a_if])?;
+    if let Some(c) = b_cidr {
+        b.ip(&["addr", "add", c, "dev", b_if])?;
+    }
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// Removes every namespace of lab `id` (or of every lab, with `None`) and the
+/// processes in them; works after the lab process itself crashed.
+pub fn down(id: Option<&str>) -> Vec<String> {
+    let prefix = match id {
+        Some(id) => ns_name(id, ""),
+        None => LAB_PREFIX.to_string(),
+    };
+    let mut removed = Vec::new();
+    // Gateways and hosts first, the WAN last, so nothing is left half-linked.
+    let mut names: Vec<String> = list_namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
+    names.sort_by_key(|n| n.ends_with("-wan"));
+    for n in names {
+        destroy(&n);
+        removed.push(n);
+    }
+    removed
+}
