@@ -18,25 +18,38 @@ use std::time::Duration;
 
 /// Path of the agent binary: `$SKYMESH_AGENT_BIN`, else `<workspace>/target/debug/skymesh-agent`.
 pub fn agent_bin() -> Result<PathBuf> {
-    let path = match std::env::var_os("SKYMESH_AGENT_BIN") {
-        Some(p) => PathBuf::from(p),
-        None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join("target")
-            .join("debug")
-            .join("skymesh-agent"),
-    };
-    if !path.is_file() {
-        bail!(
-            "skymesh-agent binary not found at {}; build it first: cargo build --workspace --bins \
-             (or point SKYMESH_AGENT_BIN at it)",
-            path.display()
-        );
+    if let Some(p) = std::env::var_os("SKYMESH_AGENT_BIN") {
+        let path = PathBuf::from(p);
+        if !path.is_file() {
+            bail!(
+                "SKYMESH_AGENT_BIN points at {}, which is not a file",
+                path.display()
+            );
+        }
+        return Ok(path);
     }
-    Ok(path)
+    // Beside the running binary (target/<profile>/skymesh-lab), or one level up
+    // for test binaries (target/<profile>/deps/…), so the lab and the tests use
+    // the agent of their own build profile.
+    let exe = std::env::current_exe().context("locating the running binary")?;
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("skymesh-agent"))
+        .chain(std::iter::once(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/skymesh-agent"),
+        ))
+        .collect();
+    candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
+        anyhow::anyhow!(
+            "skymesh-agent binary not found (looked at {}); build it first: cargo build --workspace --bins \
+             (or point SKYMESH_AGENT_BIN at it)",
+            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
-/// A command running the agent binary with `args` (in the current namespace).
 pub fn agent_command(args: &[&str]) -> Result<Command> {
     let mut cmd = Command::new(agent_bin()?);
     cmd.args(args);

@@ -1,0 +1,491 @@
+//! `skymesh-lab`: builds the four-cloud lab on this machine (network namespaces and
+//! an emulated WAN), shows the fabric working, and changes the WAN at run time.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use serde::{Deserialize, Serialize};
+use skymesh_tests::lab::build::{ns_name, port_name};
+use skymesh_tests::lab::topology::{duration, percent, rate};
+use skymesh_tests::lab::{down, Lab, Topology};
+use skymesh_tests::wan::PairShape;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Where running labs keep their state: one directory per lab id.
+const RUN_DIR: &str = "/run/skymesh-lab";
+
+#[derive(Parser)]
+#[command(
+    name = "skymesh-lab",
+    version,
+    about = "The skymesh multi-cloud lab: four clouds in network namespaces, joined by an emulated WAN"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the lab, start the agents, show the mesh, and run until Ctrl-C.
+    Up {
+        #[arg(long, default_value = "configs/lab.toml")]
+        config: PathBuf,
+        /// Lab id (part of every namespace name); random by default.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Remove a lab's namespaces, processes and state (every lab without --id),
+    /// also after `up` crashed.
+    Down {
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Run a command in a site's VPC host: `skymesh-lab exec aws -- ping 10.10.0.10`.
+    Exec {
+        site: String,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Change the emulated WAN between two sites (both directions).
+    Wan {
+        #[command(subcommand)]
+        op: WanOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum WanOp {
+    /// Drop everything between A and B.
+    Cut(Pair),
+    /// Undo a cut, keeping the pair's delay, loss and rate.
+    Restore(Pair),
+    /// Change the pair's shape: `wan set aws gcp --delay 80ms --loss 2%`.
+    Set {
+        #[command(flatten)]
+        pair: Pair,
+        #[arg(long)]
+        delay: Option<String>,
+        #[arg(long)]
+        jitter: Option<String>,
+        #[arg(long)]
+        loss: Option<String>,
+        #[arg(long)]
+        rate: Option<String>,
+        #[arg(long)]
+        mtu: Option<u32>,
+    },
+}
+
+#[derive(Args)]
+struct Pair {
+    a: String,
+    b: String,
+    #[arg(long)]
+    id: Option<String>,
+}
+
+/// One request on a lab's control socket.
+#[derive(Serialize, Deserialize)]
+struct WanRequest {
+    a: String,
+    b: String,
+    up: Option<bool>,
+    delay: Option<String>,
+    jitter: Option<String>,
+    loss: Option<String>,
+    rate: Option<String>,
+    mtu: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Up { config, id } => up(&config, id),
+        Cmd::Down { id } => {
+            let ids: Vec<String> = match id {
+                Some(id) => vec![id],
+                None => running_labs(),
+            };
+            let mut stopped = Vec::new();
+            for id in &ids {
+                if stop_up_process(id) {
+                    stopped.push(id.clone());
+                }
+                let _ = std::fs::remove_dir_all(Path::new(RUN_DIR).join(id));
+            }
+            // Whatever a stopped or crashed `up` left behind.
+            let removed = match ids.len() {
+                1 => down(Some(&ids[0])),
+                _ => down(None),
+            };
+            for id in &stopped {
+                println!("stopped lab {id}");
+            }
+            if !removed.is_empty() {
+                println!(
+                    "removed {} leftover namespaces: {}",
+                    removed.len(),
+                    removed.join(" ")
+                );
+            }
+            if stopped.is_empty() && removed.is_empty() {
+                println!("no lab was running");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Exec { site, id, command } => {
+            let id = pick_lab(id)?;
+            let ns = ns_name(&id, &format!("{site}-vpc"));
+            if !skymesh_tests::netns::list_namespaces().contains(&ns) {
+                bail!("lab {id} has no site {site:?} (no namespace {ns})");
+            }
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&command)
+                .status()
+                .context("running ip netns exec")?;
+            Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+        }
+        Cmd::Wan { op } => {
+            let (pair, req) = match op {
+                WanOp::Cut(p) => (
+                    p.id.clone(),
+                    WanRequest {
+                        a: p.a,
+                        b: p.b,
+                        up: Some(false),
+                        delay: None,
+                        jitter: None,
+                        loss: None,
+                        rate: None,
+                        mtu: None,
+                    },
+                ),
+                WanOp::Restore(p) => (
+                    p.id.clone(),
+                    WanRequest {
+                        a: p.a,
+                        b: p.b,
+                        up: Some(true),
+                        delay: None,
+                        jitter: None,
+                        loss: None,
+                        rate: None,
+                        mtu: None,
+                    },
+                ),
+                WanOp::Set {
+                    pair,
+                    delay,
+                    jitter,
+                    loss,
+                    rate,
+                    mtu,
+                } => (
+                    pair.id.clone(),
+                    WanRequest {
+                        a: pair.a,
+                        b: pair.b,
+                        up: None,
+                        delay,
+                        jitter,
+                        loss,
+                        rate,
+                        mtu,
+                    },
+                ),
+            };
+            let id = pick_lab(pair)?;
+            let sock = Path::new(RUN_DIR).join(&id).join("control.sock");
+            let mut stream = UnixStream::connect(&sock).with_context(|| {
+                format!(
+                    "cannot reach lab {id} at {} (is `skymesh-lab up` running?)",
+                    sock.display()
+                )
+            })?;
+            writeln!(stream, "{}", serde_json::to_string(&req)?)?;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer)?;
+            let answer: serde_json::Value =
+                serde_json::from_str(&answer).context("bad answer from the lab")?;
+            if let Some(err) = answer.get("error").and_then(|e| e.as_str()) {
+                bail!("{err}");
+            }
+            println!(
+                "{}",
+                answer
+                    .get("detail")
+                    .and_then(|d| d.as_str())
+                    .unwrap_or("ok")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn running_labs() -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(RUN_DIR)
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+fn pick_lab(id: Option<String>) -> Result<String> {
+    if let Some(id) = id {
+        return Ok(id);
+    }
+    let ids = running_labs();
+    match ids.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("no lab is running; start one with `skymesh-lab up`"),
+        many => bail!(
+            "several labs are running ({}); choose one with --id",
+            many.join(", ")
+        ),
+    }
+}
+
+/// Asks a running `skymesh-lab up` of lab `id` to tear its lab down and waits for
+/// it; false when none was running.
+fn stop_up_process(id: &str) -> bool {
+    let pid_file = Path::new(RUN_DIR).join(id).join("up.pid");
+    let Some(pid) = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    if nix::sys::signal::kill(pid, Signal::SIGTERM).is_err() {
+        return false;
+    }
+    let start = Instant::now();
+    while nix::sys::signal::kill(pid, None).is_ok() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+fn random_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{:04x}", (nanos ^ std::process::id()) & 0xffff)
+}
+
+fn up(config: &Path, id: Option<String>) -> Result<ExitCode> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the lab creates network namespaces: run it as root");
+    }
+    let topology = Topology::load(config)?;
+    let id = id.unwrap_or_else(random_id);
+    if id.is_empty() || id.len() > 8 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("--id {id:?}: expected 1-8 letters or digits (it becomes part of namespace names)");
+    }
+    // Ctrl-C and SIGTERM are taken by sigwait below; block them before any thread
+    // starts so every thread inherits the mask.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGTERM);
+    signals.thread_block()?;
+
+    let dir = Path::new(RUN_DIR).join(&id);
+    println!(
+        "building lab {id} from {} ({} sites)…",
+        config.display(),
+        topology.sites.len()
+    );
+    let lab = Arc::new(Lab::up(&id, topology, &dir)?);
+    std::fs::write(dir.join("up.pid"), std::process::id().to_string())?;
+    let control = UnixListener::bind(dir.join("control.sock"))?;
+    {
+        let lab = lab.clone();
+        std::thread::spawn(move || serve_control(control, &lab));
+    }
+
+    wait_for_mesh(&lab);
+    print!("{}", status_table(&lab));
+    println!(
+        "\nlab {id} is up. Try:\n  skymesh-lab exec aws -- ping -c 3 {}\n  skymesh-lab wan cut aws gcp    |  skymesh-lab wan restore aws gcp\n  skymesh-lab wan set aws gcp --delay 80ms --loss 2%\nCtrl-C (or `skymesh-lab down`) removes it.",
+        lab.sites.get(1).map(|s| s.vpc_host_ip.to_string()).unwrap_or_default()
+    );
+    let sig = signals.wait()?;
+    println!("\n{sig:?}: removing lab {id}…");
+    drop(lab);
+    let _ = std::fs::remove_dir_all(&dir);
+    down(Some(&id));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn wait_for_mesh(lab: &Lab) {
+    let names: Vec<&str> = lab.sites.iter().map(|s| s.site.name.as_str()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for from in &names {
+        for to in names.iter().filter(|t| *t != from) {
+            while Instant::now() < deadline && lab.vpc_ping(from, to, 1).ok().flatten().is_none() {}
+        }
+    }
+}
+
+/// The status table `up` prints: sites, gateways, handshakes and a ping matrix.
+fn status_table(lab: &Lab) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\n{:<9} {:<8} {:<12} {:<14} {:<14} {:<12} {}\n",
+        "site", "cloud", "region", "vpc", "gateway", "overlay", "handshakes"
+    ));
+    for s in &lab.sites {
+        let handshakes = match lab.agent_status(&s.site.name) {
+            Ok(st) => st
+                .peers
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}:{}",
+                        p.name,
+                        if p.latest_handshake_unix.is_some() {
+                            "ok"
+                        } else {
+                            "none"
+                        }
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(e) => format!("agent not answering: {e:#}"),
+        };
+        let gw = if s.site.nat {
+            format!("{} (NAT)", s.public_ip)
+        } else {
+            s.public_ip.to_string()
+        };
+        out.push_str(&format!(
+            "{:<9} {:<8} {:<12} {:<14} {:<14} {:<12} {}\n",
+            s.site.name,
+            s.site.cloud,
+            s.site.region,
+            s.site.vpc.to_string(),
+            gw,
+            s.overlay_ip.to_string(),
+            handshakes
+        ));
+    }
+    out.push_str("\nVPC-to-VPC ping (RTT in ms, from row to column):\n");
+    out.push_str(&format!("{:<9}", ""));
+    for s in &lab.sites {
+        out.push_str(&format!("{:>9}", s.site.name));
+    }
+    out.push('\n');
+    for from in &lab.sites {
+        out.push_str(&format!("{:<9}", from.site.name));
+        for to in &lab.sites {
+            let cell = if from.index == to.index {
+                "-".to_string()
+            } else {
+                match lab.vpc_ping(&from.site.name, &to.site.name, 2) {
+                    Ok(Some(ms)) => format!("{ms:.1}"),
+                    _ => "FAIL".to_string(),
+                }
+            };
+            out.push_str(&format!("{cell:>9}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn serve_control(listener: UnixListener, lab: &Lab) {
+    for stream in listener.incoming().flatten() {
+        let mut line = String::new();
+        let Ok(reader) = stream.try_clone() else {
+            continue;
+        };
+        if BufReader::new(reader).read_line(&mut line).is_err() {
+            continue;
+        }
+        let answer = match serde_json::from_str::<WanRequest>(&line)
+            .map_err(anyhow::Error::from)
+            .and_then(|r| apply(lab, &r))
+        {
+            Ok(detail) => serde_json::json!({ "detail": detail }),
+            Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        };
+        let mut stream = stream;
+        let _ = writeln!(stream, "{answer}");
+    }
+}
+
+fn apply(lab: &Lab, r: &WanRequest) -> Result<String> {
+    for s in [&r.a, &r.b] {
+        if lab.topology.site(s).is_none() {
+            let names: Vec<&str> = lab.sites.iter().map(|s| s.site.name.as_str()).collect();
+            bail!("no site {s:?} in this lab (sites: {names:?})");
+        }
+    }
+    let (pa, pb) = (port_name(&r.a), port_name(&r.b));
+    if let Some(up) = r.up {
+        lab.switch.set_up(&pa, &pb, up)?;
+        return Ok(format!(
+            "{} ↔ {}: {}",
+            r.a,
+            r.b,
+            if up { "restored" } else { "cut" }
+        ));
+    }
+    for (from, to) in [(&pa, &pb), (&pb, &pa)] {
+        let mut shape: PairShape = lab.switch.shape(from, to)?;
+        if let Some(d) = &r.delay {
+            shape.delay = duration(d).with_context(|| format!("--delay {d:?}"))?;
+        }
+        if let Some(j) = &r.jitter {
+            shape.jitter = duration(j).with_context(|| format!("--jitter {j:?}"))?;
+        }
+        if let Some(l) = &r.loss {
+            shape.loss = percent(l).with_context(|| format!("--loss {l:?}"))?;
+        }
+        if let Some(x) = &r.rate {
+            shape.rate_bps = Some(rate(x).with_context(|| format!("--rate {x:?}"))?);
+        }
+        if let Some(m) = r.mtu {
+            shape.mtu = Some(m as usize);
+        }
+        lab.switch.set(from, to, shape)?;
+    }
+    let s = lab.switch.shape(&pa, &pb)?;
+    Ok(format!(
+        "{} ↔ {}: delay {:?}, jitter {:?}, loss {:.1}%, rate {}, mtu {}",
+        r.a,
+        r.b,
+        s.delay,
+        s.jitter,
+        s.loss * 100.0,
+        s.rate_bps
+            .map(|b| format!("{} Mbit/s", b / 1_000_000))
+            .unwrap_or_else(|| "unlimited".into()),
+        s.mtu
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "unlimited".into())
+    ))
+}
