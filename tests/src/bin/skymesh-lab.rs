@@ -40,11 +40,15 @@ enum Cmd {
         #[arg(long)]
         id: Option<String>,
     },
-    /// Remove a lab's namespaces, processes and state (every lab without --id),
-    /// also after `up` crashed.
+    /// Remove a lab's namespaces, processes and state, also after `up` crashed.
+    /// Without --id: every lab started by `skymesh-lab up`.
     Down {
         #[arg(long)]
         id: Option<String>,
+        /// Also sweep lab namespaces that no `up` registered (e.g. left by a killed
+        /// test run).
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
     },
     /// Run a command in a site's VPC host: `skymesh-lab exec aws -- ping 10.10.0.10`.
     Exec {
@@ -118,7 +122,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Up { config, id } => up(&config, id),
-        Cmd::Down { id } => {
+        Cmd::Down { id, all } => {
             let ids: Vec<String> = match id {
                 Some(id) => vec![id],
                 None => running_labs(),
@@ -131,10 +135,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let _ = std::fs::remove_dir_all(Path::new(RUN_DIR).join(id));
             }
             // Whatever a stopped or crashed `up` left behind.
-            let removed = match ids.len() {
-                1 => down(Some(&ids[0])),
-                _ => down(None),
-            };
+            let mut removed: Vec<String> = ids.iter().flat_map(|id| down(Some(id))).collect();
+            if all {
+                removed.extend(down(None));
+            }
             for id in &stopped {
                 println!("stopped lab {id}");
             }
