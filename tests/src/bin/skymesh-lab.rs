@@ -280,12 +280,21 @@ fn stop_up_process(id: &str) -> bool {
     else {
         return false;
     };
+    // Only a live `skymesh-lab` (not a zombie, not a reused pid) gets the signal.
+    let alive = |pid: i32| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains("skymesh-lab")
+    };
+    if !alive(pid) {
+        return false;
+    }
+    let raw = pid;
     let pid = nix::unistd::Pid::from_raw(pid);
     if nix::sys::signal::kill(pid, Signal::SIGTERM).is_err() {
         return false;
     }
     let start = Instant::now();
-    while nix::sys::signal::kill(pid, None).is_ok() && start.elapsed() < Duration::from_secs(10) {
+    while alive(raw) && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
     }
     true
