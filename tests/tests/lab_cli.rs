@@ -1,0 +1,146 @@
+//! `skymesh-lab` as a user runs it: `up` in the background, then `exec`, `wan`
+//! and `down` from another shell, also after `up` was killed with -9.
+
+use anyhow::{bail, ensure, Context, Result};
+use skymesh_tests::netns::list_namespaces;
+use skymesh_tests::{require_root, wait_until};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+const LAB: &str = env!("CARGO_BIN_EXE_skymesh-lab");
+const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/lab.toml");
+
+fn lab(args: &[&str]) -> Result<Output> {
+    Command::new(LAB)
+        .args(args)
+        .output()
+        .context("running skymesh-lab")
+}
+
+fn namespaces_of(id: &str) -> Vec<String> {
+    list_namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("sml-{id}-")))
+        .collect()
+}
+
+/// Kills `up` and removes its lab whatever happens to the test.
+struct UpGuard {
+    child: Child,
+    id: String,
+}
+
+impl Drop for UpGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(LAB).args(["down", "--id", &self.id]).output();
+    }
+}
+
+fn start_up(id: &str) -> Result<UpGuard> {
+    let log = std::env::temp_dir().join(format!("skymesh-lab-{id}.log"));
+    let child = Command::new(LAB)
+        .args(["up", "--config", CONFIG, "--id", id])
+        .stdout(Stdio::from(std::fs::File::create(&log)?))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting skymesh-lab up")?;
+    let guard = UpGuard {
+        child,
+        id: id.to_string(),
+    };
+    let up = wait_until(Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("is up"))
+    });
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    if up.is_none() {
+        bail!("`skymesh-lab up` did not report the lab up within 60 s:\n{out}");
+    }
+    // The status table shows every site with handshakes and a full ping matrix.
+    for site in ["aws", "gcp", "azure", "alibaba"] {
+        ensure!(
+            out.contains(site),
+            "status output lacks site {site}:\n{out}"
+        );
+    }
+    ensure!(
+        !out.contains("FAIL") && !out.contains(":none"),
+        "mesh incomplete at start:\n{out}"
+    );
+    Ok(guard)
+}
+
+#[test]
+fn up_exec_wan_and_down_after_crash() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let id = format!("c{}", std::process::id() % 100_000);
+    let mut up = start_up(&id)?;
+
+    let ping = |site: &str, dst: &str| -> Result<bool> {
+        Ok(lab(&[
+            "exec", site, "--id", &id, "--", "ping", "-c", "1", "-W", "1", dst,
+        ])?
+        .status
+        .success())
+    };
+    ensure!(
+        ping("aws", "10.10.0.10")?,
+        "aws VPC cannot ping the gcp VPC host"
+    );
+
+    let cut = lab(&["wan", "cut", "aws", "gcp", "--id", &id])?;
+    ensure!(
+        cut.status.success(),
+        "wan cut failed: {}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    ensure!(
+        !ping("aws", "10.10.0.10")?,
+        "aws still reaches gcp across a cut WAN pair"
+    );
+    ensure!(
+        ping("aws", "10.20.0.10")?,
+        "the cut took other pairs down too"
+    );
+    ensure!(lab(&["wan", "restore", "aws", "gcp", "--id", &id])?
+        .status
+        .success());
+    ensure!(
+        wait_until(Duration::from_secs(30), || ping("aws", "10.10.0.10")
+            .unwrap_or(false))
+        .is_some(),
+        "aws did not reach gcp again after the restore"
+    );
+
+    let bad = lab(&["wan", "set", "aws", "mars", "--delay", "5ms", "--id", &id])?;
+    ensure!(
+        !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no site \"mars\"")
+    );
+
+    // A crash of `up` itself: `down` still removes everything.
+    up.child.kill()?;
+    up.child.wait()?;
+    ensure!(
+        !namespaces_of(&id).is_empty(),
+        "namespaces vanished with the up process"
+    );
+    let down = lab(&["down", "--id", &id])?;
+    ensure!(
+        down.status.success(),
+        "down failed: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    ensure!(
+        namespaces_of(&id).is_empty(),
+        "left behind: {:?}",
+        namespaces_of(&id)
+    );
+    ensure!(
+        !std::path::Path::new("/run/skymesh-lab").join(&id).exists(),
+        "state directory of lab {id} left behind"
+    );
+    Ok(())
+}
