@@ -345,7 +345,12 @@ impl Node {
                     });
                     self.by_key.insert(spec.public_key, id);
                     self.by_index.insert(index, id);
-                    if spec.persistent_keepalive.is_some() && spec.endpoint.is_some() {
+                    // A gateway handshakes with every peer it can reach as soon as it
+                    // knows it, instead of on the first packet: the mesh is ready (and
+                    // `status` says so) before traffic, and a restarted agent's peers
+                    // switch to the new session at once instead of after their
+                    // 15-second retry timer.
+                    if spec.endpoint.is_some() {
                         self.pending_initiation.push(id);
                     }
                     diff.peers_added.push(spec.name.clone());
@@ -982,7 +987,7 @@ mod tests {
     }
 
     #[test]
-    fn keepalive_peer_initiates_at_once_and_timers_tick_on_injected_time() {
+    fn peers_with_endpoints_initiate_at_once_and_timers_tick_on_injected_time() {
         let now = Instant::now();
         let ka = PrivateKey::from_bytes([1; 32]);
         let pb = PrivateKey::from_bytes([2; 32]).public_key();
@@ -990,13 +995,17 @@ mod tests {
         a.apply(
             &map(
                 "100.96.0.1/32",
-                vec![spec(
-                    "b",
-                    pb,
-                    Some(B_UNDERLAY),
-                    &["100.96.0.2/32"],
-                    Some(25),
-                )],
+                vec![
+                    spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32"], None),
+                    // Without an endpoint there is nobody to call: it waits for the peer.
+                    spec(
+                        "c",
+                        PrivateKey::from_bytes([3; 32]).public_key(),
+                        None,
+                        &["100.96.0.3/32"],
+                        None,
+                    ),
+                ],
             ),
             now,
         )
@@ -1004,6 +1013,7 @@ mod tests {
         assert!(a.poll_timeout() <= now, "due at once");
         let mut out = Transmits::with_capacity(2);
         a.handle_timeout(now, &mut out);
+        assert_eq!(out.len(), 1, "one initiation, to the peer with an endpoint");
         assert_eq!(
             out.iter().next().map(|(d, m)| (d, m[0])),
             Some((sock(B_UNDERLAY), 1))

@@ -1,62 +1,153 @@
-use anyhow::Result;
-use skymesh_tests::lab::{Lab, Topology};
-use skymesh_tests::traffic::{tcp_transfer, Payload};
-use skymesh_tests::{e2e, require_root, wait_until};
-use std::path::Path;
+//! Resilience on the four-cloud lab (`configs/lab.toml`, static mode): bulk data over
+//! every VPC pair, a WAN pair cut and restored, and an agent killed and restarted. Each
+//! test builds its own lab; the lab's guards remove every namespace even on failure.
+
+use anyhow::{ensure, Context, Result};
+use skymesh_tests::lab::build::{default_topology, port_name, test_lab_id};
+use skymesh_tests::lab::Lab;
+use skymesh_tests::{e2e, require_root};
 use std::time::{Duration, Instant};
 
+/// How long a freshly built lab gets until every VPC pair answers pings.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+fn show(pairs: &[(String, String)], took: &[Duration]) -> String {
+    pairs
+        .iter()
+        .zip(took)
+        .map(|((a, b), t)| format!("{a}→{b} {:.1} s", t.as_secs_f64()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Every unordered VPC pair moves 20 MiB over TCP with the bytes intact, on the
+/// default WAN including the 3 % loss and ~220 ms RTT of the direct paths to alibaba
+/// (measured at 8-18 s per 20 MiB there, so the loss stays in). One direction per
+/// pair, chosen so that every site both sends and receives; TCP's ACKs load the
+/// other direction.
 #[test]
-fn measure() -> Result<()> {
+fn every_vpc_pair_moves_20_mib_intact() -> Result<()> {
     if !require_root() {
         return Ok(());
     }
-    e2e("measure", |env| {
-        let t = Topology::load(Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../configs/lab.toml"
-        )))?;
-        let start = Instant::now();
-        let lab = Lab::up(
-            &format!("t{}z", std::process::id() % 100_000),
-            t,
-            &env.path("lab"),
-        )?;
-        eprintln!("up {:?}", start.elapsed());
-        for (a, b) in [
+    e2e("lab-bulk", |env| {
+        let lab = Lab::up(&test_lab_id("b"), default_topology()?, &env.path("lab"))?;
+        let transfers = pairs(&[
             ("aws", "gcp"),
-            ("gcp", "aws"),
-            ("aws", "alibaba"),
-            ("alibaba", "aws"),
-            ("aws", "azure"),
+            ("gcp", "azure"),
             ("azure", "alibaba"),
-        ] {
-            let w = wait_until(Duration::from_secs(30), || {
-                lab.vpc_ping(a, b, 2).ok().flatten().is_some()
-            });
-            eprintln!("{a}->{b} ping after {w:?}");
-        }
-        for (a, b, mb) in [
-            ("aws", "gcp", 20),
-            ("aws", "azure", 20),
-            ("azure", "alibaba", 20),
-            ("aws", "alibaba", 2),
-            ("alibaba", "aws", 2),
-        ] {
-            let (sa, sb) = (lab.site(a)?, lab.site(b)?);
-            let t = tcp_transfer(
-                &sa.vpc,
-                &sb.vpc,
-                &sb.vpc_host_ip.to_string(),
-                5001,
-                Payload::Pattern(mb << 20),
-            )?;
-            t.verify()?;
+            ("alibaba", "aws"),
+            ("azure", "aws"),
+            ("alibaba", "gcp"),
+        ]);
+        lab.wait_vpc_pings(&lab.ordered_pairs(), CONVERGE)?;
+        for (i, (from, to)) in transfers.iter().enumerate() {
+            let t = lab.vpc_transfer(from, to, 5001 + i as u16, 20 << 20)?;
             eprintln!(
-                "{a}->{b} {mb} MiB in {:?} ({:.1} MB/s)",
-                t.elapsed,
+                "{from}→{to}: 20 MiB in {:.1} s ({:.1} MB/s)",
+                t.elapsed.as_secs_f64(),
                 t.mbytes_per_sec()
             );
+            ensure!(
+                t.elapsed < Duration::from_secs(90),
+                "{from}→{to}: 20 MiB took {:?}, the bound is 90 s",
+                t.elapsed
+            );
         }
+        Ok(())
+    })
+}
+
+/// Cutting aws↔gcp on the WAN for 10 s: that pair's VPCs cannot reach each other while
+/// every other pair keeps working; after the restore the pair recovers within 30 s.
+#[test]
+fn cut_wan_pair_fails_only_that_pair_and_recovers() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    e2e("lab-cut", |env| {
+        let lab = Lab::up(&test_lab_id("c"), default_topology()?, &env.path("lab"))?;
+        let all = lab.ordered_pairs();
+        lab.wait_vpc_pings(&all, CONVERGE)?;
+        let (a, b) = ("aws", "gcp");
+        let cut = pairs(&[(a, b), (b, a)]);
+        let others: Vec<(String, String)> = all.into_iter().filter(|p| !cut.contains(p)).collect();
+
+        lab.switch.set_up(&port_name(a), &port_name(b), false)?;
+        let cut_at = Instant::now();
+        let mut rounds = 0;
+        while cut_at.elapsed() < Duration::from_secs(10) {
+            for (from, to) in &cut {
+                ensure!(
+                    lab.vpc_ping(from, to, 1)?.is_none(),
+                    "VPC {from} reached VPC {to} {:?} into the WAN cut",
+                    cut_at.elapsed()
+                );
+            }
+            // A few seconds each: the direct paths to alibaba lose 3 % per direction.
+            lab.wait_vpc_pings(&others, Duration::from_secs(5))
+                .with_context(|| format!("{:?} into the {a}↔{b} cut", cut_at.elapsed()))?;
+            rounds += 1;
+        }
+        lab.switch.set_up(&port_name(a), &port_name(b), true)?;
+        let cut_for = cut_at.elapsed();
+
+        let took = lab
+            .wait_vpc_pings(&cut, Duration::from_secs(30))
+            .context("after restoring the WAN pair")?;
+        eprintln!(
+            "{a}↔{b} cut for {:.1} s ({rounds} rounds, other pairs fine); recovered: {}",
+            cut_for.as_secs_f64(),
+            show(&cut, &took)
+        );
+        Ok(())
+    })
+}
+
+/// gcp's agent killed with SIGKILL (no cleanup) and started again: gcp's VPC reaches
+/// every other VPC and every other VPC reaches gcp's, within 30 s. The others still
+/// hold sessions the new process does not know, so their direction waits on their
+/// own handshake timers.
+#[test]
+fn agent_killed_with_sigkill_recovers_after_restart() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    e2e("lab-kill", |env| {
+        let mut lab = Lab::up(&test_lab_id("k"), default_topology()?, &env.path("lab"))?;
+        lab.wait_vpc_pings(&lab.ordered_pairs(), CONVERGE)?;
+        let victim = "gcp";
+        let (to_victim, from_victim): (Vec<_>, Vec<_>) = lab
+            .ordered_pairs()
+            .into_iter()
+            .filter(|(a, b)| a == victim || b == victim)
+            .partition(|(_, b)| b == victim);
+
+        lab.kill_agent(victim)?;
+        ensure!(
+            lab.vpc_ping("aws", victim, 1)?.is_none(),
+            "VPC {victim} still answers with its agent killed"
+        );
+        lab.restart_agent(victim)?;
+        // Towards the victim first: nothing has made the new process send yet, so
+        // this is the direction that depends on the peers noticing the restart.
+        let inbound = lab
+            .wait_vpc_pings(&to_victim, Duration::from_secs(30))
+            .context("towards the restarted site")?;
+        let outbound = lab
+            .wait_vpc_pings(&from_victim, Duration::from_secs(30))
+            .context("from the restarted site")?;
+        eprintln!(
+            "after restarting {victim}: {}; {}",
+            show(&to_victim, &inbound),
+            show(&from_victim, &outbound)
+        );
         Ok(())
     })
 }

@@ -67,6 +67,17 @@ pub fn port_name(site: &str) -> String {
     format!("p-{site}")
 }
 
+/// The repository's `configs/lab.toml`, the topology the end-to-end suites run on.
+pub fn default_topology() -> Result<Topology> {
+    Topology::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/lab.toml"))
+}
+
+/// A lab id unique to this test process and `test` (a letter or two): short, because
+/// it is part of every namespace name.
+pub fn test_lab_id(test: &str) -> String {
+    format!("t{}{test}", std::process::id() % 100_000)
+}
+
 fn host(net: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)
 }
@@ -174,8 +185,12 @@ impl Lab {
         let bin = agent_bin()?;
         let bin = bin.to_str().context("agent path is not UTF-8")?.to_string();
         let cmd = s.gw.command(&bin, &["run", "--config", &config]);
+        // A socket file left by a killed agent must not count as ready.
+        let _ = std::fs::remove_file(&s.admin_socket);
         let mut agent = Spawned::start(&format!("{}-agent", s.site.name), cmd, &log)?;
-        let ready = crate::wait_until(Duration::from_secs(10), || s.admin_socket.exists());
+        let ready = crate::wait_until(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&s.admin_socket).is_ok()
+        });
         if ready.is_none() {
             let _ = agent.ensure_running();
             bail!(
@@ -227,6 +242,83 @@ impl Lab {
             .nth(1)
             .and_then(|t| t.split_whitespace().next())
             .and_then(|t| t.parse().ok()))
+    }
+
+    /// Sends `bytes` of pattern data over TCP from the VPC host of `from` to a
+    /// listener on `port` at the VPC host of `to`; fails unless they arrive intact.
+    pub fn vpc_transfer(
+        &self,
+        from: &str,
+        to: &str,
+        port: u16,
+        bytes: usize,
+    ) -> Result<crate::traffic::Transfer> {
+        let (src, dst) = (self.site(from)?, self.site(to)?);
+        let what = || format!("{bytes} bytes over TCP from VPC {from} to VPC {to}");
+        let t = crate::traffic::tcp_transfer(
+            &src.vpc,
+            &dst.vpc,
+            &dst.vpc_host_ip.to_string(),
+            port,
+            crate::traffic::Payload::Pattern(bytes),
+        )
+        .with_context(what)?;
+        t.verify().with_context(what)?;
+        Ok(t)
+    }
+
+    /// Every ordered pair of distinct sites, as (from, to) names.
+    pub fn ordered_pairs(&self) -> Vec<(String, String)> {
+        let names: Vec<&str> = self.sites.iter().map(|s| s.site.name.as_str()).collect();
+        names
+            .iter()
+            .flat_map(|a| {
+                names
+                    .iter()
+                    .filter(move |b| *b != a)
+                    .map(move |b| (a.to_string(), b.to_string()))
+            })
+            .collect()
+    }
+
+    /// Pings from VPC host to VPC host for every pair in `pairs` at once until each
+    /// gets a reply; returns how long each pair took, or fails naming the pairs that
+    /// got none within `timeout`. In parallel because a pair may wait out a handshake
+    /// timer (seconds), and one pair's wait must not eat into the next one's.
+    pub fn wait_vpc_pings(
+        &self,
+        pairs: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<Vec<Duration>> {
+        let waited: Vec<Option<Duration>> = std::thread::scope(|s| {
+            let waits: Vec<_> = pairs
+                .iter()
+                .map(|(from, to)| {
+                    s.spawn(move || {
+                        crate::wait_until(timeout, || {
+                            self.vpc_ping(from, to, 1).ok().flatten().is_some()
+                        })
+                    })
+                })
+                .collect();
+            waits
+                .into_iter()
+                .map(|w| w.join().unwrap_or(None))
+                .collect()
+        });
+        let failed: Vec<String> = pairs
+            .iter()
+            .zip(&waited)
+            .filter(|(_, w)| w.is_none())
+            .map(|((from, to), _)| format!("{from}→{to}"))
+            .collect();
+        if !failed.is_empty() {
+            bail!(
+                "no VPC ping reply within {timeout:?} for {}",
+                failed.join(", ")
+            );
+        }
+        Ok(waited.into_iter().flatten().collect())
     }
 
     /// Status of the agent of `site`, via `skymesh-agent status --json`.
