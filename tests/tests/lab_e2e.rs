@@ -2,22 +2,10 @@
 //! namespaces, workload hosts in VPC namespaces, the userspace WAN in between.
 
 use anyhow::{ensure, Result};
-use skymesh_tests::lab::{Lab, Topology};
+use skymesh_tests::lab::build::{default_topology, test_lab_id};
+use skymesh_tests::lab::Lab;
 use skymesh_tests::{e2e, require_root, wait_until};
-use std::path::Path;
 use std::time::Duration;
-
-fn default_topology() -> Result<Topology> {
-    Topology::load(Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../configs/lab.toml"
-    )))
-}
-
-/// A lab id unique to this test process and test.
-fn lab_id(test: &str) -> String {
-    format!("t{}{test}", std::process::id() % 100_000)
-}
 
 #[test]
 fn full_mesh_every_vpc_pair_pings() -> Result<()> {
@@ -25,7 +13,7 @@ fn full_mesh_every_vpc_pair_pings() -> Result<()> {
         return Ok(());
     }
     e2e("lab-mesh", |env| {
-        let lab = Lab::up(&lab_id("m"), default_topology()?, &env.path("lab"))?;
+        let lab = Lab::up(&test_lab_id("m"), default_topology()?, &env.path("lab"))?;
         let names: Vec<String> = lab.sites.iter().map(|s| s.site.name.clone()).collect();
         for from in &names {
             for to in names.iter().filter(|t| *t != from) {
