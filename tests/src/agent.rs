@@ -217,6 +217,10 @@ pub fn write_secret(path: &Path, contents: &str) -> Result<()> {
 }
 
 /// `status --json`: the running daemon as the admin socket reports it.
+///
+/// Deliberately defined apart from the agent's own type: this is the JSON
+/// contract as a client reads it, so a renamed or dropped field fails the tests
+/// instead of silently following the agent.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Status {
     /// The local interface.
