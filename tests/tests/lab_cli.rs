@@ -115,6 +115,40 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
         "aws did not reach gcp again after the restore"
     );
 
+    // `wan set` changes the path while it runs: 40 ms each way shows as ≥ 80 ms RTT.
+    let set = lab(&["wan", "set", "aws", "gcp", "--delay", "40ms", "--id", &id])?;
+    ensure!(
+        set.status.success(),
+        "wan set failed: {}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    let rtt = lab(&[
+        "exec",
+        "aws",
+        "--id",
+        &id,
+        "--",
+        "ping",
+        "-n",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "10.10.0.10",
+    ])?;
+    let text = String::from_utf8_lossy(&rtt.stdout);
+    let min = text
+        .split("min/avg/max")
+        .nth(1)
+        .and_then(|t| t.split('=').nth(1))
+        .and_then(|t| t.trim().split('/').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .with_context(|| format!("no RTT in ping output:\n{text}"))?;
+    ensure!(
+        (80.0..95.0).contains(&min),
+        "RTT {min} ms after `wan set --delay 40ms`, expected about 80 ms"
+    );
+
     let bad = lab(&["wan", "set", "aws", "mars", "--delay", "5ms", "--id", &id])?;
     ensure!(
         !bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("no site \"mars\"")

@@ -405,24 +405,53 @@ fn status_table(lab: &Lab) -> String {
             handshakes
         ));
     }
-    out.push_str("\nVPC-to-VPC ping (RTT in ms, from row to column):\n");
+    out.push_str("\nVPC-to-VPC ping (lowest RTT of 3, ms, from row to column; (n/3) = replies when some were lost):\n");
     out.push_str(&format!("{:<9}", ""));
     for s in &lab.sites {
-        out.push_str(&format!("{:>9}", s.site.name));
+        out.push_str(&format!("{:>13}", s.site.name));
     }
     out.push('\n');
-    for from in &lab.sites {
+    // All pairs at once: a lossy, long path should not make the table slow.
+    let cells: Vec<Vec<String>> = std::thread::scope(|scope| {
+        let rows: Vec<Vec<_>> = lab
+            .sites
+            .iter()
+            .map(|from| {
+                lab.sites
+                    .iter()
+                    .map(|to| {
+                        let (f, t) = (from.site.name.as_str(), to.site.name.as_str());
+                        let same = from.index == to.index;
+                        scope.spawn(move || {
+                            if same {
+                                Ok((0, None))
+                            } else {
+                                lab.vpc_ping_n(f, t, 3)
+                            }
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        rows.into_iter()
+            .enumerate()
+            .map(|(i, row)| {
+                row.into_iter()
+                    .enumerate()
+                    .map(|(j, h)| match h.join() {
+                        _ if i == j => "-".to_string(),
+                        Ok(Ok((3, Some(ms)))) => format!("{ms:.1}"),
+                        Ok(Ok((n, Some(ms)))) => format!("{ms:.1} ({n}/3)"),
+                        _ => "FAIL".to_string(),
+                    })
+                    .collect()
+            })
+            .collect()
+    });
+    for (from, row) in lab.sites.iter().zip(cells) {
         out.push_str(&format!("{:<9}", from.site.name));
-        for to in &lab.sites {
-            let cell = if from.index == to.index {
-                "-".to_string()
-            } else {
-                match lab.vpc_ping(&from.site.name, &to.site.name, 2) {
-                    Ok(Some(ms)) => format!("{ms:.1}"),
-                    _ => "FAIL".to_string(),
-                }
-            };
-            out.push_str(&format!("{cell:>9}"));
+        for cell in row {
+            out.push_str(&format!("{cell:>13}"));
         }
         out.push('\n');
     }

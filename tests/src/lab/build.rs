@@ -321,6 +321,44 @@ impl Lab {
         Ok(waited.into_iter().flatten().collect())
     }
 
+    /// `count` pings (200 ms apart) from the VPC host of `from` to that of `to`:
+    /// how many came back, and the lowest RTT in ms.
+    pub fn vpc_ping_n(&self, from: &str, to: &str, count: u32) -> Result<(u32, Option<f64>)> {
+        let dst = self.site(to)?.vpc_host_ip.to_string();
+        let out = self
+            .vpc_command(
+                from,
+                "ping",
+                &[
+                    "-n",
+                    "-q",
+                    "-c",
+                    &count.to_string(),
+                    "-i",
+                    "0.2",
+                    "-W",
+                    "2",
+                    &dst,
+                ],
+            )?
+            .output()
+            .context("running ping")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let received = text
+            .split(" received")
+            .next()
+            .and_then(|t| t.rsplit(", ").next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        let min = text
+            .split("min/avg/max")
+            .nth(1)
+            .and_then(|t| t.split('=').nth(1))
+            .and_then(|t| t.trim().split('/').next())
+            .and_then(|v| v.parse().ok());
+        Ok((received, min))
+    }
+
     /// Status of the agent of `site`, via `skymesh-agent status --json`.
     pub fn agent_status(&self, site: &str) -> Result<crate::agent::Status> {
         let s = self.site(site)?;
