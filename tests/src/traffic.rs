@@ -163,10 +163,18 @@ pub fn tcp_transfer(
                 .shutdown(std::net::Shutdown::Write)
                 .context("shutdown")?;
             Ok((total, hasher.finalize().into()))
-        })??;
+        })?;
         let received = match receiver.join() {
-            Ok(r) => r?,
+            Ok(r) => r,
             Err(panic) => std::panic::resume_unwind(panic),
+        };
+        // Report both sides: a sender's "broken pipe" is only the echo of what
+        // went wrong at the receiver.
+        let (sent, received) = match (sent, received) {
+            (Ok(s), Ok(r)) => (s, r),
+            (Err(s), Err(r)) => bail!("sender: {s:#}; receiver: {r:#}"),
+            (Err(s), Ok(r)) => bail!("sender: {s:#} (the receiver got {} bytes)", r.0),
+            (Ok(s), Err(r)) => bail!("receiver: {r:#} (the sender sent {} bytes)", s.0),
         };
         Ok(Transfer {
             sent: sent.0,
