@@ -533,8 +533,10 @@ impl Node {
             });
             peer.endpoint = Some(from);
         }
-        if flush {
-            // Packets queued while the handshake was pending can leave now.
+        if flush || (is_data && drop.is_none()) {
+            // Packets queued while no session was usable can leave now: after our
+            // handshake completed, or after the peer's first data packet confirmed
+            // the session we answered (both sides initiating at once).
             Self::flush_queue(peer, out);
         }
         if let Some(reason) = drop {
@@ -1022,6 +1024,63 @@ mod tests {
         out.clear();
         a.handle_timeout(now + Duration::from_millis(100), &mut out);
         assert!(out.is_empty(), "nothing before the tick");
+    }
+
+    /// Both gateways initiate at once and A's initiation is lost: A answers B's,
+    /// queues its own traffic, and sends it as soon as B's keepalive confirms the
+    /// session, without waiting for a handshake of its own to complete.
+    #[test]
+    fn simultaneous_initiation_flushes_queue_on_confirmation() {
+        let now = Instant::now();
+        let (ka, kb) = (
+            PrivateKey::from_bytes([1; 32]),
+            PrivateKey::from_bytes([2; 32]),
+        );
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        let mut a = Node::new(ka, 1, now);
+        let mut b = Node::new(kb, 2, now);
+        a.apply(
+            &map(
+                "100.96.0.1/32",
+                vec![spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32"], None)],
+            ),
+            now,
+        )
+        .expect("apply a");
+        b.apply(
+            &map(
+                "100.96.0.2/32",
+                vec![spec("a", pa, Some(A_UNDERLAY), &["100.96.0.1/32"], None)],
+            ),
+            now,
+        )
+        .expect("apply b");
+        let (mut a_init, mut b_init) = (Transmits::with_capacity(2), Transmits::with_capacity(2));
+        a.handle_timeout(now, &mut a_init); // lost on the way
+        b.handle_timeout(now, &mut b_init);
+        let mut a_resp = Transmits::with_capacity(2);
+        assert!(deliver(&mut a, B_UNDERLAY, &b_init, &mut a_resp, now).is_empty());
+        let ping = ipv4_packet(ip("100.96.0.1"), ip("100.96.0.2"), b"early");
+        let mut queued = Transmits::with_capacity(2);
+        a.handle_tun_packet(&ping, &mut queued, now);
+        assert!(
+            queued.iter().all(|(_, m)| m[0] != MSG_DATA),
+            "A has no confirmed session yet: the packet waits (A may start a handshake)"
+        );
+        let mut b_keepalive = Transmits::with_capacity(2);
+        deliver(&mut b, A_UNDERLAY, &a_resp, &mut b_keepalive, now);
+        let mut a_out = Transmits::with_capacity(2);
+        deliver(&mut a, B_UNDERLAY, &b_keepalive, &mut a_out, now);
+        assert_eq!(
+            a_out.len(),
+            1,
+            "the queued packet leaves with the confirmation"
+        );
+        let mut sink = Transmits::with_capacity(1);
+        assert_eq!(
+            deliver(&mut b, A_UNDERLAY, &a_out, &mut sink, now),
+            vec![ping]
+        );
     }
 
     #[test]
