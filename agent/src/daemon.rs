@@ -1,7 +1,7 @@
 //! The agent daemon: wires the sans-IO [`Node`] to its IO drivers (TUN, UDP,
 //! netlink, admin socket, metrics) and to the clock.
 //!
-//! The data plane is one dedicated OS thread that sleeps in `poll(2)` on the TUN
+//! The data plane is one dedicated OS thread that sleeps in `epoll` on the TUN
 //! device and the UDP socket and moves a batch per lock of the core in each
 //! direction: TUN → encrypt → UDP and UDP → decrypt → TUN. One thread per agent
 //! keeps request/response traffic on one CPU: the reply the kernel produces while
@@ -21,12 +21,10 @@ use crate::udp::Udp;
 use anyhow::{bail, Context, Result};
 use quinn_udp::RecvMeta;
 use rand::RngCore;
-use skymesh_wire::NetMap;
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::Notify;
 
 /// Packets read from the TUN per lock of the core.
 const TUN_BATCH: usize = 64;
@@ -38,7 +36,6 @@ struct Shared {
     node: Mutex<Node>,
     tun: Tun,
     udp: Udp,
-    timer_wake: Notify,
     config: Config,
 }
 
@@ -97,10 +94,8 @@ impl Shared {
             }
         }
         if failed > 0 {
-            let mut node = self.node();
-            for _ in 0..failed {
-                node.count_drop(DropReason::SendFailed);
-            }
+            self.node()
+                .count_drops(DropReason::SendFailed, failed as u64);
         }
     }
 }
@@ -166,7 +161,6 @@ pub async fn run(config: Config) -> Result<()> {
         node: Mutex::new(node),
         tun,
         udp,
-        timer_wake: Notify::new(),
         config: config.clone(),
     });
 
@@ -254,22 +248,6 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-/// Applies a netmap to a running node and mirrors route changes in the kernel.
-/// (Static mode applies once at start; the controller client calls this later.)
-pub async fn apply(node: &Mutex<Node>, netlink: &Netlink, index: u32, map: &NetMap) -> Result<()> {
-    let diff = {
-        let mut n = node.lock().unwrap_or_else(|e| e.into_inner());
-        n.apply(map, Instant::now())?
-    };
-    for net in &diff.routes_removed {
-        netlink.del_route(index, *net).await?;
-    }
-    for net in &diff.routes_added {
-        netlink.add_route(index, *net).await?;
-    }
-    Ok(())
 }
 
 /// Buffers of the data-plane thread, allocated once.
@@ -396,10 +374,7 @@ fn udp_batch(s: &Shared, b: &mut Buffers) -> Result<bool> {
         }
     }
     if tun_failed > 0 {
-        let mut node = s.node();
-        for _ in 0..tun_failed {
-            node.count_drop(DropReason::TunWriteFailed);
-        }
+        s.node().count_drops(DropReason::TunWriteFailed, tun_failed);
     }
     b.tun_out.clear();
     if !b.tx.is_empty() {
@@ -413,10 +388,7 @@ async fn timers(s: Arc<Shared>) -> Result<()> {
     let mut tx = Transmits::with_capacity(8);
     loop {
         let deadline = s.node().poll_timeout();
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = s.timer_wake.notified() => {}
-        }
+        tokio::time::sleep_until(deadline.into()).await;
         {
             let mut node = s.node();
             node.handle_timeout(Instant::now(), &mut tx);

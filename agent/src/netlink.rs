@@ -87,14 +87,6 @@ impl Netlink {
             .with_context(|| format!("adding route {net}"))
     }
 
-    pub async fn del_route(&self, index: u32, net: IpNet) -> Result<()> {
-        match self.handle.route().del(route(index, net)).execute().await {
-            Ok(()) => Ok(()),
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
-            Err(e) => Err(anyhow!(e)).with_context(|| format!("removing route {net}")),
-        }
-    }
-
     pub async fn delete_link(&self, index: u32) -> Result<()> {
         match self.handle.link().del(index).execute().await {
             Ok(()) => Ok(()),

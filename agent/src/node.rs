@@ -600,9 +600,7 @@ impl Node {
                 _ => {}
             }
         }
-        for _ in 0..no_endpoint {
-            self.count_drop(DropReason::NoEndpoint);
-        }
+        self.count_drops(DropReason::NoEndpoint, no_endpoint);
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
@@ -616,7 +614,12 @@ impl Node {
 
     /// Counts a drop seen by a driver (send or TUN write failures).
     pub fn count_drop(&mut self, reason: DropReason) {
-        self.drops[reason.index()] += 1;
+        self.count_drops(reason, 1);
+    }
+
+    /// Counts `n` drops of one reason at once (a failed batch).
+    pub fn count_drops(&mut self, reason: DropReason, n: u64) {
+        self.drops[reason.index()] += n;
     }
 
     pub fn drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
@@ -702,6 +705,11 @@ mod tests {
 
     /// Two nodes: A knows B's endpoint, B learns A's from its packets.
     fn pair() -> Pair {
+        pair_with(None)
+    }
+
+    /// Two nodes; A knows B's endpoint, and B knows A's if `b_knows_a` is given.
+    fn pair_with(b_knows_a: Option<&str>) -> Pair {
         let now = Instant::now();
         let (ka, kb) = (
             PrivateKey::from_bytes([1; 32]),
@@ -727,7 +735,13 @@ mod tests {
         b.apply(
             &map(
                 "100.96.0.2/32",
-                vec![spec("a", pa, None, &["100.96.0.1/32", "10.0.0.0/16"], None)],
+                vec![spec(
+                    "a",
+                    pa,
+                    b_knows_a,
+                    &["100.96.0.1/32", "10.0.0.0/16"],
+                    None,
+                )],
             ),
             now,
         )
@@ -1031,30 +1045,8 @@ mod tests {
     /// session, without waiting for a handshake of its own to complete.
     #[test]
     fn simultaneous_initiation_flushes_queue_on_confirmation() {
-        let now = Instant::now();
-        let (ka, kb) = (
-            PrivateKey::from_bytes([1; 32]),
-            PrivateKey::from_bytes([2; 32]),
-        );
-        let (pa, pb) = (ka.public_key(), kb.public_key());
-        let mut a = Node::new(ka, 1, now);
-        let mut b = Node::new(kb, 2, now);
-        a.apply(
-            &map(
-                "100.96.0.1/32",
-                vec![spec("b", pb, Some(B_UNDERLAY), &["100.96.0.2/32"], None)],
-            ),
-            now,
-        )
-        .expect("apply a");
-        b.apply(
-            &map(
-                "100.96.0.2/32",
-                vec![spec("a", pa, Some(A_UNDERLAY), &["100.96.0.1/32"], None)],
-            ),
-            now,
-        )
-        .expect("apply b");
+        let p = pair_with(Some(A_UNDERLAY));
+        let (mut a, mut b, now) = (p.a, p.b, p.now);
         let (mut a_init, mut b_init) = (Transmits::with_capacity(2), Transmits::with_capacity(2));
         a.handle_timeout(now, &mut a_init); // lost on the way
         b.handle_timeout(now, &mut b_init);

@@ -75,10 +75,6 @@ impl Udp {
         Ok(sock)
     }
 
-    pub fn local_port(&self) -> io::Result<u16> {
-        Ok(self.sock.local_addr()?.port())
-    }
-
     /// Largest number of datagrams one GSO send may carry.
     pub fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()

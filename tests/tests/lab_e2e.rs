@@ -2,18 +2,13 @@
 //! namespaces, workload hosts in VPC namespaces, the userspace WAN in between.
 
 use anyhow::{ensure, Result};
-use skymesh_tests::lab::build::{default_topology, test_lab_id};
-use skymesh_tests::lab::Lab;
-use skymesh_tests::{e2e, require_root, wait_until};
+use skymesh_tests::lab::build::{default_topology, with_lab};
+use skymesh_tests::wait_until;
 use std::time::Duration;
 
 #[test]
 fn full_mesh_every_vpc_pair_pings() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("lab-mesh", |env| {
-        let lab = Lab::up(&test_lab_id("m"), default_topology()?, &env.path("lab"))?;
+    with_lab("lab-mesh", "m", default_topology()?, |lab| {
         let names: Vec<String> = lab.sites.iter().map(|s| s.site.name.clone()).collect();
         for from in &names {
             for to in names.iter().filter(|t| *t != from) {

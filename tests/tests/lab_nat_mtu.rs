@@ -2,10 +2,10 @@
 //! WAN pair whose path MTU is below the tunnel's packets while ICMP is filtered.
 
 use anyhow::{bail, ensure, Context, Result};
-use skymesh_tests::lab::build::{default_topology, port_name, test_lab_id, LISTEN_PORT};
+use skymesh_tests::lab::build::{default_topology, port_name, with_lab, LISTEN_PORT};
 use skymesh_tests::lab::Lab;
 use skymesh_tests::traffic::ping_once;
-use skymesh_tests::{e2e, require_root, wait_until, Netns};
+use skymesh_tests::{require_tool, wait_until, Netns};
 use std::time::Duration;
 
 /// alibaba behind a NAT (no endpoint for it in anyone's config): the other VPCs reach
@@ -15,19 +15,15 @@ use std::time::Duration;
 /// the peers follow within a few keepalives and traffic flows again both ways.
 #[test]
 fn site_behind_nat_reaches_and_is_reached() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("lab-nat", |env| {
-        let natted = "alibaba";
-        let mut topology = default_topology()?;
-        topology
-            .sites
-            .iter_mut()
-            .find(|s| s.name == natted)
-            .context("the default topology has no alibaba site")?
-            .nat = true;
-        let lab = Lab::up(&test_lab_id("n"), topology, &env.path("lab"))?;
+    let natted = "alibaba";
+    let mut topology = default_topology()?;
+    topology
+        .sites
+        .iter_mut()
+        .find(|s| s.name == natted)
+        .context("the default topology has no alibaba site")?
+        .nat = true;
+    with_lab("lab-nat", "n", topology, |lab| {
         let (inbound, outbound): (Vec<_>, Vec<_>) = lab
             .ordered_pairs()
             .into_iter()
@@ -43,7 +39,7 @@ fn site_behind_nat_reaches_and_is_reached() -> Result<()> {
             .wait_vpc_pings(&outbound, Duration::from_secs(30))
             .context("from the site behind NAT")?;
         eprintln!("behind NAT: reached in {took_in:?}, reaching in {took_out:?}");
-        let endpoints = learned_endpoints(&lab, natted, &others)?;
+        let endpoints = learned_endpoints(lab, natted, &others)?;
         eprintln!("endpoints for {natted}: {endpoints:?}");
 
         let site = lab.site(natted)?;
@@ -56,10 +52,10 @@ fn site_behind_nat_reaches_and_is_reached() -> Result<()> {
         nat.ip(&["addr", "del", &public, "dev", "wan0"])?;
         nat.ip(&["addr", "add", &public, "dev", "wan0"])?;
         let followed = wait_until(Duration::from_secs(20), || {
-            learned_endpoints(&lab, natted, &others).is_ok_and(|e| e != endpoints)
+            learned_endpoints(lab, natted, &others).is_ok_and(|e| e != endpoints)
         });
         let endpoints =
-            learned_endpoints(&lab, natted, &others).context("after the NAT remapped its ports")?;
+            learned_endpoints(lab, natted, &others).context("after the NAT remapped its ports")?;
         ensure!(
             followed.is_some(),
             "the peers' endpoints for {natted} stayed {endpoints:?} after the NAT remapped its ports"
@@ -158,11 +154,11 @@ const NO_ICMP_ON_WAN: &str = "table inet no_wan_icmp {
 /// blackhole.
 #[test]
 fn low_path_mtu_with_icmp_filtered_is_no_blackhole() -> Result<()> {
-    if !require_root() {
+    // The test filters ICMP with nft on the gateways.
+    if !require_tool("nft") {
         return Ok(());
     }
-    e2e("lab-mtu", |env| {
-        let lab = Lab::up(&test_lab_id("u"), default_topology()?, &env.path("lab"))?;
+    with_lab("lab-mtu", "u", default_topology()?, |lab| {
         let (a, b) = ("aws", "gcp");
         let (sa, sb) = (lab.site(a)?, lab.site(b)?);
         for (from, to) in [(a, b), (b, a)] {

@@ -3,9 +3,7 @@
 //! test builds its own lab; the lab's guards remove every namespace even on failure.
 
 use anyhow::{ensure, Context, Result};
-use skymesh_tests::lab::build::{default_topology, port_name, test_lab_id};
-use skymesh_tests::lab::Lab;
-use skymesh_tests::{e2e, require_root};
+use skymesh_tests::lab::build::{default_topology, port_name, with_lab};
 use std::time::{Duration, Instant};
 
 /// How long a freshly built lab gets until every VPC pair answers pings.
@@ -33,11 +31,7 @@ fn show(pairs: &[(String, String)], took: &[Duration]) -> String {
 /// other direction.
 #[test]
 fn every_vpc_pair_moves_20_mib_intact() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("lab-bulk", |env| {
-        let lab = Lab::up(&test_lab_id("b"), default_topology()?, &env.path("lab"))?;
+    with_lab("lab-bulk", "b", default_topology()?, |lab| {
         let transfers = pairs(&[
             ("aws", "gcp"),
             ("gcp", "azure"),
@@ -68,11 +62,7 @@ fn every_vpc_pair_moves_20_mib_intact() -> Result<()> {
 /// every other pair keeps working; after the restore the pair recovers within 30 s.
 #[test]
 fn cut_wan_pair_fails_only_that_pair_and_recovers() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("lab-cut", |env| {
-        let lab = Lab::up(&test_lab_id("c"), default_topology()?, &env.path("lab"))?;
+    with_lab("lab-cut", "c", default_topology()?, |lab| {
         let all = lab.ordered_pairs();
         lab.wait_vpc_pings(&all, CONVERGE)?;
         let (a, b) = ("aws", "gcp");
@@ -116,11 +106,7 @@ fn cut_wan_pair_fails_only_that_pair_and_recovers() -> Result<()> {
 /// own handshake timers.
 #[test]
 fn agent_killed_with_sigkill_recovers_after_restart() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    e2e("lab-kill", |env| {
-        let mut lab = Lab::up(&test_lab_id("k"), default_topology()?, &env.path("lab"))?;
+    with_lab("lab-kill", "k", default_topology()?, |lab| {
         lab.wait_vpc_pings(&lab.ordered_pairs(), CONVERGE)?;
         let victim = "gcp";
         let (to_victim, from_victim): (Vec<_>, Vec<_>) = lab

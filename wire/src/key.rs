@@ -42,12 +42,6 @@ impl PublicKey {
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
-
-    /// The first characters of the base64 form, as used in logs (`wg show` style).
-    pub fn short(&self) -> String {
-        let full = self.to_string();
-        full[..8].to_string()
-    }
 }
 
 impl fmt::Display for PublicKey {
@@ -92,7 +86,6 @@ mod tests {
         let text = "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=";
         let key: PublicKey = text.parse().expect("valid key");
         assert_eq!(key.to_string(), text);
-        assert_eq!(key.short(), "HIgo9xNz");
     }
 
     #[test]

@@ -78,6 +78,27 @@ pub fn test_lab_id(test: &str) -> String {
     format!("t{}{test}", std::process::id() % 100_000)
 }
 
+/// Runs `body` on a fresh lab of `topology` (id from [`test_lab_id`]`(tag)`) as an
+/// end-to-end test: needs root, and `nft` when a site sits behind NAT; the lab is
+/// torn down whatever happens, and its logs are kept when the test fails.
+pub fn with_lab(
+    name: &str,
+    tag: &str,
+    topology: Topology,
+    body: impl FnOnce(&mut Lab) -> Result<()>,
+) -> Result<()> {
+    if !crate::require_root() {
+        return Ok(());
+    }
+    if topology.sites.iter().any(|s| s.nat) && !crate::require_tool("nft") {
+        return Ok(());
+    }
+    crate::e2e(name, |env| {
+        let mut lab = Lab::up(&test_lab_id(tag), topology, &env.path("lab"))?;
+        body(&mut lab)
+    })
+}
+
 fn host(net: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.network()) + n)
 }
