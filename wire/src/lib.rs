@@ -1,13 +1,16 @@
-//! Shared domain types of skymesh: keys, node names, prefixes and the [`NetMap`]
-//! that an agent applies, whether it comes from its own config file (static mode)
-//! or from the controller.
+//! Shared domain types of skymesh: keys, node names, prefixes, the [`NetMap`]
+//! that an agent applies (whether it comes from its own config file in static
+//! mode or from the controller), the control protocol and the join token.
 //!
 //! This crate is pure: no IO, no tokio, no clocks. It owns the encoding of
 //! everything that crosses a process boundary; it must not know how agents or the
 //! controller store or transport it.
 
+pub mod control;
 pub mod key;
 pub mod netmap;
+pub mod token;
 
 pub use key::{KeyError, PublicKey};
 pub use netmap::{NetMap, NetMapError, PeerSpec, PROTOCOL_VERSION};
+pub use token::{JoinToken, TokenError};

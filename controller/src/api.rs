@@ -1,0 +1,657 @@
+//! The REST API (axum, JSON): nodes, join tokens, prefixes, IPAM, health,
+//! metrics and its own OpenAPI document. Every route needs the admin bearer
+//! token. Errors are `{"error": code, "detail": sentence}`; [`ApiError`] is the
+//! one place that maps failures to status codes.
+
+use crate::control::Hub;
+use crate::ipam::IpamError;
+use crate::metrics::Metrics;
+use crate::model::{self, NodeRecord, TokenRecord};
+use crate::pki::Ca;
+use crate::registry::{NewToken, Registry, RegistryError};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use skymesh_wire::control::RejectedPrefix;
+use skymesh_wire::JoinToken;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// Default lifetime of a join token when the request gives none.
+pub const DEFAULT_TOKEN_TTL: &str = "24h";
+
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    pub ca: Arc<Ca>,
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+    pub admin_token: String,
+    pub control_advertise: Vec<String>,
+}
+
+/// Every route: method, path, summary. The router and the OpenAPI document are
+/// both checked against this table by a test.
+pub const ROUTES: &[(&str, &str, &str)] = &[
+    ("GET", "/healthz", "Liveness and store reachability"),
+    ("GET", "/metrics", "Prometheus metrics of the controller"),
+    ("GET", "/v1/openapi.json", "This API's OpenAPI 3 document"),
+    ("GET", "/v1/nodes", "List enrolled nodes"),
+    ("GET", "/v1/nodes/{name}", "Show one node"),
+    (
+        "DELETE",
+        "/v1/nodes/{name}",
+        "Revoke a node: it leaves every netmap and its certificate is refused",
+    ),
+    ("POST", "/v1/join-tokens", "Create a join token"),
+    (
+        "GET",
+        "/v1/join-tokens",
+        "List join tokens (never their secrets)",
+    ),
+    ("DELETE", "/v1/join-tokens/{id}", "Revoke a join token"),
+    (
+        "GET",
+        "/v1/prefixes",
+        "Every advertised prefix, accepted or refused with its conflicts",
+    ),
+    (
+        "POST",
+        "/v1/ipam/check",
+        "List the conflicts a prefix would have",
+    ),
+    (
+        "POST",
+        "/v1/ipam/suggest",
+        "Lowest free block of a length within a range",
+    ),
+];
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{name}", get(show_node).delete(revoke_node))
+        .route("/v1/join-tokens", post(create_token).get(list_tokens))
+        .route("/v1/join-tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/v1/prefixes", get(list_prefixes))
+        .route("/v1/ipam/check", post(ipam_check))
+        .route("/v1/ipam/suggest", post(ipam_suggest))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+// ---- errors ----
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(code = self.code, detail = %self.detail, "API request failed");
+        }
+        (
+            self.status,
+            axum::Json(json!({"error": self.code, "detail": self.detail})),
+        )
+            .into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let status = match &e {
+            RegistryError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            RegistryError::Invalid { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            RegistryError::TokenRefused(_) => (StatusCode::FORBIDDEN, "token_refused"),
+            RegistryError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
+            RegistryError::PoolExhausted(_) => (StatusCode::CONFLICT, "pool_exhausted"),
+            RegistryError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
+            RegistryError::Store(_) | RegistryError::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+            }
+        };
+        ApiError::new(status.0, status.1, e.to_string())
+    }
+}
+
+impl From<IpamError> for ApiError {
+    fn from(e: IpamError) -> Self {
+        ApiError::bad_request(e.to_string())
+    }
+}
+
+/// `Json<T>` whose rejections are our error shape, naming what was wrong.
+pub struct Json<T>(pub T);
+
+impl<S, T> FromRequest<S> for Json<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(ApiError::bad_request(format!(
+                "{}; see GET /v1/openapi.json for the request schema",
+                rejection.body_text()
+            ))),
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; GET /v1/openapi.json lists them",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method; GET /v1/openapi.json lists them",
+    )
+}
+
+async fn auth(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| {
+        p.len() == state.admin_token.len()
+            && p.bytes()
+                .zip(state.admin_token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if !ok {
+        state
+            .metrics
+            .api_requests_unauthorized
+            .fetch_add(1, Ordering::Relaxed);
+        let mut resp = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send the admin token as `Authorization: Bearer <token>` (the controller's [api] admin_token_file)",
+        )
+        .into_response();
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return resp;
+    }
+    next.run(req).await
+}
+
+// ---- views ----
+
+/// A node as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub site: String,
+    pub cloud: String,
+    pub region: String,
+    pub overlay_ip: IpAddr,
+    pub public_key: Option<String>,
+    pub endpoints: Vec<SocketAddr>,
+    pub advertised: Vec<IpNet>,
+    pub prefixes: Vec<IpNet>,
+    pub rejected_prefixes: Vec<RejectedPrefix>,
+    pub online: bool,
+    pub last_seen: u64,
+    pub enrolled_at: u64,
+    pub agent_version: String,
+}
+
+fn node_view(n: NodeRecord, online: bool) -> NodeView {
+    NodeView {
+        endpoints: n.all_endpoints(),
+        public_key: n.public_key.map(|k| k.to_string()),
+        last_seen: if online {
+            model::unix_now()
+        } else {
+            n.last_seen
+        },
+        name: n.name,
+        site: n.site,
+        cloud: n.cloud,
+        region: n.region,
+        overlay_ip: n.overlay_ip,
+        advertised: n.advertised,
+        prefixes: n.prefixes,
+        rejected_prefixes: n.rejected_prefixes,
+        online,
+        enrolled_at: n.enrolled_at,
+        agent_version: n.agent_version,
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub name: String,
+    pub site: String,
+    pub cloud: String,
+    pub region: String,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub reusable: bool,
+    pub revoked: bool,
+    pub used_by: Vec<String>,
+    /// valid, used, expired or revoked.
+    pub state: String,
+}
+
+fn token_view(t: TokenRecord) -> TokenView {
+    let state = match t.usable(model::unix_now()) {
+        Ok(()) => "valid",
+        Err(_) if t.revoked => "revoked",
+        Err(_) if !t.used_by.is_empty() && !t.reusable => "used",
+        Err(_) => "expired",
+    };
+    TokenView {
+        state: state.to_string(),
+        id: t.id,
+        name: t.name,
+        site: t.site,
+        cloud: t.cloud,
+        region: t.region,
+        created_at: t.created_at,
+        expires_at: t.expires_at,
+        reusable: t.reusable,
+        revoked: t.revoked,
+        used_by: t.used_by,
+    }
+}
+
+// ---- handlers ----
+
+async fn healthz(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
+    let revision = s.registry.store().revision().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    })?;
+    Ok(axum::Json(json!({"status": "ok", "revision": revision})))
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let nodes = s.registry.nodes().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(&nodes),
+    )
+        .into_response())
+}
+
+async fn openapi() -> axum::Json<Value> {
+    axum::Json(openapi_document())
+}
+
+async fn list_nodes(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Vec<NodeView>>, ApiError> {
+    let online = s.hub.online();
+    let nodes = s.registry.nodes().await?;
+    Ok(axum::Json(
+        nodes
+            .into_iter()
+            .map(|n| {
+                let on = online.contains_key(&n.name);
+                node_view(n, on)
+            })
+            .collect(),
+    ))
+}
+
+async fn show_node(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<NodeView>, ApiError> {
+    let Some((node, _)) = s.registry.node(&name).await? else {
+        return Err(RegistryError::NotFound { what: "node", name }.into());
+    };
+    let online = s.hub.online().contains_key(&node.name);
+    Ok(axum::Json(node_view(node, online)))
+}
+
+async fn revoke_node(
+    State(s): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    if !s.registry.revoke_node(&name).await? {
+        return Err(RegistryError::NotFound { what: "node", name }.into());
+    }
+    Ok(axum::Json(json!({"revoked": name})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    name: String,
+    site: String,
+    cloud: String,
+    region: String,
+    /// Like "24h", "30m", "7d", or "never".
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    reusable: bool,
+}
+
+async fn create_token(
+    State(s): State<Arc<ApiState>>,
+    Json(req): Json<CreateToken>,
+) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
+    let ttl_text = req.ttl.unwrap_or_else(|| DEFAULT_TOKEN_TTL.to_string());
+    let ttl = if ttl_text == "never" {
+        None
+    } else {
+        let d = humantime::parse_duration(&ttl_text).map_err(|e| {
+            ApiError::bad_request(format!(
+                "ttl = {ttl_text:?}: {e}; expected a duration like \"24h\", \"30m\", \"7d\" or \"never\""
+            ))
+        })?;
+        if d.as_secs() == 0 {
+            return Err(ApiError::bad_request(format!(
+                "ttl = {ttl_text:?}: must be at least 1s (or \"never\")"
+            )));
+        }
+        Some(d.as_secs())
+    };
+    let (rec, secret) = s
+        .registry
+        .create_token(
+            NewToken {
+                name: req.name,
+                site: req.site,
+                cloud: req.cloud,
+                region: req.region,
+                ttl,
+                reusable: req.reusable,
+            },
+            model::unix_now(),
+        )
+        .await?;
+    let token = JoinToken {
+        controllers: s.control_advertise.clone(),
+        ca_sha256: s.ca.fingerprint(),
+        id: rec.id.clone(),
+        secret,
+    };
+    let mut body = serde_json::to_value(token_view(rec)).unwrap_or_default();
+    body["token"] = Value::String(token.encode());
+    Ok((StatusCode::CREATED, axum::Json(body)))
+}
+
+async fn list_tokens(
+    State(s): State<Arc<ApiState>>,
+) -> Result<axum::Json<Vec<TokenView>>, ApiError> {
+    Ok(axum::Json(
+        s.registry
+            .tokens()
+            .await?
+            .into_iter()
+            .map(token_view)
+            .collect(),
+    ))
+}
+
+async fn revoke_token(
+    State(s): State<Arc<ApiState>>,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Value>, ApiError> {
+    if !s.registry.revoke_token(&id).await? {
+        return Err(RegistryError::NotFound {
+            what: "join token",
+            name: id,
+        }
+        .into());
+    }
+    Ok(axum::Json(json!({"revoked": id})))
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PrefixView {
+    pub cidr: IpNet,
+    pub node: String,
+    /// accepted or rejected.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+async fn list_prefixes(
+    State(s): State<Arc<ApiState>>,
+) -> Result<axum::Json<Vec<PrefixView>>, ApiError> {
+    let mut out = Vec::new();
+    for n in s.registry.nodes().await? {
+        for p in &n.prefixes {
+            out.push(PrefixView {
+                cidr: *p,
+                node: n.name.clone(),
+                status: "accepted".into(),
+                reason: None,
+            });
+        }
+        for r in &n.rejected_prefixes {
+            out.push(PrefixView {
+                cidr: r.cidr,
+                node: n.name.clone(),
+                status: "rejected".into(),
+                reason: Some(r.reason.clone()),
+            });
+        }
+    }
+    Ok(axum::Json(out))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    cidr: String,
+}
+
+fn parse_cidr(field: &str, value: &str) -> Result<IpNet, ApiError> {
+    value.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "{field} = {value:?}: not a CIDR prefix; expected e.g. \"10.0.0.0/16\" or \"fd00:1::/48\""
+        ))
+    })
+}
+
+async fn ipam_check(
+    State(s): State<Arc<ApiState>>,
+    Json(req): Json<CheckRequest>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let cidr = parse_cidr("cidr", &req.cidr)?;
+    let ipam = s.registry.ipam().await?;
+    let conflicts = ipam.check(cidr, None, &[])?;
+    let list: Vec<Value> = conflicts
+        .iter()
+        .map(|c| {
+            let mut v = serde_json::to_value(c).unwrap_or_default();
+            v["message"] = Value::String(c.describe(cidr));
+            v
+        })
+        .collect();
+    Ok(axum::Json(
+        json!({"cidr": cidr, "ok": list.is_empty(), "conflicts": list}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuggestRequest {
+    within: String,
+    prefix_len: u8,
+}
+
+async fn ipam_suggest(
+    State(s): State<Arc<ApiState>>,
+    Json(req): Json<SuggestRequest>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let within = parse_cidr("within", &req.within)?;
+    let ipam = s.registry.ipam().await?;
+    match ipam.suggest(within, req.prefix_len)? {
+        Some(cidr) => Ok(axum::Json(json!({"cidr": cidr}))),
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "no_free_block",
+            format!(
+                "no free /{} is left within {within}; try a larger range or a longer prefix",
+                req.prefix_len
+            ),
+        )),
+    }
+}
+
+// ---- OpenAPI ----
+
+fn schema_ref(name: &str) -> Value {
+    json!({"$ref": format!("#/components/schemas/{name}")})
+}
+
+/// The OpenAPI 3.0 document, generated from [`ROUTES`].
+pub fn openapi_document() -> Value {
+    let mut paths = serde_json::Map::new();
+    for (method, path, summary) in ROUTES {
+        let method_lc = method.to_ascii_lowercase();
+        let mut op = json!({
+            "summary": summary,
+            "responses": {
+                "200": {"description": "OK"},
+                "401": {"description": "Missing or wrong bearer token", "content": {"application/json": {"schema": schema_ref("Error")}}},
+            }
+        });
+        let params: Vec<Value> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        if !params.is_empty() {
+            op["parameters"] = Value::Array(params);
+            op["responses"]["404"] = json!({"description": "No such object", "content": {"application/json": {"schema": schema_ref("Error")}}});
+        }
+        let body = match (*method, *path) {
+            ("POST", "/v1/join-tokens") => Some("CreateJoinToken"),
+            ("POST", "/v1/ipam/check") => Some("IpamCheck"),
+            ("POST", "/v1/ipam/suggest") => Some("IpamSuggest"),
+            _ => None,
+        };
+        if let Some(b) = body {
+            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(b)}}});
+            op["responses"]["400"] = json!({"description": "Invalid request", "content": {"application/json": {"schema": schema_ref("Error")}}});
+        }
+        let ok = match (*method, *path) {
+            ("GET", "/v1/nodes") => Some(json!({"type": "array", "items": schema_ref("Node")})),
+            ("GET", "/v1/nodes/{name}") => Some(schema_ref("Node")),
+            ("GET", "/v1/join-tokens") => {
+                Some(json!({"type": "array", "items": schema_ref("JoinToken")}))
+            }
+            _ => None,
+        };
+        if let Some(schema) = ok {
+            op["responses"]["200"] =
+                json!({"description": "OK", "content": {"application/json": {"schema": schema}}});
+        }
+        if *method == "POST" && *path == "/v1/join-tokens" {
+            op["responses"]["201"] = json!({"description": "Created; `token` is shown only here", "content": {"application/json": {"schema": schema_ref("JoinToken")}}});
+        }
+        paths
+            .entry(path.to_string())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .map(|o| o.insert(method_lc, op));
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "skymesh controller API", "version": env!("CARGO_PKG_VERSION")},
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error", "detail"], "properties": {
+                    "error": {"type": "string"}, "detail": {"type": "string"}}},
+                "Node": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "site": {"type": "string"}, "cloud": {"type": "string"},
+                    "region": {"type": "string"}, "overlay_ip": {"type": "string"},
+                    "public_key": {"type": "string", "nullable": true},
+                    "endpoints": {"type": "array", "items": {"type": "string"}},
+                    "advertised": {"type": "array", "items": {"type": "string"}},
+                    "prefixes": {"type": "array", "items": {"type": "string"}},
+                    "rejected_prefixes": {"type": "array", "items": {"type": "object", "properties": {
+                        "cidr": {"type": "string"}, "reason": {"type": "string"}}}},
+                    "online": {"type": "boolean"}, "last_seen": {"type": "integer"},
+                    "enrolled_at": {"type": "integer"}, "agent_version": {"type": "string"}}},
+                "JoinToken": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "name": {"type": "string"}, "site": {"type": "string"},
+                    "cloud": {"type": "string"}, "region": {"type": "string"},
+                    "created_at": {"type": "integer"}, "expires_at": {"type": "integer", "nullable": true},
+                    "reusable": {"type": "boolean"}, "revoked": {"type": "boolean"},
+                    "used_by": {"type": "array", "items": {"type": "string"}},
+                    "state": {"type": "string", "enum": ["valid", "used", "expired", "revoked"]},
+                    "token": {"type": "string"}}},
+                "CreateJoinToken": {"type": "object", "required": ["name", "site", "cloud", "region"], "properties": {
+                    "name": {"type": "string"}, "site": {"type": "string"}, "cloud": {"type": "string"},
+                    "region": {"type": "string"}, "ttl": {"type": "string", "example": "24h"},
+                    "reusable": {"type": "boolean"}}},
+                "IpamCheck": {"type": "object", "required": ["cidr"], "properties": {"cidr": {"type": "string"}}},
+                "IpamSuggest": {"type": "object", "required": ["within", "prefix_len"], "properties": {
+                    "within": {"type": "string"}, "prefix_len": {"type": "integer"}}},
+            }
+        }
+    })
+}
+
+/// Methods of [`ROUTES`] as `http::Method`s (used by the sync test).
+pub fn route_methods() -> Vec<(Method, &'static str)> {
+    ROUTES
+        .iter()
+        .filter_map(|(m, p, _)| Method::from_bytes(m.as_bytes()).ok().map(|m| (m, *p)))
+        .collect()
+}

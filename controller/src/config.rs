@@ -1,0 +1,236 @@
+//! The controller's configuration file, validated once at load into typed
+//! values. Errors name the file, the key, the value and what is expected.
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipnet::IpNet;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    control: ControlFile,
+    #[serde(default)]
+    api: ApiFile,
+    #[serde(default)]
+    state: StateFile,
+    #[serde(default)]
+    network: NetworkFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    #[serde(default = "default_control_listen")]
+    listen: String,
+    advertise: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiFile {
+    #[serde(default = "default_api_listen")]
+    listen: String,
+    #[serde(default = "default_admin_token_file")]
+    admin_token_file: PathBuf,
+}
+
+impl Default for ApiFile {
+    fn default() -> Self {
+        Self {
+            listen: default_api_listen(),
+            admin_token_file: default_admin_token_file(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    #[serde(default = "default_data_dir")]
+    data_dir: PathBuf,
+}
+
+impl Default for StateFile {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFile {
+    #[serde(default = "default_pool")]
+    overlay_pool: String,
+    #[serde(default = "default_mtu")]
+    mtu: u16,
+}
+
+impl Default for NetworkFile {
+    fn default() -> Self {
+        Self {
+            overlay_pool: default_pool(),
+            mtu: default_mtu(),
+        }
+    }
+}
+
+fn default_control_listen() -> String {
+    "0.0.0.0:7443".into()
+}
+fn default_api_listen() -> String {
+    "127.0.0.1:7080".into()
+}
+fn default_admin_token_file() -> PathBuf {
+    "/etc/skymesh/admin.token".into()
+}
+fn default_data_dir() -> PathBuf {
+    "/var/lib/skymesh-controller".into()
+}
+fn default_pool() -> String {
+    crate::ipam::DEFAULT_OVERLAY_POOL.into()
+}
+fn default_mtu() -> u16 {
+    1420
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub control_listen: SocketAddr,
+    /// `host:port` endpoints agents dial; written into join tokens.
+    pub control_advertise: Vec<String>,
+    pub api_listen: SocketAddr,
+    pub admin_token_file: PathBuf,
+    pub data_dir: PathBuf,
+    pub overlay_pool: IpNet,
+    pub mtu: u16,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let f: File = toml::from_str(text).map_err(|e| anyhow!("{}", e.message()))?;
+        let control_listen = f.control.listen.parse().map_err(|_| {
+            anyhow!(
+                "[control] listen = {:?}: not an address:port; expected e.g. \"0.0.0.0:7443\"",
+                f.control.listen
+            )
+        })?;
+        if f.control.advertise.is_empty() {
+            bail!("[control] advertise = []: list at least one host:port agents can reach, e.g. [\"203.0.113.2:7443\"]");
+        }
+        for a in &f.control.advertise {
+            let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            });
+            if !ok {
+                bail!("[control] advertise entry {a:?}: expected host:port, e.g. \"203.0.113.2:7443\"");
+            }
+        }
+        let api_listen = f.api.listen.parse().map_err(|_| {
+            anyhow!(
+                "[api] listen = {:?}: not an address:port; expected e.g. \"127.0.0.1:7080\"",
+                f.api.listen
+            )
+        })?;
+        let overlay_pool: IpNet = f.network.overlay_pool.parse().map_err(|_| {
+            anyhow!(
+                "[network] overlay_pool = {:?}: not a CIDR prefix; expected e.g. \"100.96.0.0/12\"",
+                f.network.overlay_pool
+            )
+        })?;
+        if overlay_pool.trunc() != overlay_pool {
+            bail!(
+                "[network] overlay_pool = {:?}: host bits are set; did you mean \"{}\"?",
+                f.network.overlay_pool,
+                overlay_pool.trunc()
+            );
+        }
+        let max = if overlay_pool.addr().is_ipv4() {
+            30
+        } else {
+            126
+        };
+        if overlay_pool.prefix_len() > max {
+            bail!(
+                "[network] overlay_pool = {:?}: too small for a mesh; use a prefix of /{max} or shorter",
+                f.network.overlay_pool
+            );
+        }
+        if !(1280..=9000).contains(&f.network.mtu) {
+            bail!(
+                "[network] mtu = {}: expected 1280..=9000 (1420 suits most clouds)",
+                f.network.mtu
+            );
+        }
+        Ok(Self {
+            control_listen,
+            control_advertise: f.control.advertise,
+            api_listen,
+            admin_token_file: f.api.admin_token_file,
+            data_dir: f.state.data_dir,
+            overlay_pool,
+            mtu: f.network.mtu,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../../configs/controller.example.toml");
+        let c = Config::parse(text).expect("example config");
+        assert_eq!(c.overlay_pool.to_string(), "100.96.0.0/12");
+        assert_eq!(c.control_listen.port(), 7443);
+        assert_eq!(c.api_listen.port(), 7080);
+    }
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse("[control]\nadvertise = [\"203.0.113.2:7443\"]\n").expect("minimal");
+        assert_eq!(c.mtu, 1420);
+        assert_eq!(c.api_listen.to_string(), "127.0.0.1:7080");
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_fix() {
+        for (text, needle) in [
+            ("[control]\nadvertise = []\n", "[control] advertise = []"),
+            (
+                "[control]\nadvertise = [\"nohost\"]\n",
+                "\"nohost\": expected host:port",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\nlisten = \"x\"\n",
+                "[control] listen = \"x\"",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\n[network]\noverlay_pool = \"100.96.0.1/12\"\n",
+                "did you mean \"100.96.0.0/12\"",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\n[network]\nmtu = 100\n",
+                "mtu = 100",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\nbogus = 1\n",
+                "unknown field `bogus`",
+            ),
+        ] {
+            let err = Config::parse(text).expect_err(text).to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,630 @@
+//! The control channel, controller side: a QUIC endpoint with rustls where agents
+//! enroll (server-authenticated TLS, a join token) and then connect with mutual
+//! TLS to register and receive their netmap and its updates.
+//!
+//! The hub is one task that owns the [`Fabric`]: it follows the store's node
+//! records through a watch (so a change made by any controller replica reaches
+//! every agent) and fans the resulting messages out to the sessions. Each
+//! session is a task per agent connection that writes the hub's frames to the
+//! agent's stream.
+
+use crate::fabric::{Audience, Fabric, Output};
+use crate::metrics::Metrics;
+use crate::model::{self, NodeRecord};
+use crate::pki::{self, Ca};
+use crate::registry::{Registry, RegistryError};
+use crate::store::{StoreError, WatchEvent};
+use anyhow::{anyhow, Context, Result};
+use quinn::crypto::rustls::QuicServerConfig;
+use rustls::pki_types::CertificateDer;
+use skymesh_wire::control::{
+    self, AgentMessage, ControllerMessage, Enrolled, FrameBuffer, Refusal, RefusalCode,
+};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, oneshot};
+
+/// Frames queued for one agent before it counts as too slow and is dropped (it
+/// reconnects and gets a full netmap).
+const SESSION_QUEUE: usize = 1024;
+/// How long an agent has to send its first message.
+const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything a connection handler needs.
+pub struct Control {
+    pub registry: Arc<Registry>,
+    pub ca: Arc<Ca>,
+    pub hub: Hub,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The rustls + QUIC server configuration: our chain, client certificates
+/// optional at the TLS layer (enrollment has none) but verified against our CA
+/// when present.
+pub fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.cert_der().clone())
+        .context("adding the CA to the client verifier")?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .context("building the client verifier")?;
+    let (chain, key) = ca.issue_server(SystemTime::now())?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .context("server certificate")?;
+    tls.alpn_protocols = vec![control::ALPN.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(30).try_into().context("idle timeout")?,
+    ));
+    transport.max_concurrent_uni_streams(0u8.into());
+    transport.max_concurrent_bidi_streams(1u8.into());
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<Control>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(conn) => {
+                    if let Err(e) = handle(conn, &ctx).await {
+                        tracing::debug!(%remote, error = %format!("{e:#}"), "control connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(%remote, error = %e, "control handshake failed"),
+            }
+        });
+    }
+}
+
+async fn handle(conn: quinn::Connection, ctx: &Control) -> Result<()> {
+    let remote = conn.remote_address();
+    let cert = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.into_iter().next());
+    let (mut send, mut recv) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi())
+        .await
+        .context("no stream opened in time")??;
+    let Some(cert) = cert else {
+        return enroll(&conn, &mut send, &mut recv, ctx).await;
+    };
+
+    // A client certificate: check it is the current certificate of a live node
+    // before reading anything the agent sent.
+    let name = pki::client_name(&cert)?;
+    let sha = pki::fingerprint(&cert);
+    let node = match ctx.registry.node_for_cert(&name, &sha).await {
+        Ok(Some(node)) => node,
+        Ok(None) => {
+            tracing::info!(node = %name, %remote, "refused a certificate that belongs to no enrolled node (revoked or replaced)");
+            return refuse(
+                &conn,
+                &mut send,
+                RefusalCode::InvalidCertificate,
+                format!("the certificate of {name:?} is revoked or unknown; enroll again with a new join token"),
+            )
+            .await;
+        }
+        Err(e) => {
+            return refuse(&conn, &mut send, RefusalCode::Unavailable, e.to_string()).await;
+        }
+    };
+
+    let mut frames = FrameBuffer::new();
+    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(&mut recv, &mut frames))
+        .await
+        .context("no register message in time")?;
+    let reg = match first {
+        Ok(Some(AgentMessage::Register(reg))) => reg,
+        Ok(other) => {
+            return refuse(
+                &conn,
+                &mut send,
+                RefusalCode::Protocol,
+                format!("expected register first, got {}", describe(&other)),
+            )
+            .await;
+        }
+        Err(e) => {
+            let code = match e.downcast_ref::<control::FrameError>() {
+                Some(control::FrameError::Version(_)) => RefusalCode::Version,
+                _ => RefusalCode::Protocol,
+            };
+            return refuse(&conn, &mut send, code, format!("{e:#}")).await;
+        }
+    };
+    let registered = match ctx
+        .registry
+        .register(&node.name, &reg, remote, model::unix_now())
+        .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            return refuse(&conn, &mut send, RefusalCode::Unavailable, e.to_string()).await;
+        }
+    };
+    let revision = ctx.registry.store().revision().await?;
+    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+    let session = ctx.hub.subscribe(&registered.name, tx, revision).await?;
+    tracing::info!(node = %registered.name, %remote, "agent connected");
+    ctx.metrics.agents_connected.fetch_add(1, Ordering::Relaxed);
+    let result = async {
+        loop {
+            tokio::select! {
+                out = rx.recv() => match out {
+                    Some(SessionMsg::Frame(frame)) => {
+                        send.write_all(&frame).await.context("writing to the agent")?;
+                    }
+                    Some(SessionMsg::Close(code, message)) => {
+                        return refuse(&conn, &mut send, code, message).await;
+                    }
+                    None => return Ok(()),
+                },
+                msg = read_message(&mut recv, &mut frames) => match msg? {
+                    None => return Ok(()),
+                    Some(other) => {
+                        return refuse(&conn, &mut send, RefusalCode::Protocol,
+                            format!("unexpected {} after register", describe(&Some(other)))).await;
+                    }
+                },
+            }
+        }
+    }
+    .await;
+    ctx.metrics.agents_connected.fetch_sub(1, Ordering::Relaxed);
+    ctx.hub.unsubscribe(&registered.name, session);
+    tracing::info!(node = %registered.name, "agent disconnected");
+    if let Err(e) = ctx
+        .registry
+        .touch(&registered.name, model::unix_now())
+        .await
+    {
+        tracing::debug!(error = %e, "could not record last_seen");
+    }
+    result
+}
+
+async fn enroll(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    ctx: &Control,
+) -> Result<()> {
+    let mut frames = FrameBuffer::new();
+    let msg = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(recv, &mut frames))
+        .await
+        .context("no enroll message in time")?;
+    let req = match msg {
+        Ok(Some(AgentMessage::Enroll(req))) => req,
+        Ok(other) => {
+            return refuse(
+                conn,
+                send,
+                RefusalCode::Protocol,
+                format!(
+                    "a connection without a client certificate may only enroll; got {}",
+                    describe(&other)
+                ),
+            )
+            .await;
+        }
+        Err(e) => return refuse(conn, send, RefusalCode::Protocol, format!("{e:#}")).await,
+    };
+    match ctx
+        .registry
+        .enroll(
+            &ctx.ca,
+            &req.token_id,
+            &req.secret,
+            &req.csr_pem,
+            model::unix_now(),
+        )
+        .await
+    {
+        Ok(enrollment) => {
+            ctx.metrics.enrollments_ok.fetch_add(1, Ordering::Relaxed);
+            let reply = ControllerMessage::Enrolled(Enrolled {
+                node: enrollment.node.name,
+                certificate_pem: enrollment.certificate_pem,
+                ca_pem: ctx.ca.cert_pem().to_string(),
+            });
+            send.write_all(&control::encode(&reply)?).await?;
+            send.finish()?;
+            let _ = tokio::time::timeout(Duration::from_secs(5), send.stopped()).await;
+            conn.close(0u8.into(), b"enrolled");
+            Ok(())
+        }
+        Err(e) => {
+            ctx.metrics
+                .enrollments_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let code = match &e {
+                RegistryError::TokenRefused(_) => RefusalCode::InvalidToken,
+                RegistryError::NameTaken(_) => RefusalCode::NameTaken,
+                RegistryError::Invalid { .. } => RefusalCode::Protocol,
+                _ => RefusalCode::Unavailable,
+            };
+            tracing::info!(remote = %conn.remote_address(), token = %req.token_id, error = %e, "enrollment refused");
+            refuse(conn, send, code, e.to_string()).await
+        }
+    }
+}
+
+/// Sends a refusal, lets it arrive, closes the connection.
+async fn refuse(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: RefusalCode,
+    message: String,
+) -> Result<()> {
+    let frame = control::encode(&ControllerMessage::Refused(Refusal {
+        code,
+        message: message.clone(),
+    }))?;
+    let _ = send.write_all(&frame).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(1u8.into(), b"refused");
+    Err(anyhow!("refused ({code:?}): {message}"))
+}
+
+fn describe(msg: &Option<AgentMessage>) -> &'static str {
+    match msg {
+        None => "end of stream",
+        Some(AgentMessage::Enroll(_)) => "enroll",
+        Some(AgentMessage::Register(_)) => "register",
+    }
+}
+
+/// Reads the next message; `Ok(None)` at the end of the stream.
+async fn read_message(
+    recv: &mut quinn::RecvStream,
+    frames: &mut FrameBuffer,
+) -> Result<Option<AgentMessage>> {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(msg) = frames.next::<AgentMessage>()? {
+            return Ok(Some(msg));
+        }
+        match recv.read(&mut buf).await? {
+            Some(n) => frames.extend(&buf[..n]),
+            None => return Ok(None),
+        }
+    }
+}
+
+// ---- the hub ----
+
+pub enum SessionMsg {
+    Frame(Arc<Vec<u8>>),
+    Close(RefusalCode, String),
+}
+
+/// Identifies one session of a node, so an old session ending does not remove a
+/// newer one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionId(u64);
+
+struct Subscriber {
+    id: SessionId,
+    tx: mpsc::Sender<SessionMsg>,
+    since: u64,
+}
+
+enum HubCmd {
+    Subscribe {
+        node: String,
+        tx: mpsc::Sender<SessionMsg>,
+        min_revision: u64,
+        reply: oneshot::Sender<SessionId>,
+    },
+    Unsubscribe {
+        node: String,
+        id: SessionId,
+    },
+}
+
+/// Handle to the hub task.
+#[derive(Clone)]
+pub struct Hub {
+    cmds: mpsc::UnboundedSender<HubCmd>,
+    online: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl Hub {
+    /// Starts the hub: it loads every node record and follows the store.
+    pub fn start(registry: Arc<Registry>, mtu: u16, metrics: Arc<Metrics>) -> Self {
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let online = Arc::new(Mutex::new(HashMap::new()));
+        let hub = Self {
+            cmds,
+            online: online.clone(),
+        };
+        tokio::spawn(async move {
+            let mut state = HubState {
+                registry,
+                mtu,
+                metrics,
+                fabric: Fabric::new(mtu, []),
+                revision: 0,
+                sessions: HashMap::new(),
+                pending: Vec::new(),
+                next_id: 0,
+                online,
+            };
+            if let Err(e) = state.run(rx).await {
+                tracing::error!(error = %format!("{e:#}"), "netmap hub stopped");
+            }
+        });
+        hub
+    }
+
+    /// Registers a session of `node`; the hub first sends it the full netmap as of
+    /// at least `min_revision`, then every update. A newer session of the same
+    /// node replaces an older one.
+    pub async fn subscribe(
+        &self,
+        node: &str,
+        tx: mpsc::Sender<SessionMsg>,
+        min_revision: u64,
+    ) -> Result<SessionId> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(HubCmd::Subscribe {
+                node: node.to_string(),
+                tx,
+                min_revision,
+                reply,
+            })
+            .map_err(|_| anyhow!("the netmap hub has stopped"))?;
+        rx.await.map_err(|_| anyhow!("the netmap hub has stopped"))
+    }
+
+    pub fn unsubscribe(&self, node: &str, id: SessionId) {
+        let _ = self.cmds.send(HubCmd::Unsubscribe {
+            node: node.to_string(),
+            id,
+        });
+    }
+
+    /// Connected nodes, with the unix time their session started.
+    pub fn online(&self) -> HashMap<String, u64> {
+        self.online.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+struct HubState {
+    registry: Arc<Registry>,
+    mtu: u16,
+    metrics: Arc<Metrics>,
+    fabric: Fabric,
+    revision: u64,
+    sessions: HashMap<String, Subscriber>,
+    pending: Vec<(
+        String,
+        mpsc::Sender<SessionMsg>,
+        u64,
+        oneshot::Sender<SessionId>,
+    )>,
+    next_id: u64,
+    online: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl HubState {
+    async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<HubCmd>) -> Result<()> {
+        let mut watch = self.resync().await?;
+        loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(HubCmd::Subscribe { node, tx, min_revision, reply }) => {
+                        self.pending.push((node, tx, min_revision, reply));
+                        self.serve_pending();
+                    }
+                    Some(HubCmd::Unsubscribe { node, id }) => {
+                        if self.sessions.get(&node).is_some_and(|s| s.id == id) {
+                            self.sessions.remove(&node);
+                            self.set_online();
+                        }
+                    }
+                    None => return Ok(()),
+                },
+                ev = watch.recv() => match ev {
+                    Some(ev) => {
+                        self.handle_event(ev);
+                        self.serve_pending();
+                    }
+                    None => {
+                        tracing::warn!("store watch ended; reloading every node and resending full netmaps");
+                        watch = self.resync().await?;
+                        self.resend_full();
+                        self.serve_pending();
+                    }
+                },
+            }
+        }
+    }
+
+    /// Loads every node record and watches from there.
+    async fn resync(&mut self) -> Result<mpsc::Receiver<WatchEvent>> {
+        loop {
+            let (kvs, rev) = self.registry.store().range(model::NODES).await?;
+            let nodes = kvs
+                .iter()
+                .filter_map(|kv| match model::decode::<NodeRecord>(&kv.key, &kv.value) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        tracing::error!(error = %e, "skipping an unreadable node record");
+                        None
+                    }
+                })
+                .collect::<Vec<_>>();
+            match self.registry.store().watch(model::NODES, rev).await {
+                Ok(w) => {
+                    self.fabric = Fabric::new(self.mtu, nodes);
+                    self.revision = rev;
+                    return Ok(w);
+                }
+                Err(StoreError::Compacted { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, ev: WatchEvent) {
+        let outputs = match ev {
+            WatchEvent::Put(kv) => {
+                self.revision = self.revision.max(kv.mod_revision);
+                match model::decode::<NodeRecord>(&kv.key, &kv.value) {
+                    Ok(node) => self.fabric.handle_put(node, kv.mod_revision),
+                    Err(e) => {
+                        tracing::error!(error = %e, "ignoring an unreadable node record");
+                        Vec::new()
+                    }
+                }
+            }
+            WatchEvent::Delete { key, revision } => {
+                self.revision = self.revision.max(revision);
+                let name = key.strip_prefix(model::NODES).unwrap_or(&key).to_string();
+                self.fabric.handle_delete(&name, revision)
+            }
+        };
+        for out in outputs {
+            match out {
+                Output::Send(audience, msg) => {
+                    let frame = match control::encode(&msg) {
+                        Ok(f) => Arc::new(f),
+                        Err(e) => {
+                            tracing::error!(error = %e, "could not encode an update");
+                            continue;
+                        }
+                    };
+                    match audience {
+                        Audience::AllBut(except) => {
+                            let names: Vec<String> = self
+                                .sessions
+                                .keys()
+                                .filter(|n| **n != except)
+                                .cloned()
+                                .collect();
+                            for name in names {
+                                self.deliver(&name, SessionMsg::Frame(frame.clone()));
+                            }
+                        }
+                        Audience::Only(name) => self.deliver(&name, SessionMsg::Frame(frame)),
+                    }
+                }
+                Output::Disconnect(name) => {
+                    self.deliver(
+                        &name,
+                        SessionMsg::Close(
+                            RefusalCode::InvalidCertificate,
+                            format!("node {name:?} was revoked"),
+                        ),
+                    );
+                    self.sessions.remove(&name);
+                    self.set_online();
+                }
+            }
+        }
+    }
+
+    /// Queues a message to a session, dropping the session if it cannot keep up.
+    fn deliver(&mut self, name: &str, msg: SessionMsg) {
+        let Some(s) = self.sessions.get(name) else {
+            return;
+        };
+        match s.tx.try_send(msg) {
+            Ok(()) => {
+                self.metrics.updates_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                tracing::warn!(node = %name, "agent is not keeping up with netmap updates; dropping its session (it reconnects for a full netmap)");
+                self.sessions.remove(name);
+                self.set_online();
+            }
+        }
+    }
+
+    fn serve_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        for (node, tx, min_rev, reply) in pending {
+            if self.revision < min_rev || !self.fabric.contains(&node) {
+                if self.revision < min_rev {
+                    self.pending.push((node, tx, min_rev, reply));
+                } else {
+                    // Revoked between its register and now.
+                    let _ = tx.try_send(SessionMsg::Close(
+                        RefusalCode::InvalidCertificate,
+                        format!("node {node:?} is not enrolled"),
+                    ));
+                    self.next_id += 1;
+                    let _ = reply.send(SessionId(self.next_id));
+                }
+                continue;
+            }
+            self.next_id += 1;
+            let id = SessionId(self.next_id);
+            if let Some(full) = self.fabric.full(&node, self.revision) {
+                if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
+                    let _ = tx.try_send(SessionMsg::Frame(Arc::new(frame)));
+                }
+            }
+            self.sessions.insert(
+                node,
+                Subscriber {
+                    id,
+                    tx,
+                    since: model::unix_now(),
+                },
+            );
+            self.set_online();
+            let _ = reply.send(id);
+        }
+    }
+
+    fn resend_full(&mut self) {
+        let names: Vec<String> = self.sessions.keys().cloned().collect();
+        for name in names {
+            if let Some(full) = self.fabric.full(&name, self.revision) {
+                if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
+                    self.deliver(&name, SessionMsg::Frame(Arc::new(frame)));
+                }
+            }
+        }
+    }
+
+    fn set_online(&self) {
+        if let Ok(mut m) = self.online.lock() {
+            *m = self
+                .sessions
+                .iter()
+                .map(|(n, s)| (n.clone(), s.since))
+                .collect();
+        }
+    }
+}
+
+/// Binds the control endpoint.
+pub fn bind(addr: SocketAddr, ca: &Ca) -> Result<quinn::Endpoint> {
+    quinn::Endpoint::server(server_config(ca)?, addr)
+        .with_context(|| format!("binding the control endpoint {addr} ([control] listen)"))
+}

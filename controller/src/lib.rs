@@ -1,0 +1,14 @@
+//! skymesh-controller: enrollment over QUIC + mTLS, IPAM, netmap distribution,
+//! the REST API, and the `skymeshctl` client.
+
+pub mod api;
+pub mod config;
+pub mod control;
+pub mod fabric;
+pub mod ipam;
+pub mod metrics;
+pub mod model;
+pub mod pki;
+pub mod registry;
+pub mod server;
+pub mod store;

@@ -1,0 +1,98 @@
+//! Prometheus exposition of the controller at GET /metrics on the API port.
+//! Event counters are atomics bumped where the events happen; everything else
+//! (nodes, prefixes, refusals) is read from the store at scrape time, so every
+//! replica reports the same state.
+
+use crate::model::NodeRecord;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+type Labels = Vec<(String, String)>;
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub enrollments_ok: AtomicU64,
+    pub enrollments_refused: AtomicU64,
+    pub updates_sent: AtomicU64,
+    pub agents_connected: AtomicI64,
+    pub api_requests_unauthorized: AtomicU64,
+}
+
+impl Metrics {
+    /// Renders the counters and the store-derived gauges.
+    pub fn render(&self, nodes: &[NodeRecord]) -> String {
+        let mut registry = Registry::with_prefix("skymesh_controller");
+
+        let build = Family::<Labels, Gauge>::default();
+        build
+            .get_or_create(&vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )])
+            .set(1);
+        registry.register("build_info", "skymesh-controller build information", build);
+
+        let enroll = Family::<Labels, Counter>::default();
+        enroll
+            .get_or_create(&vec![("result".into(), "ok".into())])
+            .inc_by(self.enrollments_ok.load(Ordering::Relaxed));
+        enroll
+            .get_or_create(&vec![("result".into(), "refused".into())])
+            .inc_by(self.enrollments_refused.load(Ordering::Relaxed));
+        registry.register("enrollments", "Enrollment attempts by result", enroll);
+
+        let updates = Counter::<u64>::default();
+        updates.inc_by(self.updates_sent.load(Ordering::Relaxed));
+        registry.register(
+            "netmap_messages_sent",
+            "Netmaps and netmap updates queued to agents",
+            updates,
+        );
+
+        let connected = Gauge::<i64>::default();
+        connected.set(self.agents_connected.load(Ordering::Relaxed));
+        registry.register(
+            "agents_connected",
+            "Agents with an open control session to this controller",
+            connected,
+        );
+
+        let unauthorized = Counter::<u64>::default();
+        unauthorized.inc_by(self.api_requests_unauthorized.load(Ordering::Relaxed));
+        registry.register(
+            "api_unauthorized_requests",
+            "REST API requests refused for a missing or wrong bearer token",
+            unauthorized,
+        );
+
+        let node_count = Gauge::<i64>::default();
+        node_count.set(nodes.len() as i64);
+        registry.register("nodes", "Enrolled nodes", node_count);
+
+        let rejected = Family::<Labels, Gauge>::default();
+        for n in nodes {
+            for r in &n.rejected_prefixes {
+                rejected
+                    .get_or_create(&vec![
+                        ("node".to_string(), n.name.clone()),
+                        ("prefix".to_string(), r.cidr.to_string()),
+                    ])
+                    .set(1);
+            }
+        }
+        registry.register(
+            "rejected_prefixes",
+            "Advertised prefixes refused by IPAM (1 per refused prefix)",
+            rejected,
+        );
+
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &registry);
+        out
+    }
+}

@@ -1,0 +1,509 @@
+//! The controller's operations on its state: join tokens, enrollment, node
+//! registration with prefix admission, revocation.
+//!
+//! Every invariant (a token used once, an address or a prefix given to one node)
+//! is enforced by a store transaction whose compares fail when another writer got
+//! there first; the operation then re-reads and retries. The local `write_lock`
+//! only spares one controller's own requests from racing each other into retries;
+//! correctness never depends on it (several controller replicas share one etcd).
+
+use crate::ipam::{self, Ipam};
+use crate::model::{self, NodeRecord, TokenRecord};
+use crate::pki::Ca;
+use crate::store::{Store, StoreError, Txn, TxnOutcome};
+use ipnet::IpNet;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use skymesh_wire::control::{Register, RejectedPrefix};
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Attempts of one read-check-commit cycle before giving up with `Busy`.
+const MAX_ATTEMPTS: usize = 1000;
+
+/// Why an operation failed. The API maps these to status codes, the control
+/// channel to refusal codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{what} {name:?} does not exist")]
+    NotFound { what: &'static str, name: String },
+    #[error("{field} = {value:?}: {problem}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        problem: String,
+    },
+    #[error("{0}")]
+    TokenRefused(String),
+    #[error("node {0:?} is already enrolled; revoke it first (`skymeshctl nodes revoke {0}`) to enroll it again")]
+    NameTaken(String),
+    #[error("the overlay pool {0} has no free address left; configure a larger overlay_pool")]
+    PoolExhausted(IpNet),
+    #[error("the store is too busy (too many concurrent writers); retry")]
+    Busy,
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<anyhow::Error> for RegistryError {
+    fn from(e: anyhow::Error) -> Self {
+        RegistryError::Internal(format!("{e:#}"))
+    }
+}
+
+type Result<T, E = RegistryError> = std::result::Result<T, E>;
+
+/// A join token to create.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    pub name: String,
+    pub site: String,
+    pub cloud: String,
+    pub region: String,
+    /// Seconds; `None` never expires.
+    pub ttl: Option<u64>,
+    pub reusable: bool,
+}
+
+/// A node just enrolled, with the certificate it was issued (not stored: the
+/// store keeps only its fingerprint).
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    pub node: NodeRecord,
+    pub certificate_pem: String,
+}
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    pool: IpNet,
+    write_lock: tokio::sync::Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>, pool: IpNet) -> Self {
+        Self {
+            store,
+            pool,
+            write_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn pool(&self) -> IpNet {
+        self.pool
+    }
+
+    /// The CA from the store, or a new one stored for every later start (and every
+    /// other replica): whoever commits first wins, the others load it.
+    pub async fn load_or_create_ca(&self) -> Result<Ca> {
+        loop {
+            if let Some(kv) = self.store.get(model::CA_KEY).await? {
+                let rec: model::CaRecord = model::decode(&kv.key, &kv.value)?;
+                return Ok(Ca::from_pem(&rec.cert_pem, &rec.key_pem)?);
+            }
+            let ca = Ca::generate(SystemTime::now())?;
+            let rec = model::CaRecord {
+                cert_pem: ca.cert_pem().to_string(),
+                key_pem: ca.key_pem(),
+            };
+            let txn = Txn::new()
+                .when_absent(model::CA_KEY)
+                .put(model::CA_KEY, model::encode(&rec));
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                tracing::info!(fingerprint = %ca.fingerprint(), "created the controller CA");
+                return Ok(ca);
+            }
+        }
+    }
+
+    // ---- join tokens ----
+
+    /// Creates a token; returns its record and the secret (shown once, never stored).
+    pub async fn create_token(&self, req: NewToken, now: u64) -> Result<(TokenRecord, String)> {
+        validate_name("name", &req.name)?;
+        for (field, value) in [
+            ("site", &req.site),
+            ("cloud", &req.cloud),
+            ("region", &req.region),
+        ] {
+            validate_label(field, value)?;
+        }
+        let mut id_bytes = [0u8; 6];
+        rand::rngs::OsRng.fill_bytes(&mut id_bytes);
+        let id = format!("jt-{}", hex(&id_bytes));
+        let mut secret_bytes = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret_bytes);
+        let secret = hex(&secret_bytes);
+        let rec = TokenRecord {
+            id: id.clone(),
+            secret_sha256: sha256_hex(secret.as_bytes()),
+            name: req.name,
+            site: req.site,
+            cloud: req.cloud,
+            region: req.region,
+            created_at: now,
+            expires_at: req.ttl.map(|t| now.saturating_add(t)),
+            reusable: req.reusable,
+            revoked: false,
+            used_by: Vec::new(),
+        };
+        let key = model::token_key(&id);
+        let txn = Txn::new().when_absent(&key).put(&key, model::encode(&rec));
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { .. } => Ok((rec, secret)),
+            TxnOutcome::Conflict => Err(RegistryError::Busy),
+        }
+    }
+
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let (kvs, _) = self.store.range(model::TOKENS).await?;
+        kvs.iter()
+            .map(|kv| model::decode(&kv.key, &kv.value).map_err(Into::into))
+            .collect()
+    }
+
+    /// Marks a token revoked; false when there is no such token.
+    pub async fn revoke_token(&self, id: &str) -> Result<bool> {
+        let key = model::token_key(id);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let mut rec: TokenRecord = model::decode(&kv.key, &kv.value)?;
+            rec.revoked = true;
+            let txn = Txn::new()
+                .when_revision(&key, kv.mod_revision)
+                .put(&key, model::encode(&rec));
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Busy)
+    }
+
+    // ---- enrollment ----
+
+    /// Checks the token, signs the CSR and records the node with a fresh (or its
+    /// earlier) overlay address, all in one transaction that also consumes the
+    /// token. Token problems come back as `TokenRefused` before anything else
+    /// is looked at.
+    pub async fn enroll(
+        &self,
+        ca: &Ca,
+        token_id: &str,
+        secret: &str,
+        csr_pem: &str,
+        now: u64,
+    ) -> Result<Enrollment> {
+        let _guard = self.write_lock.lock().await;
+        let token_key = model::token_key(token_id);
+        for _ in 0..MAX_ATTEMPTS {
+            let refused = || RegistryError::TokenRefused("the join token is not valid".to_string());
+            let Some(tkv) = self.store.get(&token_key).await? else {
+                return Err(refused());
+            };
+            let mut token: TokenRecord = model::decode(&tkv.key, &tkv.value)?;
+            if !constant_time_eq(
+                sha256_hex(secret.as_bytes()).as_bytes(),
+                token.secret_sha256.as_bytes(),
+            ) {
+                return Err(refused());
+            }
+            token
+                .usable(now)
+                .map_err(|why| RegistryError::TokenRefused(why.to_string()))?;
+
+            // The node's name: the token's, or for a reusable token the first free
+            // of name, name-2, name-3, ...
+            let (name, node_key) = {
+                let mut n = 1;
+                loop {
+                    let name = if n == 1 {
+                        token.name.clone()
+                    } else {
+                        format!("{}-{n}", token.name)
+                    };
+                    let key = model::node_key(&name);
+                    if self.store.get(&key).await?.is_none() {
+                        break (name, key);
+                    }
+                    if !token.reusable {
+                        return Err(RegistryError::NameTaken(name));
+                    }
+                    n += 1;
+                }
+            };
+
+            let (overlay_kvs, _) = self.store.range(model::OVERLAY).await?;
+            let mut taken = BTreeSet::new();
+            let mut mine = None;
+            for kv in &overlay_kvs {
+                let Ok(ip) = kv.key[model::OVERLAY.len()..].parse::<IpAddr>() else {
+                    continue;
+                };
+                taken.insert(ip);
+                if kv.value == name.as_bytes() {
+                    mine = Some((ip, kv.mod_revision));
+                }
+            }
+            let (overlay_ip, overlay_rev) = match mine {
+                Some(found) => found,
+                None => (
+                    ipam::lowest_free_address(self.pool, &taken)
+                        .ok_or(RegistryError::PoolExhausted(self.pool))?,
+                    0,
+                ),
+            };
+            let issued = ca
+                .sign_client(csr_pem, &name, SystemTime::now())
+                .map_err(|e| RegistryError::Invalid {
+                    field: "csr_pem",
+                    value: "(certificate request)".into(),
+                    problem: format!("{e:#}"),
+                })?;
+            token.used_by.push(name.clone());
+            let node = NodeRecord {
+                name: name.clone(),
+                site: token.site.clone(),
+                cloud: token.cloud.clone(),
+                region: token.region.clone(),
+                overlay_ip,
+                cert_sha256: issued.sha256.clone(),
+                token_id: token.id.clone(),
+                enrolled_at: now,
+                public_key: None,
+                listen_port: 0,
+                endpoints: Vec::new(),
+                observed_endpoint: None,
+                advertised: Vec::new(),
+                prefixes: Vec::new(),
+                rejected_prefixes: Vec::new(),
+                underlay: Vec::new(),
+                agent_version: String::new(),
+                last_seen: now,
+            };
+            let okey = model::overlay_key(overlay_ip);
+            let txn = Txn::new()
+                .when_revision(&token_key, tkv.mod_revision)
+                .when_absent(&node_key)
+                .when_revision(&okey, overlay_rev)
+                .put(&token_key, model::encode(&token))
+                .put(&node_key, model::encode(&node))
+                .put(&okey, name.as_bytes().to_vec());
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                tracing::info!(node = %name, %overlay_ip, token = %token.id, "node enrolled");
+                return Ok(Enrollment {
+                    node,
+                    certificate_pem: issued.pem,
+                });
+            }
+        }
+        Err(RegistryError::Busy)
+    }
+
+    // ---- nodes ----
+
+    pub async fn node(&self, name: &str) -> Result<Option<(NodeRecord, u64)>> {
+        match self.store.get(&model::node_key(name)).await? {
+            Some(kv) => Ok(Some((model::decode(&kv.key, &kv.value)?, kv.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
+        let (kvs, _) = self.store.range(model::NODES).await?;
+        kvs.iter()
+            .map(|kv| model::decode(&kv.key, &kv.value).map_err(Into::into))
+            .collect()
+    }
+
+    /// The node a client certificate belongs to, if it is that node's current
+    /// certificate; `None` for an unknown, revoked or superseded certificate.
+    pub async fn node_for_cert(&self, name: &str, sha256: &str) -> Result<Option<NodeRecord>> {
+        Ok(self.node(name).await?.and_then(|(node, _)| {
+            constant_time_eq(node.cert_sha256.as_bytes(), sha256.as_bytes()).then_some(node)
+        }))
+    }
+
+    /// IPAM over every accepted prefix, for checks and suggestions.
+    pub async fn ipam(&self) -> Result<Ipam> {
+        let nodes = self.nodes().await?;
+        Ok(Ipam::new(self.pool).with_prefixes(
+            nodes
+                .into_iter()
+                .flat_map(|n| n.prefixes.into_iter().map(move |p| (n.name.clone(), p))),
+        ))
+    }
+
+    /// Records what a node registered: its key, endpoints and advertised prefixes,
+    /// admitting each prefix that conflicts with nothing. Prefixes it already holds
+    /// stay its own.
+    pub async fn register(
+        &self,
+        name: &str,
+        reg: &Register,
+        observed: SocketAddr,
+        now: u64,
+    ) -> Result<NodeRecord> {
+        let _guard = self.write_lock.lock().await;
+        let key = model::node_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((mut node, rev)) = self.node(name).await? else {
+                return Err(RegistryError::NotFound {
+                    what: "node",
+                    name: name.to_string(),
+                });
+            };
+            node.public_key = Some(reg.public_key);
+            node.listen_port = reg.listen_port;
+            node.endpoints = reg.endpoints.clone();
+            node.observed_endpoint = Some(SocketAddr::new(observed.ip(), reg.listen_port));
+            node.underlay = reg.underlay.clone();
+            node.agent_version = reg.agent_version.clone();
+            node.last_seen = now;
+            let prefixes_changed = node.advertised != reg.advertise
+                || !node.rejected_prefixes.is_empty()
+                || node.prefixes.iter().any(|p| !reg.advertise.contains(p));
+            let mut txn = Txn::new().when_revision(&key, rev);
+            if prefixes_changed {
+                let fence = self.store.get(model::PREFIX_FENCE).await?;
+                let fence_rev = fence.as_ref().map_or(0, |kv| kv.mod_revision);
+                let ipam = self.ipam().await?;
+                let admission = ipam
+                    .admit(name, &reg.advertise, &reg.underlay)
+                    .map_err(|e| RegistryError::Invalid {
+                        field: "advertise",
+                        value: format!("{:?}", reg.advertise),
+                        problem: e.to_string(),
+                    })?;
+                node.advertised = reg.advertise.clone();
+                node.prefixes = admission.accepted;
+                node.rejected_prefixes = admission
+                    .refused
+                    .iter()
+                    .map(|(cidr, conflicts)| RejectedPrefix {
+                        cidr: *cidr,
+                        reason: conflicts
+                            .iter()
+                            .map(|c| c.describe(*cidr))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    })
+                    .collect();
+                for r in &node.rejected_prefixes {
+                    tracing::warn!(node = %name, prefix = %r.cidr, reason = %r.reason, "advertised prefix refused");
+                }
+                txn = txn
+                    .when_revision(model::PREFIX_FENCE, fence_rev)
+                    .put(model::PREFIX_FENCE, now.to_string().into_bytes());
+            }
+            let txn = txn.put(&key, model::encode(&node));
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                return Ok(node);
+            }
+        }
+        Err(RegistryError::Busy)
+    }
+
+    /// Records when a node was last connected.
+    pub async fn touch(&self, name: &str, now: u64) -> Result<()> {
+        let key = model::node_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some((mut node, rev)) = self.node(name).await? else {
+                return Ok(());
+            };
+            node.last_seen = now;
+            let txn = Txn::new()
+                .when_revision(&key, rev)
+                .put(&key, model::encode(&node));
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                return Ok(());
+            }
+        }
+        Err(RegistryError::Busy)
+    }
+
+    /// Removes a node: it leaves every netmap (the watch sees the delete), its
+    /// prefixes are freed and its certificate no longer matches any node. Its
+    /// overlay address stays reserved for its name. False if there was no node.
+    pub async fn revoke_node(&self, name: &str) -> Result<bool> {
+        let _guard = self.write_lock.lock().await;
+        let key = model::node_key(name);
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(kv) = self.store.get(&key).await? else {
+                return Ok(false);
+            };
+            let fence = self.store.get(model::PREFIX_FENCE).await?;
+            let txn = Txn::new()
+                .when_revision(&key, kv.mod_revision)
+                .when_revision(model::PREFIX_FENCE, fence.map_or(0, |f| f.mod_revision))
+                .delete(&key)
+                .put(
+                    model::PREFIX_FENCE,
+                    model::unix_now().to_string().into_bytes(),
+                );
+            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+                tracing::info!(node = %name, "node revoked");
+                return Ok(true);
+            }
+        }
+        Err(RegistryError::Busy)
+    }
+}
+
+fn validate_name(field: &'static str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid {
+            field,
+            value: value.to_string(),
+            problem:
+                "use 1-63 lower-case letters, digits and inner dashes (a DNS label), e.g. aws-gw"
+                    .into(),
+        })
+    }
+}
+
+fn validate_label(field: &'static str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid {
+            field,
+            value: value.to_string(),
+            problem: "use 1-63 letters, digits, '-', '_' or '.', e.g. us-west-2".into(),
+        })
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&Sha256::digest(bytes))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,418 @@
+//! The control protocol between agents and the controller: messages, their
+//! versioned envelope and the length-prefixed framing.
+//!
+//! One QUIC bidirectional stream carries a sequence of frames each way. A frame is
+//! a 4-byte big-endian length and a JSON envelope `{"v": 1, "msg": {...}}`. The
+//! length is checked against [`MAX_FRAME`] before a byte of the body is read, and
+//! the version before the body is interpreted, so a peer speaking another version
+//! gets a clear refusal instead of a parse error.
+//!
+//! This module is pure: the QUIC drivers in the agent and the controller own the
+//! streams and call [`encode`], [`frame_len`] and [`decode`].
+
+use crate::key::PublicKey;
+use crate::netmap::{NetMap, PeerSpec, PROTOCOL_VERSION};
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+
+/// Largest frame body either side accepts. A full netmap of 10,000 peers is
+/// about 2.5 MB of JSON.
+pub const MAX_FRAME: usize = 8 << 20;
+
+/// ALPN of the control protocol; a connection that does not offer it is refused
+/// during the TLS handshake.
+pub const ALPN: &[u8] = b"skymesh-control/1";
+
+/// The TLS server name agents verify in the controller's certificate. Agents dial
+/// controllers by address; the name, not the address, is what the controller's CA
+/// vouches for, so a controller can move without reissuing certificates.
+pub const SERVER_NAME: &str = "skymesh-controller";
+
+/// What an agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AgentMessage {
+    /// First and only message of a connection without a client certificate.
+    Enroll(EnrollRequest),
+    /// First message of an mTLS connection: who the agent is now.
+    Register(Register),
+}
+
+/// A join token's secret and a certificate signing request.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub token_id: String,
+    pub secret: String,
+    /// PKCS#10 request for the agent's control-channel key. Only its public key is
+    /// used: the controller decides the certificate's name.
+    pub csr_pem: String,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token_id", &self.token_id)
+            .field("secret", &"***")
+            .finish_non_exhaustive()
+    }
+}
+
+/// The agent's data-plane identity and what it offers to the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Register {
+    pub public_key: PublicKey,
+    /// The WireGuard UDP port; with the address the controller observes it makes
+    /// the observed endpoint.
+    pub listen_port: u16,
+    /// Configured public endpoints (an elastic IP, a load balancer), preferred
+    /// over the observed one.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// VPC prefixes the node routes for.
+    #[serde(default)]
+    pub advertise: Vec<IpNet>,
+    /// Subnets of the node's own network interfaces: a prefix overlapping them
+    /// would route the tunnel's own packets into the tunnel.
+    #[serde(default)]
+    pub underlay: Vec<IpNet>,
+    /// Agent version, for the operator.
+    pub agent_version: String,
+}
+
+/// What the controller sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControllerMessage {
+    Enrolled(Enrolled),
+    /// The whole netmap; sent first after `Register`, and whenever the
+    /// controller cannot express a change as an update.
+    NetMap(FullNetMap),
+    /// A change relative to the previous netmap or update (`seq` one higher).
+    Update(NetMapUpdate),
+    /// The request was refused; the connection closes after this.
+    Refused(Refusal),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Enrolled {
+    /// The node's name, as the controller recorded it.
+    pub node: String,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
+/// What the controller decided about this node itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfInfo {
+    pub name: String,
+    pub overlay_ip: IpAddr,
+    /// Advertised prefixes the mesh routes to this node.
+    pub prefixes: Vec<IpNet>,
+    /// Advertised prefixes the controller refused, each with why.
+    pub rejected_prefixes: Vec<RejectedPrefix>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RejectedPrefix {
+    pub cidr: IpNet,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FullNetMap {
+    pub seq: u64,
+    pub node: SelfInfo,
+    pub netmap: NetMap,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetMapUpdate {
+    pub seq: u64,
+    /// Present when something about this node itself changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<SelfInfo>,
+    /// Peers added or changed, replacing any peer of the same name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert: Vec<PeerSpec>,
+    /// Names of peers that left the mesh.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl NetMapUpdate {
+    /// Applies the update to `map` in place: removals, then upserts by name.
+    pub fn apply_to(&self, map: &mut NetMap) {
+        map.peers.retain(|p| {
+            !self.remove.contains(&p.name) && !self.upsert.iter().any(|u| u.name == p.name)
+        });
+        map.peers.extend(self.upsert.iter().cloned());
+        map.peers.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(node) = &self.node {
+            map.address = IpNet::from(node.overlay_ip);
+        }
+    }
+}
+
+/// Why the controller refused; the agent logs `message` and acts on `code`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    /// The token is unknown, wrong, expired, revoked or used up. Retrying will not help.
+    InvalidToken,
+    /// The client certificate is unknown or revoked. Enroll again with a new token.
+    InvalidCertificate,
+    /// The message was malformed or out of order.
+    Protocol,
+    /// The peer speaks another protocol version.
+    Version,
+    /// A node of that name is enrolled already.
+    NameTaken,
+    /// A temporary problem on the controller: retry later.
+    Unavailable,
+}
+
+/// A frame that cannot be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    #[error(
+        "protocol version {0} is not supported (this build speaks version {PROTOCOL_VERSION})"
+    )]
+    Version(u32),
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, T> {
+    v: u32,
+    msg: &'a T,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn {
+    v: u32,
+    msg: Box<serde_json::value::RawValue>,
+}
+
+/// Encodes `msg` as one frame: length prefix and envelope.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
+    let mut out = vec![0u8; 4];
+    serde_json::to_writer(
+        &mut out,
+        &EnvelopeOut {
+            v: PROTOCOL_VERSION,
+            msg,
+        },
+    )
+    .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = out.len() - 4;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(out)
+}
+
+/// The body length announced by a frame header, checked against [`MAX_FRAME`].
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body (without its length prefix).
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    let env: EnvelopeIn =
+        serde_json::from_slice(body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if env.v != PROTOCOL_VERSION {
+        return Err(FrameError::Version(env.v));
+    }
+    serde_json::from_str(env.msg.get()).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Reassembles frames from a byte stream read in arbitrary pieces: the reading
+/// side of the framing, without IO. The length is checked as soon as the header
+/// is in, so an oversized frame is refused before its body is buffered.
+#[derive(Debug, Default)]
+pub struct FrameBuffer {
+    buf: Vec<u8>,
+}
+
+impl FrameBuffer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete message, `Ok(None)` if more bytes are needed.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let Some(header) = self.buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = frame_len([header[0], header[1], header[2], header[3]])?;
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let msg = decode(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        msg.map(Some)
+    }
+
+    /// Bytes received but not yet part of a returned message.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(name: &str, k: u8) -> PeerSpec {
+        PeerSpec {
+            name: name.into(),
+            public_key: PublicKey::from_bytes([k; 32]),
+            endpoint: None,
+            allowed_ips: vec![format!("100.96.0.{k}/32").parse().expect("cidr")],
+            persistent_keepalive: None,
+        }
+    }
+
+    /// Golden encoding: changing it breaks agents of the previous release.
+    #[test]
+    fn golden_register_frame() {
+        let msg = AgentMessage::Register(Register {
+            public_key: PublicKey::from_bytes([1; 32]),
+            listen_port: 51820,
+            endpoints: vec!["203.0.113.10:51820".parse().expect("addr")],
+            advertise: vec!["10.0.0.0/16".parse().expect("cidr")],
+            underlay: vec!["203.0.113.0/24".parse().expect("cidr")],
+            agent_version: "0.1.0".into(),
+        });
+        let frame = encode(&msg).expect("encode");
+        let body = &frame[4..];
+        assert_eq!(
+            std::str::from_utf8(body).expect("utf8"),
+            r#"{"v":1,"msg":{"type":"register","public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","listen_port":51820,"endpoints":["203.0.113.10:51820"],"advertise":["10.0.0.0/16"],"underlay":["203.0.113.0/24"],"agent_version":"0.1.0"}}"#
+        );
+        assert_eq!(
+            frame_len(frame[..4].try_into().expect("4")).expect("len"),
+            body.len()
+        );
+        assert_eq!(decode::<AgentMessage>(body).expect("decode"), msg);
+    }
+
+    #[test]
+    fn golden_update_frame() {
+        let msg = ControllerMessage::Update(NetMapUpdate {
+            seq: 7,
+            node: None,
+            upsert: vec![peer("gcp-gw", 2)],
+            remove: vec!["old-gw".into()],
+        });
+        let frame = encode(&msg).expect("encode");
+        assert_eq!(
+            std::str::from_utf8(&frame[4..]).expect("utf8"),
+            r#"{"v":1,"msg":{"type":"update","seq":7,"upsert":[{"name":"gcp-gw","public_key":"AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=","allowed_ips":["100.96.0.2/32"]}],"remove":["old-gw"]}}"#
+        );
+    }
+
+    #[test]
+    fn oversized_and_foreign_frames_are_refused() {
+        assert!(matches!(
+            frame_len(((MAX_FRAME + 1) as u32).to_be_bytes()),
+            Err(FrameError::TooLarge(_))
+        ));
+        let err = decode::<AgentMessage>(br#"{"v":2,"msg":{"type":"hello"}}"#).expect_err("v2");
+        assert!(matches!(err, FrameError::Version(2)), "{err}");
+        let err = decode::<AgentMessage>(br#"{"v":1,"msg":{"type":"hello"}}"#).expect_err("type");
+        assert!(matches!(err, FrameError::Malformed(_)), "{err}");
+        assert!(decode::<AgentMessage>(b"\x00\xff garbage").is_err());
+    }
+
+    #[test]
+    fn frame_buffer_reassembles_split_frames() {
+        let a = encode(&ControllerMessage::Refused(Refusal {
+            code: RefusalCode::Protocol,
+            message: "x".into(),
+        }))
+        .expect("a");
+        let b = encode(&ControllerMessage::Update(NetMapUpdate {
+            seq: 1,
+            node: None,
+            upsert: vec![],
+            remove: vec!["z".into()],
+        }))
+        .expect("b");
+        let stream: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        let mut fb = FrameBuffer::new();
+        let mut got = Vec::new();
+        for chunk in stream.chunks(3) {
+            fb.extend(chunk);
+            while let Some(m) = fb.next::<ControllerMessage>().expect("decode") {
+                got.push(m);
+            }
+        }
+        assert_eq!(got.len(), 2);
+        assert_eq!(fb.pending(), 0);
+        let mut fb = FrameBuffer::new();
+        fb.extend(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            fb.next::<ControllerMessage>(),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn enroll_request_never_prints_its_secret() {
+        let req = EnrollRequest {
+            token_id: "tok1".into(),
+            secret: "s3cr3t-value".into(),
+            csr_pem: String::new(),
+        };
+        assert!(!format!("{req:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn update_applies_by_name() {
+        let mut map = NetMap {
+            version: PROTOCOL_VERSION,
+            address: "100.96.0.1/32".parse().expect("cidr"),
+            mtu: 1420,
+            peers: vec![peer("a", 2), peer("b", 3)],
+        };
+        let mut b2 = peer("b", 9);
+        b2.persistent_keepalive = Some(25);
+        NetMapUpdate {
+            seq: 2,
+            node: None,
+            upsert: vec![b2.clone(), peer("c", 4)],
+            remove: vec!["a".into()],
+        }
+        .apply_to(&mut map);
+        assert_eq!(map.peers, vec![b2, peer("c", 4)]);
+    }
+}
