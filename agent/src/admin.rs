@@ -17,6 +17,35 @@ pub struct Status {
     /// Dropped packets by reason (every reason, zeros included).
     pub drops: BTreeMap<String, u64>,
     pub handshake_cookie_replies: u64,
+    /// Controller mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerStatus>,
+}
+
+/// The agent's view of its controller.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ControllerStatus {
+    /// This node's name, as enrolled.
+    pub node: String,
+    /// The controller of the open session, if any.
+    pub connected: Option<String>,
+    /// Why the last session ended.
+    pub last_error: Option<String>,
+    /// Sequence (controller store revision) of the netmap applied last.
+    pub netmap_seq: u64,
+    /// Whether the applied netmap came from the on-disk cache (the controller
+    /// has not been reached since start).
+    pub from_cache: bool,
+    /// Advertised prefixes the mesh routes here.
+    pub prefixes: Vec<String>,
+    /// Advertised prefixes the controller refused, with why.
+    pub rejected_prefixes: Vec<RejectedPrefixStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RejectedPrefixStatus {
+    pub cidr: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -126,6 +155,30 @@ pub fn render_table(s: &Status, now_unix: u64) -> String {
         out.push_str(&format!("  address: {a}\n"));
     }
     out.push_str(&format!("  mtu: {}\n", s.interface.mtu));
+    if let Some(c) = &s.controller {
+        out.push_str(&format!(
+            "\ncontroller: {}\n",
+            match &c.connected {
+                Some(addr) => format!("connected to {addr}"),
+                None => format!(
+                    "not connected ({})",
+                    c.last_error.as_deref().unwrap_or("connecting")
+                ),
+            }
+        ));
+        out.push_str(&format!("  node: {}\n", c.node));
+        out.push_str(&format!(
+            "  netmap: seq {}{}\n",
+            c.netmap_seq,
+            if c.from_cache { " (from cache)" } else { "" }
+        ));
+        if !c.prefixes.is_empty() {
+            out.push_str(&format!("  prefixes: {}\n", c.prefixes.join(", ")));
+        }
+        for r in &c.rejected_prefixes {
+            out.push_str(&format!("  REFUSED prefix {}: {}\n", r.cidr, r.reason));
+        }
+    }
     for p in &s.peers {
         out.push_str(&format!("\npeer: {} ({})\n", p.name, p.public_key));
         out.push_str(&format!(

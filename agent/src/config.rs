@@ -51,6 +51,24 @@ struct RawConfig {
     state: RawState,
     #[serde(default)]
     peers: Vec<RawPeer>,
+    controller: Option<RawController>,
+    node: Option<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawController {
+    join_token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    #[serde(default)]
+    advertise: Vec<String>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    persistent_keepalive: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,7 +77,7 @@ struct RawInterface {
     name: Option<String>,
     private_key_file: String,
     listen_port: Option<i64>,
-    address: String,
+    address: Option<String>,
     mtu: Option<i64>,
 }
 
@@ -100,6 +118,21 @@ pub struct Config {
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
     pub peers: Vec<PeerSpec>,
+    /// Set in controller mode: the controller sends the netmap.
+    pub controller: Option<ControllerMode>,
+}
+
+/// Controller mode: `[controller]` and `[node]`.
+#[derive(Debug, Clone, Default)]
+pub struct ControllerMode {
+    /// Read once, to enroll, when the state dir holds no identity yet.
+    pub join_token_file: Option<PathBuf>,
+    /// VPC prefixes this node routes for.
+    pub advertise: Vec<IpNet>,
+    /// Public endpoints peers should use (an elastic IP and the listen port).
+    pub endpoints: Vec<SocketAddr>,
+    /// Keepalive to every peer, for a node behind NAT.
+    pub persistent_keepalive: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -108,7 +141,8 @@ pub struct Interface {
     pub private_key_file: PathBuf,
     pub private_key: PrivateKey,
     pub listen_port: u16,
-    pub address: IpNet,
+    /// Static mode only: in controller mode the controller assigns it.
+    pub address: Option<IpNet>,
     pub mtu: u16,
 }
 
@@ -152,6 +186,7 @@ impl Config {
             .enumerate()
             .map(|(i, p)| v.peer(i, p))
             .collect::<Result<Vec<_>, _>>()?;
+        let controller = v.controller_mode(&raw)?;
         let config = Config {
             file: file.to_path_buf(),
             interface,
@@ -159,19 +194,26 @@ impl Config {
             admin_socket,
             state_dir,
             peers,
+            controller,
         };
-        v.netmap_invariants(&config)?;
+        if config.controller.is_none() {
+            v.netmap_invariants(&config)?;
+        }
         Ok(config)
     }
 
-    /// The netmap static mode applies: exactly the peers of the file.
-    pub fn netmap(&self) -> NetMap {
-        NetMap {
+    /// The netmap static mode applies: exactly the peers of the file. `None` in
+    /// controller mode.
+    pub fn netmap(&self) -> Option<NetMap> {
+        if self.controller.is_some() {
+            return None;
+        }
+        Some(NetMap {
             version: PROTOCOL_VERSION,
-            address: self.interface.address,
+            address: self.interface.address?,
             mtu: self.interface.mtu,
             peers: self.peers.clone(),
-        }
+        })
     }
 }
 
@@ -230,7 +272,11 @@ impl Validator<'_> {
                 "expected 1280..=9000 (1420 fits a 1500-byte underlay; IPv6 needs at least 1280)",
             )),
         };
-        let address = self.cidr("interface.address", &raw.address)?;
+        let address = raw
+            .address
+            .as_deref()
+            .map(|a| self.cidr("interface.address", a))
+            .transpose()?;
         let private_key_file = PathBuf::from(&raw.private_key_file);
         let private_key = self.private_key(&private_key_file)?;
         Ok(Interface {
@@ -364,6 +410,87 @@ impl Validator<'_> {
         })
     }
 
+    /// `[controller]` and `[node]`, and what they exclude.
+    fn controller_mode(&self, raw: &RawConfig) -> Result<Option<ControllerMode>, ConfigError> {
+        let Some(ctl) = &raw.controller else {
+            if raw.node.is_some() {
+                return Err(self.invalid(
+                    "node",
+                    "(table)",
+                    "[node] is for controller mode; add a [controller] table (with join_token_file) or remove [node]",
+                ));
+            }
+            if raw.interface.address.is_none() {
+                return Err(self.invalid(
+                    "interface.address",
+                    "(missing)",
+                    "static mode needs this node's overlay address, like \"100.96.0.1/32\"; or add a [controller] table to have the controller assign it",
+                ));
+            }
+            return Ok(None);
+        };
+        if let Some(a) = &raw.interface.address {
+            return Err(self.invalid(
+                "interface.address",
+                Quoted(a),
+                "in controller mode the controller assigns the overlay address; remove this key",
+            ));
+        }
+        if !raw.peers.is_empty() {
+            return Err(self.invalid(
+                "peers",
+                format!("({} entries)", raw.peers.len()),
+                "in controller mode the controller sends the peers; remove the [[peers]] tables",
+            ));
+        }
+        let node = raw.node.as_ref();
+        let empty = RawNode::default();
+        let node = node.unwrap_or(&empty);
+        let advertise = node
+            .advertise
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let key = format!("node.advertise[{i}]");
+                let net = self.cidr(&key, c)?;
+                if net.trunc() != net {
+                    return Err(self.invalid(
+                        &key,
+                        Quoted(c),
+                        format!("host bits are set; did you mean \"{}\"?", net.trunc()),
+                    ));
+                }
+                Ok(net)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let endpoints = node
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.socket_addr(&format!("node.endpoints[{i}]"), e))
+            .collect::<Result<Vec<_>, _>>()?;
+        let persistent_keepalive = match node.persistent_keepalive {
+            None | Some(0) => None,
+            Some(s) if (1..=65535).contains(&s) => Some(s as u16),
+            Some(s) => return Err(self.invalid(
+                "node.persistent_keepalive",
+                s,
+                "expected seconds in 0..=65535 (0 or absent disables; 25 keeps NAT mappings alive)",
+            )),
+        };
+        let join_token_file = ctl
+            .join_token_file
+            .as_deref()
+            .map(|p| self.abs_path("controller.join_token_file", p))
+            .transpose()?;
+        Ok(Some(ControllerMode {
+            join_token_file,
+            advertise,
+            endpoints,
+            persistent_keepalive,
+        }))
+    }
+
     /// The cross-field rules, shared with controller-provided netmaps.
     fn netmap_invariants(&self, config: &Config) -> Result<(), ConfigError> {
         let at = |name: &str| {
@@ -374,7 +501,10 @@ impl Validator<'_> {
                 .unwrap_or(0);
             format!("peers[{i}] ({name:?})")
         };
-        if let Err(e) = config.netmap().validate() {
+        let Some(netmap) = config.netmap() else {
+            return Ok(());
+        };
+        if let Err(e) = netmap.validate() {
             return Err(match e {
                 NetMapError::DuplicateName(name) => {
                     let i = config.peers.iter().rposition(|p| p.name == name).unwrap_or(0);
@@ -399,7 +529,7 @@ impl Validator<'_> {
                 }
             });
         }
-        let own = config.interface.address;
+        let own = netmap.address;
         if let Some((peer, prefix)) = config
             .peers
             .iter()
@@ -474,7 +604,7 @@ mod tests {
         assert_eq!(cfg.interface.listen_port, 51820);
         assert_eq!(cfg.interface.mtu, 1420);
         assert_eq!(cfg.admin_socket, PathBuf::from(DEFAULT_ADMIN_SOCKET));
-        let map = cfg.netmap();
+        let map = cfg.netmap().expect("static mode");
         assert_eq!(map.peers.len(), 1);
         assert_eq!(map.peers[0].persistent_keepalive, Some(25));
         assert_eq!(

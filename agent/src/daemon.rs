@@ -8,9 +8,13 @@
 //! we write a packet to the TUN is read back without another thread's wakeup.
 //! Timers, the admin socket and metrics run on tokio.
 
-use crate::admin::{self, InterfaceStatus, PeerStatusJson, Status};
+use crate::admin::{
+    self, ControllerStatus, InterfaceStatus, PeerStatusJson, RejectedPrefixStatus, Status,
+};
 use crate::batch::{Transmits, TunWrites, MAX_PACKET};
 use crate::config::Config;
+use crate::config::ControllerMode;
+use crate::control::{self, ControlEvent};
 use crate::metrics;
 use crate::netlink::Netlink;
 use crate::node::{DropReason, Event, Node};
@@ -19,8 +23,11 @@ use crate::poller::Poller;
 use crate::tun::Tun;
 use crate::udp::Udp;
 use anyhow::{bail, Context, Result};
+use ipnet::IpNet;
 use quinn_udp::RecvMeta;
 use rand::RngCore;
+use skymesh_wire::control::{FullNetMap, Register};
+use skymesh_wire::{JoinToken, NetMap};
 use std::io::{self, IoSliceMut};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,12 +44,21 @@ struct Shared {
     tun: Tun,
     udp: Udp,
     config: Config,
+    /// Controller mode only.
+    control: Mutex<Option<ControllerStatus>>,
 }
 
 impl Shared {
     fn node(&self) -> MutexGuard<'_, Node> {
         // A panic while holding the lock is a bug; the state is still the best we have.
         self.node.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_control(&self, f: impl FnOnce(&mut ControllerStatus)) {
+        let mut guard = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = guard.as_mut() {
+            f(c);
+        }
     }
 
     fn status(&self) -> Status {
@@ -82,6 +98,11 @@ impl Shared {
                 .map(|(r, n)| (r.label().to_string(), n))
                 .collect(),
             handshake_cookie_replies: node.cookie_replies(),
+            controller: self
+                .control
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -107,7 +128,13 @@ pub async fn run(config: Config) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let name = config.interface.name.clone();
-    let netmap = config.netmap();
+
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let identity = match &config.controller {
+        Some(mode) => Some(ensure_identity(&config, mode).await?),
+        None => None,
+    };
 
     let netlink = Netlink::connect()?;
     let tun = Tun::open(&name).map_err(|e| match e.raw_os_error() {
@@ -126,7 +153,7 @@ pub async fn run(config: Config) -> Result<()> {
         bail!("TUN interface {name} vanished right after creation");
     };
     netlink
-        .configure(index, netmap.address, netmap.mtu)
+        .configure(index, config.interface.mtu)
         .await
         .with_context(|| format!("configuring interface {name}"))?;
 
@@ -137,14 +164,7 @@ pub async fn run(config: Config) -> Result<()> {
         )
     })?;
     let key = config.interface.private_key.clone();
-    let mut node = Node::new(key, rand::rngs::OsRng.next_u64(), Instant::now());
-    let diff = node.apply(&netmap, Instant::now())?;
-    for net in &diff.routes_added {
-        netlink.add_route(index, *net).await?;
-    }
-
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let node = Node::new(key, rand::rngs::OsRng.next_u64(), Instant::now());
     let admin_listener = admin::bind(&config.admin_socket).await?;
     // Removes the socket file however this function returns.
     let _admin_file = RemoveOnDrop(config.admin_socket.clone());
@@ -162,14 +182,51 @@ pub async fn run(config: Config) -> Result<()> {
         tun,
         udp,
         config: config.clone(),
+        control: Mutex::new(identity.as_ref().map(|id| ControllerStatus {
+            node: id.node.clone(),
+            ..Default::default()
+        })),
     });
+    let mut iface = Interface {
+        netlink: netlink.clone(),
+        index,
+        address: None,
+    };
+
+    // The first netmap: the file's, or in controller mode the cached one, so a
+    // restart while the controller is unreachable keeps forwarding.
+    match (&config.netmap(), &config.controller) {
+        (Some(map), _) => iface.apply(&shared, map).await?,
+        (None, Some(mode)) => match control::load_cache(&config.state_dir) {
+            Ok(Some(full)) => {
+                let map = localize(&full.netmap, &config, mode);
+                match iface.apply(&shared, &map).await {
+                    Ok(()) => {
+                        shared.set_control(|c| {
+                            c.from_cache = true;
+                            set_self(c, &full);
+                        });
+                        tracing::info!(seq = full.seq, peers = map.peers.len(), "restored the cached netmap; forwarding while the controller is reached");
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "the cached netmap cannot be applied; waiting for the controller")
+                    }
+                }
+            }
+            Ok(None) => tracing::info!("no cached netmap; waiting for the controller"),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "ignoring the cached netmap"),
+        },
+        (None, None) => {
+            bail!("no netmap source: neither [[peers]] with an address nor [controller]")
+        }
+    }
 
     tracing::info!(
         interface = %name,
         public_key = %shared.node().public_key(),
         listen_port = config.interface.listen_port,
-        address = %netmap.address,
-        peers = netmap.peers.len(),
+        address = ?iface.address,
+        mode = if config.controller.is_some() { "controller" } else { "static" },
         "skymesh-agent up"
     );
 
@@ -191,6 +248,22 @@ pub async fn run(config: Config) -> Result<()> {
             .context("starting a data-plane thread")?;
     }
     tasks.spawn(timers(shared.clone()));
+    if let (Some(identity), Some(mode)) = (identity, &config.controller) {
+        let register = Register {
+            public_key: shared.node().public_key(),
+            listen_port: config.interface.listen_port,
+            endpoints: mode.endpoints.clone(),
+            advertise: mode.advertise.clone(),
+            underlay: underlay_subnets(&name),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let (events_tx, events) = tokio::sync::mpsc::channel(64);
+        tasks.spawn(async move {
+            control::run_session(identity, register, events_tx).await?;
+            Ok(())
+        });
+        tasks.spawn(follow_controller(shared.clone(), iface, events));
+    }
     {
         let s = shared.clone();
         tasks.spawn(async move {
@@ -239,6 +312,224 @@ pub async fn run(config: Config) -> Result<()> {
         tracing::warn!(error = %e, "could not delete the interface; it goes away with this process");
     }
     outcome
+}
+
+/// The kernel side of the interface: its address and routes, kept in step with
+/// the applied netmap.
+struct Interface {
+    netlink: Netlink,
+    index: u32,
+    address: Option<IpNet>,
+}
+
+impl Interface {
+    /// Applies `map` to the core and the kernel, by diff: sessions of unchanged
+    /// peers stay up and the interface never flaps.
+    async fn apply(&mut self, shared: &Shared, map: &NetMap) -> Result<()> {
+        let diff = shared.node().apply(map, Instant::now())?;
+        if self.address != Some(map.address) {
+            self.netlink.add_address(self.index, map.address).await?;
+            if let Some(old) = self.address.replace(map.address) {
+                self.netlink.del_address(self.index, old).await?;
+            }
+        }
+        for net in &diff.routes_removed {
+            self.netlink.del_route(self.index, *net).await?;
+        }
+        for net in &diff.routes_added {
+            self.netlink.add_route(self.index, *net).await?;
+        }
+        if !(diff.peers_added.is_empty()
+            && diff.peers_removed.is_empty()
+            && diff.peers_updated.is_empty())
+        {
+            tracing::info!(
+                added = ?diff.peers_added,
+                removed = ?diff.peers_removed,
+                updated = ?diff.peers_updated,
+                "netmap applied"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The controller's netmap with this node's local settings: the interface MTU
+/// and, behind NAT, keepalives to every peer.
+fn localize(map: &NetMap, config: &Config, mode: &ControllerMode) -> NetMap {
+    let mut map = map.clone();
+    map.mtu = config.interface.mtu;
+    for p in &mut map.peers {
+        p.persistent_keepalive = mode.persistent_keepalive;
+    }
+    map
+}
+
+fn set_self(c: &mut ControllerStatus, full: &FullNetMap) {
+    c.netmap_seq = full.seq;
+    c.prefixes = full.node.prefixes.iter().map(ToString::to_string).collect();
+    c.rejected_prefixes = full
+        .node
+        .rejected_prefixes
+        .iter()
+        .map(|r| RejectedPrefixStatus {
+            cidr: r.cidr.to_string(),
+            reason: r.reason.clone(),
+        })
+        .collect();
+}
+
+/// Applies what the controller sends, and caches it for restarts during an
+/// outage. A netmap that cannot be applied is logged and skipped: the previous
+/// one stays in force.
+async fn follow_controller(
+    shared: Arc<Shared>,
+    mut iface: Interface,
+    mut events: tokio::sync::mpsc::Receiver<ControlEvent>,
+) -> Result<()> {
+    let config = shared.config.clone();
+    let Some(mode) = config.controller.clone() else {
+        return Ok(());
+    };
+    let mut current: Option<FullNetMap> = None;
+    while let Some(event) = events.recv().await {
+        let next = match event {
+            ControlEvent::Connected { controller } => {
+                shared.set_control(|c| {
+                    c.connected = Some(controller);
+                    c.last_error = None;
+                });
+                continue;
+            }
+            ControlEvent::Disconnected { reason } => {
+                shared.set_control(|c| {
+                    c.connected = None;
+                    c.last_error = Some(reason);
+                });
+                // A new session starts with a full netmap.
+                current = None;
+                continue;
+            }
+            ControlEvent::NetMap(full) => *full,
+            ControlEvent::Update(update) => {
+                let Some(mut full) = current.clone() else {
+                    tracing::warn!(seq = update.seq, "update before any netmap; ignored");
+                    continue;
+                };
+                if update.seq < full.seq {
+                    continue;
+                }
+                update.apply_to(&mut full.netmap);
+                if let Some(me) = update.node {
+                    full.node = me;
+                }
+                full.seq = update.seq;
+                full
+            }
+        };
+        let map = localize(&next.netmap, &config, &mode);
+        match iface.apply(&shared, &map).await {
+            Ok(()) => {
+                for r in &next.node.rejected_prefixes {
+                    if !current
+                        .as_ref()
+                        .is_some_and(|c| c.node.rejected_prefixes.contains(r))
+                    {
+                        tracing::error!(prefix = %r.cidr, reason = %r.reason, "the controller refused an advertised prefix");
+                    }
+                }
+                shared.set_control(|c| {
+                    c.from_cache = false;
+                    set_self(c, &next);
+                });
+                if let Err(e) = control::save_cache(&config.state_dir, &next) {
+                    tracing::warn!(error = %format!("{e:#}"), "could not cache the netmap");
+                }
+                current = Some(next);
+            }
+            Err(e) => {
+                tracing::error!(seq = next.seq, error = %format!("{e:#}"), "cannot apply the controller's netmap; keeping the previous one");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The identity from the state dir, or a new one from the join token.
+async fn ensure_identity(config: &Config, mode: &ControllerMode) -> Result<control::Identity> {
+    if let Some(id) = control::Identity::load(&config.state_dir)? {
+        return Ok(id);
+    }
+    let Some(path) = &mode.join_token_file else {
+        bail!(
+            "this agent has not enrolled yet: set [controller] join_token_file, or run `skymesh-agent join TOKEN --config {}`",
+            config.file.display()
+        );
+    };
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading [controller] join_token_file {} (create it with the token `skymeshctl join-token create` printed)",
+            path.display()
+        )
+    })?;
+    let token = JoinToken::decode(&text)
+        .with_context(|| format!("[controller] join_token_file {}", path.display()))?;
+    enroll_with_retry(&token, &config.state_dir).await
+}
+
+/// Enrolls, retrying with backoff while the controller is unreachable; a
+/// refusal (bad, used or expired token) is final.
+pub async fn enroll_with_retry(
+    token: &JoinToken,
+    state_dir: &std::path::Path,
+) -> Result<control::Identity> {
+    let mut backoff = control::BACKOFF_MIN;
+    loop {
+        match control::enroll(token, state_dir).await {
+            Ok(id) => return Ok(id),
+            Err(e) if e.downcast_ref::<control::Refused>().is_some() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "enrollment failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(control::BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Subnets of this host's interfaces other than loopback and the tunnel: a
+/// prefix overlapping them would pull the tunnel's own packets into it.
+fn underlay_subnets(tunnel: &str) -> Vec<IpNet> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for a in addrs {
+        if a.interface_name == tunnel || a.interface_name == "lo" {
+            continue;
+        }
+        let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
+        let net = if let (Some(ip), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+            let len = u32::from(m.ip()).count_ones() as u8;
+            IpNet::new(std::net::IpAddr::V4(ip.ip()), len).ok()
+        } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+            if ip.ip().is_unicast_link_local() {
+                continue;
+            }
+            let len = u128::from(m.ip()).count_ones() as u8;
+            IpNet::new(std::net::IpAddr::V6(ip.ip()), len).ok()
+        } else {
+            None
+        };
+        if let Some(net) = net.map(|n| n.trunc()) {
+            if !out.contains(&net) {
+                out.push(net);
+            }
+        }
+    }
+    out
 }
 
 /// Deletes a file when dropped (the admin socket, on every exit path).

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod batch;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod keys;
 pub mod metrics;

@@ -27,6 +27,15 @@ enum Command {
         #[arg(long, short, env = "SKYMESH_AGENT_CONFIG")]
         config: PathBuf,
     },
+    /// Enroll with the controller using a join token (from `skymeshctl join-token
+    /// create`), keep the identity in the state dir, and exit; `run` then connects.
+    Join {
+        /// The token text, or `-` to read it from stdin (keeps it out of the
+        /// process list and shell history).
+        token: String,
+        #[arg(long, short, env = "SKYMESH_AGENT_CONFIG")]
+        config: PathBuf,
+    },
     /// Validate a config file (and the key file it names); exit 1 on the first problem.
     CheckConfig {
         #[arg(long, short)]
@@ -65,14 +74,54 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             runtime()?.block_on(daemon::run(config))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Join { token, config } => {
+            init_tracing();
+            let config = Config::load(&config)?;
+            if config.controller.is_none() {
+                anyhow::bail!(
+                    "{}: joining needs controller mode; add a [controller] table to the config",
+                    config.file.display()
+                );
+            }
+            let text = if token == "-" {
+                let mut t = String::new();
+                std::io::stdin()
+                    .take(8192)
+                    .read_to_string(&mut t)
+                    .context("reading the token from stdin")?;
+                t
+            } else {
+                token
+            };
+            let token = skymesh_wire::JoinToken::decode(&text)?;
+            if let Some(existing) = skymesh_agent::control::Identity::load(&config.state_dir)? {
+                anyhow::bail!(
+                    "this agent is already enrolled as {:?} (state dir {}); remove its controller files to join again",
+                    existing.node,
+                    config.state_dir.display()
+                );
+            }
+            let identity =
+                runtime()?.block_on(daemon::enroll_with_retry(&token, &config.state_dir))?;
+            println!("enrolled as {}", identity.node);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                println!(
-                    "{}: ok (interface {}, {} peers)",
-                    config.display(),
-                    c.interface.name,
-                    c.peers.len()
-                );
+                match &c.controller {
+                    None => println!(
+                        "{}: ok (static mode, interface {}, {} peers)",
+                        config.display(),
+                        c.interface.name,
+                        c.peers.len()
+                    ),
+                    Some(m) => println!(
+                        "{}: ok (controller mode, interface {}, advertising {} prefixes)",
+                        config.display(),
+                        c.interface.name,
+                        m.advertise.len()
+                    ),
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

@@ -8,6 +8,7 @@ use rtnetlink::packet_route::link::{AfSpecInet6, AfSpecUnspec, In6AddrGenMode, L
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::net::IpAddr;
 
+#[derive(Clone)]
 pub struct Netlink {
     handle: Handle,
 }
@@ -36,8 +37,8 @@ impl Netlink {
         }
     }
 
-    /// Sets the MTU, replaces the interface address and brings the link up.
-    pub async fn configure(&self, index: u32, address: IpNet, mtu: u16) -> Result<()> {
+    /// Sets the MTU and brings the link up; the address comes with the netmap.
+    pub async fn configure(&self, index: u32, mtu: u16) -> Result<()> {
         self.handle
             .link()
             .set(
@@ -61,19 +62,54 @@ impl Netlink {
             tracing::debug!(error = %e, "could not disable IPv6 link-local addressing");
         }
         self.handle
-            .address()
-            .add(index, address.addr(), address.prefix_len())
-            .replace()
-            .execute()
-            .await
-            .with_context(|| format!("adding address {address}"))?;
-        self.handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
             .execute()
             .await
             .context("bringing the link up")?;
         Ok(())
+    }
+
+    pub async fn add_address(&self, index: u32, address: IpNet) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, address.addr(), address.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .with_context(|| format!("adding address {address}"))
+    }
+
+    /// Removes an address (the overlay address changed); absent is fine.
+    pub async fn del_address(&self, index: u32, address: IpNet) -> Result<()> {
+        let mut addrs = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = addrs.try_next().await.context("listing addresses")? {
+            let matches = msg.attributes.iter().any(|a| {
+                matches!(a, rtnetlink::packet_route::address::AddressAttribute::Address(ip) if *ip == address.addr())
+            });
+            if matches {
+                self.handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .with_context(|| format!("removing address {address}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn del_route(&self, index: u32, net: IpNet) -> Result<()> {
+        match self.handle.route().del(route(index, net)).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+            Err(e) => Err(anyhow!(e)).context(format!("removing route {net}")),
+        }
     }
 
     pub async fn add_route(&self, index: u32, net: IpNet) -> Result<()> {

@@ -302,7 +302,7 @@ async fn read_message(
 ) -> Result<Option<AgentMessage>> {
     let mut buf = [0u8; 16 * 1024];
     loop {
-        if let Some(msg) = frames.next::<AgentMessage>()? {
+        if let Some(msg) = frames.next_message::<AgentMessage>()? {
             return Ok(Some(msg));
         }
         match recv.read(&mut buf).await? {

@@ -268,7 +268,7 @@ impl FrameBuffer {
     }
 
     /// The next complete message, `Ok(None)` if more bytes are needed.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(header) = self.buf.get(..4) else {
             return Ok(None);
         };
@@ -372,7 +372,7 @@ mod tests {
         let mut got = Vec::new();
         for chunk in stream.chunks(3) {
             fb.extend(chunk);
-            while let Some(m) = fb.next::<ControllerMessage>().expect("decode") {
+            while let Some(m) = fb.next_message::<ControllerMessage>().expect("decode") {
                 got.push(m);
             }
         }
@@ -381,7 +381,7 @@ mod tests {
         let mut fb = FrameBuffer::new();
         fb.extend(&u32::MAX.to_be_bytes());
         assert!(matches!(
-            fb.next::<ControllerMessage>(),
+            fb.next_message::<ControllerMessage>(),
             Err(FrameError::TooLarge(_))
         ));
     }

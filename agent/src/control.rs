@@ -1,0 +1,485 @@
+//! The control channel, agent side: enrollment with a join token, then a
+//! long-lived mutual-TLS QUIC session that registers the node and receives its
+//! netmap and updates.
+//!
+//! Enrollment trusts the controller only through the CA fingerprint pinned in
+//! the token; afterwards the CA certificate kept in the state dir is the only
+//! trust root. The identity (control key, certificate, CA, controller list) lives
+//! in the state dir, the key with mode 0600.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use skymesh_wire::control::{
+    self, AgentMessage, ControllerMessage, EnrollRequest, FrameBuffer, FullNetMap, NetMapUpdate,
+    Refusal, RefusalCode, Register,
+};
+use skymesh_wire::JoinToken;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const IDENTITY_FILE: &str = "controller.json";
+const KEY_FILE: &str = "control.key";
+const CERT_FILE: &str = "control.crt";
+const CA_FILE: &str = "ca.crt";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Backoff between reconnects: exponential from 250 ms to 30 s, with full jitter
+/// so that agents cut off together do not come back together.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Who this agent is to the controller, as kept in the state dir.
+#[derive(Clone)]
+pub struct Identity {
+    pub node: String,
+    pub controllers: Vec<String>,
+    pub ca_pem: String,
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("node", &self.node)
+            .field("controllers", &self.controllers)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct IdentityFile {
+    node: String,
+    controllers: Vec<String>,
+}
+
+impl Identity {
+    /// The identity in `dir`, `None` if this agent never enrolled.
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(IDENTITY_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let file: IdentityFile = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is damaged; remove the state dir's controller files and join again",
+                path.display()
+            )
+        })?;
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+        };
+        Ok(Some(Self {
+            node: file.node,
+            controllers: file.controllers,
+            ca_pem: read(CA_FILE)?,
+            cert_pem: read(CERT_FILE)?,
+            key_pem: read(KEY_FILE)?,
+        }))
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        write_private(&dir.join(KEY_FILE), self.key_pem.as_bytes())?;
+        write_private(&dir.join(CERT_FILE), self.cert_pem.as_bytes())?;
+        write_private(&dir.join(CA_FILE), self.ca_pem.as_bytes())?;
+        let file = IdentityFile {
+            node: self.node.clone(),
+            controllers: self.controllers.clone(),
+        };
+        // The identity file last: its presence means the others are complete.
+        write_private(
+            &dir.join(IDENTITY_FILE),
+            serde_json::to_string_pretty(&file)?.as_bytes(),
+        )
+    }
+}
+
+/// Writes a file atomically (temp file + rename) with mode 0600.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// A refusal the agent cannot fix by retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("the controller refused: {message}")]
+pub struct Refused {
+    pub code: RefusalCode,
+    pub message: String,
+}
+
+/// Enrolls with `token` and saves the identity in `state_dir`.
+pub async fn enroll(token: &JoinToken, state_dir: &Path) -> Result<Identity> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("generating the control key")?;
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .context("building the certificate request")?
+        .pem()
+        .context("encoding the certificate request")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            pin: token.ca_sha256.clone(),
+            provider,
+        }))
+        .with_no_client_auth();
+    let mut last_err = anyhow!("the token names no controller");
+    for addr in &token.controllers {
+        let attempt = async {
+            let (conn, mut send, mut recv) = open(addr, tls.clone()).await?;
+            let req = AgentMessage::Enroll(EnrollRequest {
+                token_id: token.id.clone(),
+                secret: token.secret.clone(),
+                csr_pem: csr.clone(),
+            });
+            send.write_all(&control::encode(&req)?).await?;
+            send.finish()?;
+            let mut frames = FrameBuffer::new();
+            let reply = read_message(&mut recv, &mut frames)
+                .await?
+                .ok_or_else(|| anyhow!("the controller closed the stream without an answer"))?;
+            conn.close(0u8.into(), b"done");
+            Ok::<_, anyhow::Error>(reply)
+        };
+        match attempt.await {
+            Ok(ControllerMessage::Enrolled(e)) => {
+                let identity = Identity {
+                    node: e.node,
+                    controllers: token.controllers.clone(),
+                    ca_pem: e.ca_pem,
+                    cert_pem: e.certificate_pem,
+                    key_pem: key.serialize_pem(),
+                };
+                identity.save(state_dir)?;
+                tracing::info!(node = %identity.node, "enrolled with the controller");
+                return Ok(identity);
+            }
+            Ok(ControllerMessage::Refused(Refusal { code, message })) => {
+                return Err(Refused { code, message }.into());
+            }
+            Ok(other) => last_err = anyhow!("unexpected answer to enroll: {other:?}"),
+            Err(e) => last_err = e.context(format!("enrolling with {addr}")),
+        }
+    }
+    Err(last_err)
+}
+
+/// What the session reports to the daemon.
+#[derive(Debug)]
+pub enum ControlEvent {
+    Connected { controller: String },
+    NetMap(Box<FullNetMap>),
+    Update(NetMapUpdate),
+    Disconnected { reason: String },
+}
+
+/// Keeps a session to one of the controllers up for as long as the process runs,
+/// reconnecting with jittered exponential backoff. Returns only on a refusal that
+/// retrying cannot fix (a revoked certificate).
+pub async fn run_session(
+    identity: Identity,
+    register: Register,
+    events: mpsc::Sender<ControlEvent>,
+) -> Result<()> {
+    let tls = mtls_config(&identity)?;
+    let mut backoff = BACKOFF_MIN;
+    let mut attempt = 0usize;
+    loop {
+        let addr = &identity.controllers[attempt % identity.controllers.len()];
+        attempt += 1;
+        match session(addr, tls.clone(), &register, &events, &mut backoff).await {
+            Ok(()) => {}
+            Err(e) => {
+                if let Some(r) = e.downcast_ref::<Refused>() {
+                    if matches!(
+                        r.code,
+                        RefusalCode::InvalidCertificate | RefusalCode::Version
+                    ) {
+                        let _ = events
+                            .send(ControlEvent::Disconnected {
+                                reason: r.message.clone(),
+                            })
+                            .await;
+                        return Err(e);
+                    }
+                }
+                let reason = format!("{e:#}");
+                tracing::warn!(controller = %addr, error = %reason, "control session failed");
+                if events
+                    .send(ControlEvent::Disconnected { reason })
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        let wait = jitter(backoff);
+        tracing::debug!(?wait, "reconnecting to the controller after backoff");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A random duration in [d/2, d]: jittered, but never a hot loop.
+fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + Duration::from_nanos(rand::random::<u64>() % (half.as_nanos().max(1) as u64))
+}
+
+async fn session(
+    addr: &str,
+    tls: rustls::ClientConfig,
+    register: &Register,
+    events: &mpsc::Sender<ControlEvent>,
+    backoff: &mut Duration,
+) -> Result<()> {
+    let (conn, mut send, mut recv) = open(addr, tls).await?;
+    send.write_all(&control::encode(&AgentMessage::Register(register.clone()))?)
+        .await?;
+    let mut frames = FrameBuffer::new();
+    let mut connected = false;
+    loop {
+        let msg = match read_message(&mut recv, &mut frames).await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("the controller closed the session"),
+            Err(e) => {
+                return Err(match conn.close_reason() {
+                    Some(reason) => anyhow!("{reason}"),
+                    None => e,
+                })
+            }
+        };
+        let event = match msg {
+            ControllerMessage::NetMap(full) => ControlEvent::NetMap(Box::new(full)),
+            ControllerMessage::Update(u) => ControlEvent::Update(u),
+            ControllerMessage::Refused(Refusal { code, message }) => {
+                return Err(Refused { code, message }.into());
+            }
+            ControllerMessage::Enrolled(_) => bail!("unexpected enrolled message in a session"),
+        };
+        if !connected {
+            connected = true;
+            *backoff = BACKOFF_MIN;
+            tracing::info!(controller = %addr, "connected to the controller");
+            let _ = events
+                .send(ControlEvent::Connected {
+                    controller: addr.to_string(),
+                })
+                .await;
+        }
+        if events.send(event).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+async fn open(
+    addr: &str,
+    tls: rustls::ClientConfig,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream)> {
+    let target = resolve(addr)?;
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let mut tls = tls;
+    tls.alpn_protocols = vec![control::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(2)));
+    transport.max_idle_timeout(Some(Duration::from_secs(8).try_into()?));
+    cfg.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client(bind).context("opening a QUIC socket")?;
+    endpoint.set_default_client_config(cfg);
+    let conn = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        endpoint
+            .connect(target, control::SERVER_NAME)
+            .context("starting the QUIC connection")?,
+    )
+    .await
+    .map_err(|_| anyhow!("no answer from {addr} within {CONNECT_TIMEOUT:?}"))?
+    .with_context(|| format!("connecting to {addr}"))?;
+    let (send, recv) = conn.open_bi().await?;
+    Ok((conn, send, recv))
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    addr.to_socket_addrs()
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{addr} resolves to no address"))
+}
+
+async fn read_message(
+    recv: &mut quinn::RecvStream,
+    frames: &mut FrameBuffer,
+) -> Result<Option<ControllerMessage>> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(msg) = frames.next_message::<ControllerMessage>()? {
+            return Ok(Some(msg));
+        }
+        match recv.read(&mut buf).await? {
+            Some(n) => frames.extend(&buf[..n]),
+            None => return Ok(None),
+        }
+    }
+}
+
+fn mtls_config(identity: &Identity) -> Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(pem_cert(&identity.ca_pem)?)
+        .context("the saved CA certificate is not usable")?;
+    let key = rcgen::KeyPair::from_pem(&identity.key_pem).context("the saved control key")?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![pem_cert(&identity.cert_pem)?], key)
+        .context("the saved client certificate")?)
+}
+
+fn pem_cert(pem: &str) -> Result<CertificateDer<'static>> {
+    let body: String = pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect::<Vec<_>>()
+        .concat();
+    use base64::Engine;
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .context("not a PEM certificate")?;
+    Ok(CertificateDer::from(der))
+}
+
+/// Accepts the controller's chain only if it contains the pinned CA and the leaf
+/// is valid for [`control::SERVER_NAME`] under that CA.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| fingerprint(c) == self.pin)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the controller's CA does not match the fingerprint in the join token".into(),
+                )
+            })?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca.clone().into_owned())
+            .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(format!("pinned CA: {e}")))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn fingerprint(der: &[u8]) -> String {
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Where the agent caches its last netmap (mode 0600), to keep forwarding and
+/// restart while the controller is unreachable.
+pub fn cache_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("netmap.json")
+}
+
+pub fn save_cache(state_dir: &Path, full: &FullNetMap) -> Result<()> {
+    write_private(&cache_path(state_dir), &serde_json::to_vec(full)?)
+}
+
+pub fn load_cache(state_dir: &Path) -> Result<Option<FullNetMap>> {
+    let path = cache_path(state_dir);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!("the cached netmap {} is damaged; remove it", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
