@@ -1,0 +1,447 @@
+//! `skymeshctl`: the operator's CLI, a thin client of the controller's REST API.
+//! Tables by default, `--json` for the API's JSON as is. A refused call exits 1
+//! and prints the API's error and detail.
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "skymeshctl", version, about = "Operate a skymesh controller")]
+struct Cli {
+    /// Base URL of the controller's REST API.
+    #[arg(
+        long,
+        env = "SKYMESH_API",
+        default_value = "http://127.0.0.1:7080",
+        global = true
+    )]
+    api: String,
+    /// File holding the admin bearer token (the controller's [api] admin_token_file).
+    #[arg(
+        long,
+        env = "SKYMESH_TOKEN_FILE",
+        default_value = "/etc/skymesh/admin.token",
+        global = true
+    )]
+    token_file: PathBuf,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Enrolled nodes.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCmd,
+    },
+    /// Join tokens for new gateways.
+    JoinToken {
+        #[command(subcommand)]
+        command: TokenCmd,
+    },
+    /// Advertised prefixes, accepted or refused.
+    Prefixes {
+        #[command(subcommand)]
+        command: PrefixesCmd,
+    },
+    /// Address planning.
+    Ipam {
+        #[command(subcommand)]
+        command: IpamCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCmd {
+    List,
+    Show {
+        name: String,
+    },
+    /// Remove a node from the mesh; its certificate is refused from now on.
+    Revoke {
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (only this once).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        cloud: String,
+        #[arg(long)]
+        region: String,
+        /// Lifetime, like 24h, 30m, 7d, or "never".
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Allow several enrollments (names get a -2, -3, ... suffix).
+        #[arg(long)]
+        reusable: bool,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PrefixesCmd {
+    List,
+}
+
+#[derive(Subcommand)]
+enum IpamCmd {
+    /// List the conflicts a prefix would have.
+    Check { cidr: String },
+    /// The lowest free block of a length within a range.
+    Suggest {
+        #[arg(long)]
+        within: String,
+        #[arg(long)]
+        prefix_len: u8,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Api {
+    base: String,
+    token: String,
+}
+
+impl Api {
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+        let url = format!("{}{path}", self.base.trim_end_matches('/'));
+        let req = ureq::request(method, &url)
+            .timeout(std::time::Duration::from_secs(30))
+            .set("Authorization", &format!("Bearer {}", self.token));
+        let resp = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match resp {
+            Ok(r) => r
+                .into_json::<Value>()
+                .with_context(|| format!("{method} {path}: the answer is not JSON")),
+            Err(ureq::Error::Status(code, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                match serde_json::from_str::<Value>(&text) {
+                    Ok(v) => Err(anyhow!(
+                        "{} ({code}): {}",
+                        v["error"].as_str().unwrap_or("error"),
+                        v["detail"].as_str().unwrap_or(&text)
+                    )),
+                    Err(_) => Err(anyhow!("HTTP {code}: {text}")),
+                }
+            }
+            Err(e) => Err(anyhow!(
+                "cannot reach the controller API at {}: {e}; set --api or SKYMESH_API",
+                self.base
+            )),
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let token = std::fs::read_to_string(&cli.token_file)
+        .with_context(|| {
+            format!(
+                "reading the admin token from {} (set --token-file or SKYMESH_TOKEN_FILE)",
+                cli.token_file.display()
+            )
+        })?
+        .trim()
+        .to_string();
+    let api = Api {
+        base: cli.api.clone(),
+        token,
+    };
+    let json_out = cli.json;
+    let show = |v: &Value, table: &dyn Fn(&Value) -> String| {
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            print!("{}", table(v));
+        }
+    };
+    match cli.command {
+        Command::Nodes { command } => match command {
+            NodesCmd::List => show(&api.call("GET", "/v1/nodes", None)?, &nodes_table),
+            NodesCmd::Show { name } => show(
+                &api.call("GET", &format!("/v1/nodes/{name}"), None)?,
+                &node_detail,
+            ),
+            NodesCmd::Revoke { name } => show(
+                &api.call("DELETE", &format!("/v1/nodes/{name}"), None)?,
+                &|_| format!("revoked node {name}\n"),
+            ),
+        },
+        Command::JoinToken { command } => match command {
+            TokenCmd::Create {
+                name,
+                site,
+                cloud,
+                region,
+                ttl,
+                reusable,
+            } => {
+                let mut body = json!({"name": name, "site": site, "cloud": cloud, "region": region, "reusable": reusable});
+                if let Some(t) = ttl {
+                    body["ttl"] = Value::String(t);
+                }
+                let v = api.call("POST", "/v1/join-tokens", Some(body))?;
+                // The token alone on stdout, so `TOKEN=$(skymeshctl join-token create ...)` works.
+                show(&v, &|v| format!("{}\n", v["token"].as_str().unwrap_or("")));
+                if !json_out {
+                    eprintln!(
+                        "join token {} for node {} ({}; expires {})",
+                        v["id"].as_str().unwrap_or(""),
+                        v["name"].as_str().unwrap_or(""),
+                        if v["reusable"].as_bool() == Some(true) {
+                            "reusable"
+                        } else {
+                            "single use"
+                        },
+                        v["expires_at"]
+                            .as_u64()
+                            .map(unix_time)
+                            .unwrap_or_else(|| "never".into())
+                    );
+                }
+            }
+            TokenCmd::List => show(&api.call("GET", "/v1/join-tokens", None)?, &tokens_table),
+            TokenCmd::Revoke { id } => show(
+                &api.call("DELETE", &format!("/v1/join-tokens/{id}"), None)?,
+                &|_| format!("revoked join token {id}\n"),
+            ),
+        },
+        Command::Prefixes {
+            command: PrefixesCmd::List,
+        } => show(&api.call("GET", "/v1/prefixes", None)?, &prefixes_table),
+        Command::Ipam { command } => match command {
+            IpamCmd::Check { cidr } => {
+                let v = api.call("POST", "/v1/ipam/check", Some(json!({"cidr": cidr})))?;
+                show(&v, &check_text);
+            }
+            IpamCmd::Suggest { within, prefix_len } => show(
+                &api.call(
+                    "POST",
+                    "/v1/ipam/suggest",
+                    Some(json!({"within": within, "prefix_len": prefix_len})),
+                )?,
+                &|v| format!("{}\n", v["cidr"].as_str().unwrap_or("")),
+            ),
+        },
+    }
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        s.truncate(s.trim_end().len());
+        s + "\n"
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out += &line(r);
+    }
+    out
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) if a.is_empty() => "-".into(),
+        Value::Array(a) => a.iter().map(s).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+fn unix_time(t: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+        .to_string()
+}
+
+fn ago(t: &Value) -> String {
+    let Some(t) = t.as_u64() else {
+        return "-".into();
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(t);
+    format!("{}s ago", now.saturating_sub(t))
+}
+
+fn nodes_table(v: &Value) -> String {
+    let rows = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|n| {
+                    vec![
+                        s(&n["name"]),
+                        s(&n["site"]),
+                        s(&n["cloud"]),
+                        s(&n["region"]),
+                        s(&n["overlay_ip"]),
+                        s(&n["prefixes"]),
+                        n["rejected_prefixes"]
+                            .as_array()
+                            .map(|r| {
+                                r.iter()
+                                    .map(|x| s(&x["cidr"]))
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .filter(|x| !x.is_empty())
+                            .unwrap_or_else(|| "-".into()),
+                        if n["online"].as_bool() == Some(true) {
+                            "online".into()
+                        } else {
+                            format!("offline ({})", ago(&n["last_seen"]))
+                        },
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "NAME",
+            "SITE",
+            "CLOUD",
+            "REGION",
+            "OVERLAY IP",
+            "PREFIXES",
+            "REFUSED",
+            "STATE",
+        ],
+        rows,
+    )
+}
+
+fn node_detail(n: &Value) -> String {
+    let mut out = String::new();
+    for k in [
+        "name",
+        "site",
+        "cloud",
+        "region",
+        "overlay_ip",
+        "public_key",
+        "endpoints",
+        "advertised",
+        "prefixes",
+        "online",
+        "agent_version",
+    ] {
+        out += &format!("{k:<14} {}\n", s(&n[k]));
+    }
+    out += &format!("{:<14} {}\n", "last_seen", ago(&n["last_seen"]));
+    if let Some(r) = n["rejected_prefixes"].as_array() {
+        for x in r {
+            out += &format!("{:<14} {}: {}\n", "REFUSED", s(&x["cidr"]), s(&x["reason"]));
+        }
+    }
+    out
+}
+
+fn tokens_table(v: &Value) -> String {
+    let rows = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|t| {
+                    vec![
+                        s(&t["id"]),
+                        s(&t["name"]),
+                        s(&t["site"]),
+                        s(&t["state"]),
+                        if t["reusable"].as_bool() == Some(true) {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
+                        t["expires_at"]
+                            .as_u64()
+                            .map(unix_time)
+                            .unwrap_or_else(|| "never".into()),
+                        s(&t["used_by"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "ID", "NAME", "SITE", "STATE", "REUSABLE", "EXPIRES", "USED BY",
+        ],
+        rows,
+    )
+}
+
+fn prefixes_table(v: &Value) -> String {
+    let rows = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| {
+                    vec![
+                        s(&p["cidr"]),
+                        s(&p["node"]),
+                        s(&p["status"]),
+                        s(&p["reason"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(&["PREFIX", "NODE", "STATUS", "REASON"], rows)
+}
+
+fn check_text(v: &Value) -> String {
+    let conflicts = v["conflicts"].as_array().cloned().unwrap_or_default();
+    if conflicts.is_empty() {
+        return format!("{}: free, no conflict\n", s(&v["cidr"]));
+    }
+    let mut out = format!("{}: {} conflict(s)\n", s(&v["cidr"]), conflicts.len());
+    for c in conflicts {
+        out += &format!("  {}\n", s(&c["message"]));
+    }
+    out
+}

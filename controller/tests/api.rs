@@ -1,0 +1,435 @@
+//! The REST API and `skymeshctl` against an in-process controller on loopback:
+//! authentication on every route, the OpenAPI document in step with the routes,
+//! the error shape, and every CLI command as an operator runs it.
+
+use serde_json::{json, Value};
+use skymesh_agent::control;
+use skymesh_controller::api::ROUTES;
+use skymesh_controller::config::Config;
+use skymesh_controller::server::{self, Controller};
+use skymesh_wire::control::Register;
+use skymesh_wire::{JoinToken, PublicKey};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    ctl: Controller,
+    token: String,
+}
+
+async fn start() -> Fixture {
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().to_path_buf();
+    let cfg = Config::parse(&format!(
+        "[control]\nlisten = \"127.0.0.1:0\"\nadvertise = [\"127.0.0.1:7443\"]\n[api]\nlisten = \"127.0.0.1:0\"\nadmin_token_file = {:?}\n[state]\ndata_dir = {:?}\n",
+        root.join("admin.token"),
+        root.join("data")
+    ))
+    .expect("config");
+    let ctl = server::start(&cfg).await.expect("start");
+    let token = std::fs::read_to_string(root.join("admin.token"))
+        .expect("generated admin token")
+        .trim()
+        .to_string();
+    Fixture {
+        _dir: dir,
+        root,
+        ctl,
+        token,
+    }
+}
+
+/// A raw HTTP call: status and JSON body.
+fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = ureq::request(method, &format!("http://{base}{path}"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let resp = match body {
+        Some(b) => req.send_json(b),
+        None => req.call(),
+    };
+    let (code, r) = match resp {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(c, r)) => (c, r),
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let text = r.into_string().expect("body");
+    let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (code, v)
+}
+
+struct Ctl<'a> {
+    f: &'a Fixture,
+}
+
+impl Ctl<'_> {
+    /// Runs skymeshctl with the env a user would set; (exit ok, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_skymeshctl"))
+            .args(args)
+            .env("SKYMESH_API", format!("http://{}", self.f.ctl.api_addr))
+            .env("SKYMESH_TOKEN_FILE", self.f.root.join("admin.token"))
+            .output()
+            .expect("run skymeshctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "skymeshctl {args:?} failed: {err}");
+        out
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(!ok, "skymeshctl {args:?} should fail; printed {out}");
+        err
+    }
+}
+
+fn sample(method: &str, path: &str) -> (String, Option<Value>) {
+    let path = path.replace("{name}", "nobody").replace("{id}", "jt-none");
+    let body = match (method, path.as_str()) {
+        ("POST", "/v1/join-tokens") => {
+            Some(json!({"name": "x", "site": "x", "cloud": "aws", "region": "r"}))
+        }
+        ("POST", "/v1/ipam/check") => Some(json!({"cidr": "10.0.0.0/16"})),
+        ("POST", "/v1/ipam/suggest") => Some(json!({"within": "10.0.0.0/8", "prefix_len": 16})),
+        _ => None,
+    };
+    (path, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_needs_the_bearer_token() {
+    let f = start().await;
+    let base = f.ctl.api_addr.to_string();
+    let mode = {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(f.root.join("admin.token"))
+            .expect("token file")
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode, 0o600, "the generated admin token is private");
+    let b = base.clone();
+    tokio::task::spawn_blocking(move || {
+        for (method, path, _) in ROUTES {
+            let (p, body) = sample(method, path);
+            for token in [None, Some("wrong-token-wrong-token")] {
+                let (code, v) = http(&b, method, &p, token, body.clone());
+                assert_eq!(code, 401, "{method} {p} with {token:?}");
+                assert_eq!(v["error"], "unauthorized");
+                assert!(v["detail"].as_str().expect("detail").contains("Bearer"));
+            }
+        }
+        // Unknown routes too: nothing is visible without the token.
+        assert_eq!(http(&b, "GET", "/v2/secret", None, None).0, 401);
+    })
+    .await
+    .expect("blocking");
+    f.ctl.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_matches_the_routes() {
+    let f = start().await;
+    let base = f.ctl.api_addr.to_string();
+    let tok = f.token.clone();
+    tokio::task::spawn_blocking(move || {
+        let (code, doc) = http(&base, "GET", "/v1/openapi.json", Some(&tok), None);
+        assert_eq!(code, 200);
+        assert_eq!(doc["openapi"], "3.0.3");
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("ops").keys() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        documented.sort();
+        let mut routes: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p, _)| (m.to_string(), p.to_string()))
+            .collect();
+        routes.sort();
+        assert_eq!(
+            documented, routes,
+            "the OpenAPI document lists exactly the routes"
+        );
+        // Every documented route is served: no "no such route" 404, no 405.
+        for (method, path) in &routes {
+            let (p, body) = sample(method, path);
+            let (code, v) = http(&base, method, &p, Some(&tok), body);
+            assert_ne!(code, 405, "{method} {path}");
+            if code == 404 {
+                assert_ne!(
+                    v["detail"].as_str().unwrap_or(""),
+                    "no such route; GET /v1/openapi.json lists them",
+                    "{method} {path} is documented but not routed"
+                );
+            }
+        }
+        // And undocumented ones are not.
+        let (code, v) = http(&base, "GET", "/v1/unknown", Some(&tok), None);
+        assert_eq!((code, v["error"].as_str()), (404, Some("not_found")));
+        let (code, v) = http(&base, "PATCH", "/v1/nodes", Some(&tok), None);
+        assert_eq!(
+            (code, v["error"].as_str()),
+            (405, Some("method_not_allowed"))
+        );
+    })
+    .await
+    .expect("blocking");
+    f.ctl.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_name_the_field_value_and_fix() {
+    let f = start().await;
+    let base = f.ctl.api_addr.to_string();
+    let tok = f.token.clone();
+    tokio::task::spawn_blocking(move || {
+        let cases = [
+            (
+                "POST",
+                "/v1/ipam/check",
+                json!({"cidr": "banana"}),
+                "cidr = \"banana\"",
+            ),
+            (
+                "POST",
+                "/v1/ipam/check",
+                json!({"cidr": "10.0.0.1/16"}),
+                "did you mean 10.0.0.0/16",
+            ),
+            (
+                "POST",
+                "/v1/ipam/check",
+                json!({"prefix": "10.0.0.0/16"}),
+                "unknown field `prefix`",
+            ),
+            (
+                "POST",
+                "/v1/ipam/suggest",
+                json!({"within": "10.0.0.0/16", "prefix_len": 8}),
+                "/8",
+            ),
+            (
+                "POST",
+                "/v1/join-tokens",
+                json!({"name": "Bad Name", "site": "a", "cloud": "aws", "region": "r"}),
+                "name = \"Bad Name\"",
+            ),
+            (
+                "POST",
+                "/v1/join-tokens",
+                json!({"name": "ok", "site": "a", "cloud": "aws", "region": "r", "ttl": "soon"}),
+                "ttl = \"soon\"",
+            ),
+        ];
+        for (method, path, body, needle) in cases {
+            let (code, v) = http(&base, method, path, Some(&tok), Some(body.clone()));
+            assert_eq!(code, 400, "{path} {body}: {v}");
+            assert_eq!(v["error"], "invalid_request");
+            let detail = v["detail"].as_str().expect("detail");
+            assert!(detail.contains(needle), "{body}: {detail}");
+        }
+        let (code, v) = http(&base, "GET", "/v1/nodes/nobody", Some(&tok), None);
+        assert_eq!(code, 404);
+        assert_eq!(v["error"], "not_found");
+    })
+    .await
+    .expect("blocking");
+    f.ctl.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skymeshctl_drives_the_whole_lifecycle() {
+    let f = start().await;
+    let ctl = Ctl { f: &f };
+    // A token, printed alone on stdout.
+    let text = ctl.ok(&[
+        "join-token",
+        "create",
+        "--name",
+        "aws-gw",
+        "--site",
+        "aws",
+        "--cloud",
+        "aws",
+        "--region",
+        "us-west-2",
+        "--ttl",
+        "2h",
+    ]);
+    let token = JoinToken::decode(text.trim()).expect("a join token");
+    assert_eq!(token.ca_sha256, f.ctl.ca_fingerprint);
+    assert_eq!(token.controllers, ["127.0.0.1:7443"]);
+    let list = ctl.ok(&["join-token", "list"]);
+    assert!(list.contains(&token.id) && list.contains("valid"), "{list}");
+
+    // Enroll over the real control channel (at the controller's real address).
+    let mut t = token.clone();
+    t.controllers = vec![f.ctl.control_addr.to_string()];
+    let dir = f.root.join("agent");
+    let identity = control::enroll(&t, &dir).await.expect("enroll");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let session = tokio::spawn(control::run_session(
+        identity,
+        Register {
+            public_key: PublicKey::from_bytes([7; 32]),
+            listen_port: 51820,
+            endpoints: vec!["203.0.113.10:51820".parse().expect("addr")],
+            advertise: vec![
+                "10.0.0.0/16".parse().expect("cidr"),
+                "127.0.0.0/24".parse().expect("cidr"),
+            ],
+            underlay: vec![],
+            agent_version: "test".into(),
+        },
+        tx,
+    ));
+    // Wait until registered.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("netmap")
+        {
+            Some(control::ControlEvent::NetMap(_)) => break,
+            Some(_) => continue,
+            None => panic!("session ended"),
+        }
+    }
+
+    let nodes = ctl.ok(&["nodes", "list"]);
+    assert!(
+        nodes.contains("aws-gw") && nodes.contains("online") && nodes.contains("10.0.0.0/16"),
+        "{nodes}"
+    );
+    assert!(
+        nodes.contains("127.0.0.0/24"),
+        "refused prefix shown: {nodes}"
+    );
+    let show = ctl.ok(&["nodes", "show", "aws-gw"]);
+    assert!(
+        show.contains("REFUSED") && show.contains("loopback"),
+        "{show}"
+    );
+    let j: Value =
+        serde_json::from_str(&ctl.ok(&["--json", "nodes", "show", "aws-gw"])).expect("json");
+    for field in [
+        "name",
+        "site",
+        "cloud",
+        "region",
+        "overlay_ip",
+        "public_key",
+        "endpoints",
+        "prefixes",
+        "rejected_prefixes",
+        "online",
+        "last_seen",
+    ] {
+        assert!(j.get(field).is_some(), "node JSON lacks {field}: {j}");
+    }
+    assert_eq!(j["online"], true);
+    assert_eq!(j["public_key"], PublicKey::from_bytes([7; 32]).to_string());
+
+    let prefixes = ctl.ok(&["prefixes", "list"]);
+    assert!(
+        prefixes.contains("accepted") && prefixes.contains("rejected"),
+        "{prefixes}"
+    );
+
+    let check = ctl.ok(&["ipam", "check", "10.0.128.0/17"]);
+    assert!(
+        check.contains("1 conflict") && check.contains("aws-gw"),
+        "{check}"
+    );
+    let free = ctl.ok(&["ipam", "check", "10.1.0.0/16"]);
+    assert!(free.contains("free"), "{free}");
+    let suggest = ctl.ok(&[
+        "ipam",
+        "suggest",
+        "--within",
+        "10.0.0.0/8",
+        "--prefix-len",
+        "16",
+    ]);
+    assert_eq!(suggest.trim(), "10.1.0.0/16");
+
+    // Refused calls exit non-zero with the API's error and detail.
+    let err = ctl.fails(&["nodes", "show", "nobody"]);
+    assert!(err.contains("not_found") && err.contains("nobody"), "{err}");
+    let err = ctl.fails(&[
+        "ipam",
+        "suggest",
+        "--within",
+        "10.0.0.0/16",
+        "--prefix-len",
+        "8",
+    ]);
+    assert!(err.contains("invalid_request"), "{err}");
+    let (ok, _, err) = Command::new(env!("CARGO_BIN_EXE_skymeshctl"))
+        .args(["nodes", "list"])
+        .env("SKYMESH_API", format!("http://{}", f.ctl.api_addr))
+        .env("SKYMESH_TOKEN_FILE", "/nonexistent/token")
+        .output()
+        .map(|o| {
+            (
+                o.status.success(),
+                (),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .expect("run");
+    assert!(!ok && err.contains("SKYMESH_TOKEN_FILE"), "{err}");
+
+    // Revoke the node and the token.
+    ctl.ok(&["nodes", "revoke", "aws-gw"]);
+    let err = ctl.fails(&["nodes", "show", "aws-gw"]);
+    assert!(err.contains("not_found"), "{err}");
+    let res = tokio::time::timeout(Duration::from_secs(5), session)
+        .await
+        .expect("session ends")
+        .expect("join");
+    assert!(res.is_err(), "the revoked agent's session is refused");
+    ctl.ok(&["join-token", "revoke", &token.id]);
+    let list: Value =
+        serde_json::from_str(&ctl.ok(&["--json", "join-token", "list"])).expect("json");
+    assert_eq!(list[0]["state"], "revoked");
+
+    // Metrics come with the token and are Prometheus text.
+    let base = f.ctl.api_addr.to_string();
+    let tok = f.token.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        ureq::get(&format!("http://{base}/metrics"))
+            .set("Authorization", &format!("Bearer {tok}"))
+            .call()
+            .expect("metrics")
+            .into_string()
+            .expect("text")
+    })
+    .await
+    .expect("blocking");
+    assert!(
+        text.contains("skymesh_controller_enrollments_total{result=\"ok\"} 1"),
+        "{text}"
+    );
+    f.ctl.shutdown().await;
+}
