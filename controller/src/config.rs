@@ -85,7 +85,7 @@ fn default_api_listen() -> String {
     "127.0.0.1:7080".into()
 }
 fn default_admin_token_file() -> PathBuf {
-    "/etc/skymesh/admin.token".into()
+    "/var/lib/skymesh-controller/admin.token".into()
 }
 fn default_data_dir() -> PathBuf {
     "/var/lib/skymesh-controller".into()

@@ -188,7 +188,7 @@ const AGENT_SETTINGS: &[(&str, &str, &str)] = &[
 ];
 
 const CONTROLLER_SETTINGS: &[(&str, &str, &str)] = &[
-    ("Service", "Type", "simple"),
+    ("Service", "Type", "notify"),
     (
         "Service",
         "ExecStart",

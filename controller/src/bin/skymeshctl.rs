@@ -23,7 +23,7 @@ struct Cli {
     #[arg(
         long,
         env = "SKYMESH_TOKEN_FILE",
-        default_value = "/etc/skymesh/admin.token",
+        default_value = "/var/lib/skymesh-controller/admin.token",
         global = true
     )]
     token_file: PathBuf,
