@@ -254,7 +254,7 @@ pub async fn run(config: Config) -> Result<()> {
             listen_port: config.interface.listen_port,
             endpoints: mode.endpoints.clone(),
             advertise: mode.advertise.clone(),
-            underlay: underlay_subnets(&name),
+            underlay: underlay_subnets(&identity.controllers),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let (events_tx, events) = tokio::sync::mpsc::channel(64);
@@ -497,17 +497,26 @@ pub async fn enroll_with_retry(
     }
 }
 
-/// Subnets of this host's interfaces other than loopback and the tunnel: a
-/// prefix overlapping them would pull the tunnel's own packets into it.
-fn underlay_subnets(tunnel: &str) -> Vec<IpNet> {
+/// Subnets of the interfaces that carry this node's tunnels: those holding the
+/// local address the kernel picks towards each controller. A prefix overlapping
+/// them would pull the tunnel's own packets into it. (The VPC-facing interface is
+/// not among them: its subnet is exactly what a gateway advertises.)
+fn underlay_subnets(controllers: &[String]) -> Vec<IpNet> {
+    let local_ips: Vec<std::net::IpAddr> = controllers
+        .iter()
+        .filter_map(|c| std::net::ToSocketAddrs::to_socket_addrs(c).ok()?.next())
+        .filter_map(|target| {
+            let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let sock = std::net::UdpSocket::bind(bind).ok()?;
+            sock.connect(target).ok()?;
+            Some(sock.local_addr().ok()?.ip())
+        })
+        .collect();
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for a in addrs {
-        if a.interface_name == tunnel || a.interface_name == "lo" {
-            continue;
-        }
         let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
             continue;
         };
@@ -515,18 +524,18 @@ fn underlay_subnets(tunnel: &str) -> Vec<IpNet> {
             let len = u32::from(m.ip()).count_ones() as u8;
             IpNet::new(std::net::IpAddr::V4(ip.ip()), len).ok()
         } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
-            if ip.ip().is_unicast_link_local() {
-                continue;
-            }
             let len = u128::from(m.ip()).count_ones() as u8;
             IpNet::new(std::net::IpAddr::V6(ip.ip()), len).ok()
         } else {
             None
         };
-        if let Some(net) = net.map(|n| n.trunc()) {
-            if !out.contains(&net) {
-                out.push(net);
-            }
+        let Some(net) = net else { continue };
+        if !local_ips.contains(&net.addr()) {
+            continue;
+        }
+        let net = net.trunc();
+        if !out.contains(&net) {
+            out.push(net);
         }
     }
     out

@@ -16,35 +16,37 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output};
 use std::time::Duration;
 
-/// Path of the agent binary: `$SKYMESH_AGENT_BIN`, else `<workspace>/target/debug/skymesh-agent`.
+/// Path of the agent binary: `$SKYMESH_AGENT_BIN`, else the build's own.
 pub fn agent_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("SKYMESH_AGENT_BIN") {
+    workspace_bin("skymesh-agent", "SKYMESH_AGENT_BIN")
+}
+
+/// Path of a workspace binary: `$env` if set, else beside the running binary
+/// (target/<profile>/skymesh-lab), or one level up for test binaries
+/// (target/<profile>/deps/…), so the lab and the tests use the binaries of their
+/// own build profile; else `<workspace>/target/debug/<name>`.
+pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
         let path = PathBuf::from(p);
         if !path.is_file() {
-            bail!(
-                "SKYMESH_AGENT_BIN points at {}, which is not a file",
-                path.display()
-            );
+            bail!("{env} points at {}, which is not a file", path.display());
         }
         return Ok(path);
     }
-    // Beside the running binary (target/<profile>/skymesh-lab), or one level up
-    // for test binaries (target/<profile>/deps/…), so the lab and the tests use
-    // the agent of their own build profile.
     let exe = std::env::current_exe().context("locating the running binary")?;
     let candidates: Vec<PathBuf> = exe
         .ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("skymesh-agent"))
+        .map(|dir| dir.join(name))
         .chain(std::iter::once(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/skymesh-agent"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug").join(name),
         ))
         .collect();
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
         anyhow::anyhow!(
-            "skymesh-agent binary not found (looked at {}); build it first: cargo build --workspace --bins \
-             (or point SKYMESH_AGENT_BIN at it)",
+            "{name} binary not found (looked at {}); build it first: cargo build --workspace --bins \
+             (or point {env} at it)",
             candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         )
     })

@@ -7,6 +7,7 @@ use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 use skymesh_tests::lab::build::{ns_name, port_name};
 use skymesh_tests::lab::topology::{duration, percent, rate};
+use skymesh_tests::lab::build::Mode;
 use skymesh_tests::lab::{down, Lab, Topology};
 use skymesh_tests::wan::PairShape;
 use std::io::{BufRead, BufReader, Write};
@@ -39,6 +40,16 @@ enum Cmd {
         /// Lab id (part of every namespace name); random by default.
         #[arg(long)]
         id: Option<String>,
+        /// Static mode: peers from each agent's config file, no controller.
+        #[arg(long = "static")]
+        static_mode: bool,
+    },
+    /// Run skymeshctl against the lab's controller: `skymesh-lab ctl -- nodes list`.
+    Ctl {
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
     },
     /// Remove a lab's namespaces, processes and state, also after `up` crashed.
     /// Without --id: every lab started by `skymesh-lab up`.
@@ -121,7 +132,29 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Cmd::Up { config, id } => up(&config, id),
+        Cmd::Up {
+            config,
+            id,
+            static_mode,
+        } => up(&config, id, static_mode),
+        Cmd::Ctl { id, args } => {
+            let id = pick_lab(id)?;
+            let ns = ns_name(&id, "ctl");
+            if !skymesh_tests::netns::list_namespaces().contains(&ns) {
+                bail!("lab {id} has no controller (it runs in static mode)");
+            }
+            let bin = skymesh_tests::agent::workspace_bin("skymeshctl", "SKYMESHCTL_BIN")?;
+            let token = Path::new(RUN_DIR).join(&id).join("admin.token");
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .arg(&bin)
+                .args(["--api", skymesh_tests::lab::build::API_URL, "--token-file"])
+                .arg(&token)
+                .args(&args)
+                .status()
+                .context("running skymeshctl")?;
+            Ok(ExitCode::from(status.code().unwrap_or(1) as u8))
+        }
         Cmd::Down { id, all } => {
             let ids: Vec<String> = match id {
                 Some(id) => vec![id],
@@ -308,7 +341,7 @@ fn random_id() -> String {
     format!("{:04x}", (nanos ^ std::process::id()) & 0xffff)
 }
 
-fn up(config: &Path, id: Option<String>) -> Result<ExitCode> {
+fn up(config: &Path, id: Option<String>, static_mode: bool) -> Result<ExitCode> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the lab creates network namespaces: run it as root");
     }
@@ -330,7 +363,12 @@ fn up(config: &Path, id: Option<String>) -> Result<ExitCode> {
         config.display(),
         topology.sites.len()
     );
-    let lab = Arc::new(Lab::up(&id, topology, &dir)?);
+    let mode = if static_mode {
+        Mode::Static
+    } else {
+        Mode::Controller
+    };
+    let lab = Arc::new(Lab::up_with(&id, topology, &dir, mode)?);
     std::fs::write(dir.join("up.pid"), std::process::id().to_string())?;
     let control = UnixListener::bind(dir.join("control.sock"))?;
     {
@@ -340,6 +378,20 @@ fn up(config: &Path, id: Option<String>) -> Result<ExitCode> {
 
     wait_for_mesh(&lab);
     print!("{}", status_table(&lab));
+    if lab.mode == Mode::Controller {
+        println!(
+            "\ncontroller: {}:{} (QUIC), API {} in namespace {}\n",
+            skymesh_tests::lab::build::CONTROLLER_IP,
+            skymesh_tests::lab::build::CONTROL_PORT,
+            skymesh_tests::lab::build::API_URL,
+            ns_name(&id, "ctl")
+        );
+        match lab.ctl_exec(&["nodes", "list"]) {
+            Ok(t) => print!("{t}"),
+            Err(e) => println!("(skymeshctl nodes list failed: {e:#})"),
+        }
+        println!("\n  skymesh-lab ctl -- nodes list | prefixes list | ipam check 10.0.5.0/24");
+    }
     println!(
         "\nlab {id} is up. Try:\n  skymesh-lab exec aws -- ping -c 3 {}\n  skymesh-lab wan cut aws gcp    |  skymesh-lab wan restore aws gcp\n  skymesh-lab wan set aws gcp --delay 80ms --loss 2%\nCtrl-C (or `skymesh-lab down`) removes it.",
         lab.sites.get(1).map(|s| s.vpc_host_ip.to_string()).unwrap_or_default()

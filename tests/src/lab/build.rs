@@ -11,9 +11,15 @@
 //!
 //! The `wan` namespace holds one switch port per site (`p-S`); nothing connects
 //! to the root namespace.
+//!
+//! In controller mode (the default) a `ctl` namespace on the WAN segment
+//! (203.0.113.2, port `p-ctl`) runs skymesh-controller and an agent of its own:
+//! the controller host is a mesh node too. Every gateway joins with a join token
+//! made through `skymeshctl`, the controller node first, then the sites in
+//! topology order. In static mode each agent's file lists its peers instead.
 
 use super::topology::{Site, Topology};
-use crate::agent::{agent_bin, write_secret, Keypair};
+use crate::agent::{agent_bin, workspace_bin, write_secret, Keypair};
 use crate::netns::{destroy, list_namespaces, Netns};
 use crate::proc::Spawned;
 use crate::wan::switch::disable_offloads;
@@ -29,6 +35,33 @@ pub const LAB_PREFIX: &str = "sml-";
 pub const LISTEN_PORT: u16 = 51820;
 /// Keepalive for gateways behind NAT, short so the lab converges fast.
 const NAT_KEEPALIVE: u16 = 5;
+/// The controller's address on the WAN segment.
+pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
+pub const CONTROL_PORT: u16 = 7443;
+/// The API listens on loopback inside the controller's namespace.
+pub const API_URL: &str = "http://127.0.0.1:7080";
+/// Node name of the controller host's own agent.
+pub const CONTROLLER_NODE: &str = "controller";
+
+/// Where the netmap comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Agents enroll with the lab's controller (the default).
+    Controller,
+    /// Each agent's config file lists its peers.
+    Static,
+}
+
+/// The controller host: its namespace, the controller and its own agent.
+pub struct ControllerRuntime {
+    pub config: PathBuf,
+    pub token_file: PathBuf,
+    pub agent_config: PathBuf,
+    pub admin_socket: PathBuf,
+    pub process: Option<Spawned>,
+    pub agent: Option<Spawned>,
+    pub ns: Netns,
+}
 
 /// A running site.
 pub struct SiteRuntime {
@@ -50,6 +83,9 @@ pub struct SiteRuntime {
 
 pub struct Lab {
     pub id: String,
+    pub mode: Mode,
+    /// Controller mode only.
+    pub controller: Option<ControllerRuntime>,
     pub topology: Topology,
     pub dir: PathBuf,
     pub sites: Vec<SiteRuntime>,
@@ -104,9 +140,17 @@ fn host(net: ipnet::Ipv4Net, n: u32) -> Ipv4Addr {
 }
 
 impl Lab {
-    /// Builds the lab `id` from `topology`, keeping keys, configs and logs in `dir`,
-    /// and starts every agent (static mode, full mesh).
+    /// Builds the lab `id` from `topology` in controller mode, keeping keys,
+    /// configs and logs in `dir`, and starts the controller and every agent.
     pub fn up(id: &str, topology: Topology, dir: &Path) -> Result<Self> {
+        Self::up_with(id, topology, dir, Mode::Controller)
+    }
+
+    /// Builds the lab in the given mode.
+    pub fn up_with(id: &str, topology: Topology, dir: &Path, mode: Mode) -> Result<Self> {
+        if topology.sites.iter().any(|s| s.name == "ctl" || s.name == CONTROLLER_NODE) {
+            bail!("site names \"ctl\" and {CONTROLLER_NODE:?} are reserved for the lab's controller; rename that site");
+        }
         if list_namespaces()
             .iter()
             .any(|n| n.starts_with(&ns_name(id, "")))
@@ -119,25 +163,214 @@ impl Lab {
         for (i, site) in topology.sites.iter().enumerate() {
             sites.push(build_site(id, i, site, &wan, dir)?);
         }
-        let ports: Vec<String> = topology.sites.iter().map(|s| port_name(&s.name)).collect();
+        let ctl_ns = match mode {
+            Mode::Controller => {
+                let ns = Netns::named(&ns_name(id, "ctl"))?;
+                link(&ns, "wan0", &format!("{CONTROLLER_IP}/24"), &wan, &port_name("ctl"), None)?;
+                disable_offloads(ns.name(), "wan0")?;
+                Some(ns)
+            }
+            Mode::Static => None,
+        };
+        let mut ports: Vec<String> = topology.sites.iter().map(|s| port_name(&s.name)).collect();
+        if ctl_ns.is_some() {
+            ports.push(port_name("ctl"));
+        }
         let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
         let switch = Switch::start(wan.name(), &port_refs, 0x5eed)?;
         for ((from, to), shape) in &topology.wan {
             switch.set(&port_name(from), &port_name(to), *shape)?;
         }
+        let controller = ctl_ns.map(|ns| ControllerRuntime {
+            config: dir.join("controller.toml"),
+            token_file: dir.join("admin.token"),
+            agent_config: dir.join("controller-agent.toml"),
+            admin_socket: dir.join("controller-agent.sock"),
+            process: None,
+            agent: None,
+            ns,
+        });
         let mut lab = Self {
             id: id.to_string(),
+            mode,
+            controller,
             topology,
             dir: dir.to_path_buf(),
             sites,
             switch,
             wan,
         };
-        lab.write_agent_configs()?;
+        match mode {
+            Mode::Static => lab.write_agent_configs()?,
+            Mode::Controller => {
+                lab.start_controller()?;
+                lab.join_controller_node()?;
+                lab.write_controller_agent_configs()?;
+            }
+        }
         for i in 0..lab.sites.len() {
             lab.start_agent(i)?;
         }
         Ok(lab)
+    }
+
+    fn ctl(&self) -> Result<&ControllerRuntime> {
+        self.controller
+            .as_ref()
+            .context("this lab runs in static mode; it has no controller")
+    }
+
+    /// Writes the controller's config (first time) and starts it; returns once
+    /// its API answers.
+    pub fn start_controller(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        let ctl = self
+            .controller
+            .as_mut()
+            .context("this lab runs in static mode; it has no controller")?;
+        if !ctl.config.exists() {
+            let toml = format!(
+                "[control]\nlisten = \"0.0.0.0:{CONTROL_PORT}\"\nadvertise = [\"{CONTROLLER_IP}:{CONTROL_PORT}\"]\n\n[api]\nlisten = \"127.0.0.1:7080\"\nadmin_token_file = \"{}\"\n\n[state]\ndata_dir = \"{}\"\n",
+                ctl.token_file.display(),
+                dir.join("controller-data").display()
+            );
+            write_secret(&ctl.config, &toml)?;
+        }
+        let bin = workspace_bin("skymesh-controller", "SKYMESH_CONTROLLER_BIN")?;
+        let config = ctl.config.to_str().context("config path")?.to_string();
+        let cmd = ctl
+            .ns
+            .command(bin.to_str().context("controller path")?, &["run", "--config", &config]);
+        let mut process = Spawned::start("controller", cmd, &dir.join("controller.log"))?;
+        let ctl_bin = workspace_bin("skymeshctl", "SKYMESHCTL_BIN")?;
+        let ctl_bin = ctl_bin.to_str().context("skymeshctl path")?.to_string();
+        let token_file = ctl.token_file.to_str().context("token path")?.to_string();
+        let ready = crate::wait_until(Duration::from_secs(15), || {
+            ctl.token_file.exists()
+                && ctl
+                    .ns
+                    .command(
+                        &ctl_bin,
+                        &["--api", API_URL, "--token-file", &token_file, "nodes", "list"],
+                    )
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        });
+        if ready.is_none() {
+            let _ = process.ensure_running();
+            bail!("the controller did not come up:\n{}", process.log());
+        }
+        ctl.process = Some(process);
+        Ok(())
+    }
+
+    /// Kills the controller with SIGKILL (a crash or an outage).
+    pub fn kill_controller(&mut self) -> Result<()> {
+        if let Some(ctl) = self.controller.as_mut() {
+            if let Some(mut p) = ctl.process.take() {
+                p.kill9()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `skymeshctl ARGS` against the lab's controller, inside its namespace.
+    pub fn ctl_command(&self, args: &[&str]) -> Result<Command> {
+        let ctl = self.ctl()?;
+        let bin = workspace_bin("skymeshctl", "SKYMESHCTL_BIN")?;
+        let mut full = vec![
+            "--api",
+            API_URL,
+            "--token-file",
+            ctl.token_file.to_str().context("token path")?,
+        ];
+        full.extend_from_slice(args);
+        Ok(ctl.ns.command(bin.to_str().context("skymeshctl path")?, &full))
+    }
+
+    /// `skymeshctl ARGS` output, failing with its stderr.
+    pub fn ctl_exec(&self, args: &[&str]) -> Result<String> {
+        crate::proc::check(&mut self.ctl_command(args)?)
+    }
+
+    /// A join token for node `name`, written to a file (mode 0600).
+    fn join_token(&self, name: &str, cloud: &str, region: &str) -> Result<PathBuf> {
+        let token = self.ctl_exec(&[
+            "join-token", "create", "--name", name, "--site", name, "--cloud", cloud,
+            "--region", region, "--ttl", "1h",
+        ])?;
+        let path = self.dir.join(format!("{name}.join-token"));
+        write_secret(&path, token.trim())?;
+        Ok(path)
+    }
+
+    /// The controller host's own agent: a mesh node without a VPC.
+    fn join_controller_node(&mut self) -> Result<()> {
+        let token = self.join_token(CONTROLLER_NODE, "lab", "lab")?;
+        let key = Keypair::generate()?;
+        let ctl = self.ctl()?;
+        let key_file = self.dir.join("controller-agent.key");
+        write_secret(&key_file, &format!("{}\n", key.private))?;
+        let toml = format!(
+            "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n\n[metrics]\nlisten = \"127.0.0.1:9586\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n[controller]\njoin_token_file = \"{}\"\n\n[node]\nendpoints = [\"{CONTROLLER_IP}:{LISTEN_PORT}\"]\n",
+            key_file.display(),
+            ctl.admin_socket.display(),
+            self.dir.join("controller-agent-state").display(),
+            token.display(),
+        );
+        write_secret(&ctl.agent_config, &toml)?;
+        self.start_controller_agent()
+    }
+
+    pub fn start_controller_agent(&mut self) -> Result<()> {
+        let dir = self.dir.clone();
+        let ctl = self
+            .controller
+            .as_mut()
+            .context("no controller in static mode")?;
+        let bin = agent_bin()?;
+        let config = ctl.agent_config.to_str().context("config path")?.to_string();
+        let cmd = ctl
+            .ns
+            .command(bin.to_str().context("agent path")?, &["run", "--config", &config]);
+        let _ = std::fs::remove_file(&ctl.admin_socket);
+        let mut agent = Spawned::start("controller-agent", cmd, &dir.join("controller-agent.log"))?;
+        if crate::wait_until(Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(&ctl.admin_socket).is_ok()
+        })
+        .is_none()
+        {
+            let _ = agent.ensure_running();
+            bail!("the controller's agent did not start:\n{}", agent.log());
+        }
+        ctl.agent = Some(agent);
+        Ok(())
+    }
+
+    /// Agent configs in controller mode: a join token, the VPC to advertise,
+    /// the public endpoint (none behind NAT: the controller observes it).
+    fn write_controller_agent_configs(&self) -> Result<()> {
+        for s in &self.sites {
+            let token = self.join_token(&s.site.name, &s.site.cloud, &s.site.region)?;
+            let key = Keypair::generate()?;
+            let key_file = self.dir.join(format!("{}.key", s.site.name));
+            write_secret(&key_file, &format!("{}\n", key.private))?;
+            let mut toml = format!(
+                "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n\n[metrics]\nlisten = \"127.0.0.1:9586\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n[controller]\njoin_token_file = \"{}\"\n\n[node]\nadvertise = [\"{}\"]\n",
+                key_file.display(),
+                s.admin_socket.display(),
+                self.dir.join(format!("{}-state", s.site.name)).display(),
+                token.display(),
+                s.site.vpc,
+            );
+            if s.site.nat {
+                toml.push_str(&format!("persistent_keepalive = {NAT_KEEPALIVE}\n"));
+            } else {
+                toml.push_str(&format!("endpoints = [\"{}:{LISTEN_PORT}\"]\n", s.public_ip));
+            }
+            write_secret(&s.config, &toml)?;
+        }
+        Ok(())
     }
 
     pub fn site(&self, name: &str) -> Result<&SiteRuntime> {
@@ -209,7 +442,7 @@ impl Lab {
         // A socket file left by a killed agent must not count as ready.
         let _ = std::fs::remove_file(&s.admin_socket);
         let mut agent = Spawned::start(&format!("{}-agent", s.site.name), cmd, &log)?;
-        let ready = crate::wait_until(Duration::from_secs(10), || {
+        let ready = crate::wait_until(Duration::from_secs(20), || {
             std::os::unix::net::UnixStream::connect(&s.admin_socket).is_ok()
         });
         if ready.is_none() {
@@ -221,6 +454,25 @@ impl Lab {
             );
         }
         s.agent = Some(agent);
+        if self.mode == Mode::Controller {
+            // The controller assigns the overlay address with the first netmap.
+            let name = self.sites[i].site.name.clone();
+            let mut addr = None;
+            crate::wait_until(Duration::from_secs(20), || {
+                addr = self
+                    .agent_status(&name)
+                    .ok()
+                    .and_then(|st| st.interface.address.split('/').next()?.parse::<Ipv4Addr>().ok());
+                addr.is_some()
+            });
+            match addr {
+                Some(a) => self.sites[i].overlay_ip = a,
+                None => bail!(
+                    "agent of {name} got no netmap from the controller:\n{}",
+                    self.sites[i].agent.as_ref().map(|a| a.log()).unwrap_or_default()
+                ),
+            }
+        }
         Ok(())
     }
 
