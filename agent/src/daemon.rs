@@ -506,7 +506,11 @@ fn underlay_subnets(controllers: &[String]) -> Vec<IpNet> {
         .iter()
         .filter_map(|c| std::net::ToSocketAddrs::to_socket_addrs(c).ok()?.next())
         .filter_map(|target| {
-            let bind = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+            let bind = if target.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
             let sock = std::net::UdpSocket::bind(bind).ok()?;
             sock.connect(target).ok()?;
             Some(sock.local_addr().ok()?.ip())

@@ -121,7 +121,11 @@ async fn run(args: Args) -> Result<()> {
     names.extend((0..k).map(|i| format!("new-{i:03}")));
     let tokens = create_tokens(&ctl.api, &names, args.concurrency.min(8)).await?;
     let tokens_time = t.elapsed();
-    progress(format!("{} join tokens in {}", tokens.len(), fmt_dur(tokens_time)));
+    progress(format!(
+        "{} join tokens in {}",
+        tokens.len(),
+        fmt_dur(tokens_time)
+    ));
 
     let t = Instant::now();
     let identities: Vec<Identity> = futures::stream::iter(tokens[..n].iter().cloned())
@@ -239,24 +243,73 @@ async fn run(args: Args) -> Result<()> {
     let pass_rss = peak < TARGET_RSS_BYTES;
 
     println!();
-    println!("control plane, {n} agents on loopback, {k} changes (one new node each), controller pid {}", ctl.pid());
+    println!(
+        "control plane, {n} agents on loopback, {k} changes (one new node each), controller pid {}",
+        ctl.pid()
+    );
     println!();
     println!("| what | value |");
     println!("|---|---|");
-    println!("| join tokens ({} via the API) | {} |", n + k, fmt_dur(tokens_time));
-    println!("| enrollment of {n} agents ({} at once) | {} |", args.concurrency, fmt_dur(enroll_time));
-    println!("| convergence: every agent holds {} peers | {} |", n - 1, fmt_dur(converge_time));
+    println!(
+        "| join tokens ({} via the API) | {} |",
+        n + k,
+        fmt_dur(tokens_time)
+    );
+    println!(
+        "| enrollment of {n} agents ({} at once) | {} |",
+        args.concurrency,
+        fmt_dur(enroll_time)
+    );
+    println!(
+        "| convergence: every agent holds {} peers | {} |",
+        n - 1,
+        fmt_dur(converge_time)
+    );
     println!("| controller CPU during convergence | {converge_cpu:.1} s |");
-    println!("| change -> agent delay p50 / p90 / p99 / max ({} samples) | {} / {} / {} / {} |", delays.len(), fmt_dur(d.p50), fmt_dur(d.p90), fmt_dur(d.p99), fmt_dur(d.max));
-    println!("| change -> last of {n} agents p50 / max | {} / {} |", fmt_dur(pc.p50), fmt_dur(pc.max));
-    println!("| new node's own full netmap p50 / max | {} / {} |", fmt_dur(own.p50), fmt_dur(own.max));
-    println!("| deliveries missed (after {}) | {missed} |", fmt_dur(timeout));
+    println!(
+        "| change -> agent delay p50 / p90 / p99 / max ({} samples) | {} / {} / {} / {} |",
+        delays.len(),
+        fmt_dur(d.p50),
+        fmt_dur(d.p90),
+        fmt_dur(d.p99),
+        fmt_dur(d.max)
+    );
+    println!(
+        "| change -> last of {n} agents p50 / max | {} / {} |",
+        fmt_dur(pc.p50),
+        fmt_dur(pc.max)
+    );
+    println!(
+        "| new node's own full netmap p50 / max | {} / {} |",
+        fmt_dur(own.p50),
+        fmt_dur(own.max)
+    );
+    println!(
+        "| deliveries missed (after {}) | {missed} |",
+        fmt_dur(timeout)
+    );
     println!("| controller CPU during the {k} changes | {changes_cpu:.2} s |");
-    println!("| controller VmRSS / VmHWM after convergence | {} / {} |", mib(rss_converged.rss), mib(rss_converged.hwm));
-    println!("| controller VmRSS / VmHWM at the end | {} / {} |", mib(rss_end.rss), mib(rss_end.hwm));
-    println!("| bench process VmRSS / VmHWM ({} agents) | {} / {} |", n + k, mib(own_rss.rss), mib(own_rss.hwm));
+    println!(
+        "| controller VmRSS / VmHWM after convergence | {} / {} |",
+        mib(rss_converged.rss),
+        mib(rss_converged.hwm)
+    );
+    println!(
+        "| controller VmRSS / VmHWM at the end | {} / {} |",
+        mib(rss_end.rss),
+        mib(rss_end.hwm)
+    );
+    println!(
+        "| bench process VmRSS / VmHWM ({} agents) | {} / {} |",
+        n + k,
+        mib(own_rss.rss),
+        mib(own_rss.hwm)
+    );
     println!("| session drops: agent-side disconnects / controller 'not keeping up' | {disconnects} / {dropped_slow} |");
-    println!("| full netmaps received (expected {}) | {full_maps} |", n + k);
+    println!(
+        "| full netmaps received (expected {}) | {full_maps} |",
+        n + k
+    );
     println!();
     println!(
         "p99 {} < {}: {}",
@@ -425,7 +478,12 @@ async fn follow(
                 first_netmap = None;
             }
             ControlEvent::Update(u) => {
-                shared.saw(idx, &mut u.upsert.iter().map(|p| p.name.as_str()), false, at);
+                shared.saw(
+                    idx,
+                    &mut u.upsert.iter().map(|p| p.name.as_str()),
+                    false,
+                    at,
+                );
                 if let Some(m) = map.as_mut() {
                     u.apply_to(m);
                 }
@@ -493,8 +551,12 @@ impl ControllerProc {
                 bin.display()
             );
         }
-        let control_port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-        let api_port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let control_port = std::net::UdpSocket::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let api_port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let token_file = dir.join("admin.token");
         let config = dir.join("controller.toml");
         std::fs::write(
@@ -542,7 +604,10 @@ impl ControllerProc {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("the controller's /healthz did not answer within 30 s:\n{}", proc.log_tail());
+                bail!(
+                    "the controller's /healthz did not answer within 30 s:\n{}",
+                    proc.log_tail()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -560,7 +625,8 @@ impl ControllerProc {
 
     /// User + system CPU time of every controller thread so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
         // Fields after the command name, which ends with the last ')'; utime and
         // stime are fields 14 and 15, i.e. the 12th and 13th after it.
         let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -682,7 +748,8 @@ struct Memory {
 
 /// VmRSS and VmHWM of a /proc/PID/status file, in bytes.
 fn memory(status: &Path) -> Result<Memory> {
-    let text = std::fs::read_to_string(status).with_context(|| format!("reading {}", status.display()))?;
+    let text =
+        std::fs::read_to_string(status).with_context(|| format!("reading {}", status.display()))?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))

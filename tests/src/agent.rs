@@ -40,7 +40,9 @@ pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
         .take(2)
         .map(|dir| dir.join(name))
         .chain(std::iter::once(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug").join(name),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/debug")
+                .join(name),
         ))
         .collect();
     candidates.iter().find(|p| p.is_file()).cloned().ok_or_else(|| {
@@ -231,6 +233,31 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Dropped packets by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Controller mode only.
+    #[serde(default)]
+    pub controller: Option<ControllerStatus>,
+}
+
+/// `status --json` → `controller`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ControllerStatus {
+    /// The enrolled node name.
+    pub node: String,
+    /// The controller of the open session.
+    pub connected: Option<String>,
+    /// Whether the applied netmap came from the on-disk cache.
+    pub from_cache: bool,
+    /// Accepted prefixes.
+    pub prefixes: Vec<String>,
+    /// Refused prefixes with the reason.
+    pub rejected_prefixes: Vec<RejectedPrefix>,
+}
+
+/// A refused prefix in `status --json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct RejectedPrefix {
+    pub cidr: String,
+    pub reason: String,
 }
 
 impl Status {

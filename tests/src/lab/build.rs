@@ -148,7 +148,11 @@ impl Lab {
 
     /// Builds the lab in the given mode.
     pub fn up_with(id: &str, topology: Topology, dir: &Path, mode: Mode) -> Result<Self> {
-        if topology.sites.iter().any(|s| s.name == "ctl" || s.name == CONTROLLER_NODE) {
+        if topology
+            .sites
+            .iter()
+            .any(|s| s.name == "ctl" || s.name == CONTROLLER_NODE)
+        {
             bail!("site names \"ctl\" and {CONTROLLER_NODE:?} are reserved for the lab's controller; rename that site");
         }
         if list_namespaces()
@@ -166,7 +170,14 @@ impl Lab {
         let ctl_ns = match mode {
             Mode::Controller => {
                 let ns = Netns::named(&ns_name(id, "ctl"))?;
-                link(&ns, "wan0", &format!("{CONTROLLER_IP}/24"), &wan, &port_name("ctl"), None)?;
+                link(
+                    &ns,
+                    "wan0",
+                    &format!("{CONTROLLER_IP}/24"),
+                    &wan,
+                    &port_name("ctl"),
+                    None,
+                )?;
                 disable_offloads(ns.name(), "wan0")?;
                 Some(ns)
             }
@@ -238,9 +249,10 @@ impl Lab {
         }
         let bin = workspace_bin("skymesh-controller", "SKYMESH_CONTROLLER_BIN")?;
         let config = ctl.config.to_str().context("config path")?.to_string();
-        let cmd = ctl
-            .ns
-            .command(bin.to_str().context("controller path")?, &["run", "--config", &config]);
+        let cmd = ctl.ns.command(
+            bin.to_str().context("controller path")?,
+            &["run", "--config", &config],
+        );
         let mut process = Spawned::start("controller", cmd, &dir.join("controller.log"))?;
         let ctl_bin = workspace_bin("skymeshctl", "SKYMESHCTL_BIN")?;
         let ctl_bin = ctl_bin.to_str().context("skymeshctl path")?.to_string();
@@ -251,7 +263,14 @@ impl Lab {
                     .ns
                     .command(
                         &ctl_bin,
-                        &["--api", API_URL, "--token-file", &token_file, "nodes", "list"],
+                        &[
+                            "--api",
+                            API_URL,
+                            "--token-file",
+                            &token_file,
+                            "nodes",
+                            "list",
+                        ],
                     )
                     .output()
                     .is_ok_and(|o| o.status.success())
@@ -285,7 +304,9 @@ impl Lab {
             ctl.token_file.to_str().context("token path")?,
         ];
         full.extend_from_slice(args);
-        Ok(ctl.ns.command(bin.to_str().context("skymeshctl path")?, &full))
+        Ok(ctl
+            .ns
+            .command(bin.to_str().context("skymeshctl path")?, &full))
     }
 
     /// `skymeshctl ARGS` output, failing with its stderr.
@@ -296,8 +317,18 @@ impl Lab {
     /// A join token for node `name`, written to a file (mode 0600).
     fn join_token(&self, name: &str, cloud: &str, region: &str) -> Result<PathBuf> {
         let token = self.ctl_exec(&[
-            "join-token", "create", "--name", name, "--site", name, "--cloud", cloud,
-            "--region", region, "--ttl", "1h",
+            "join-token",
+            "create",
+            "--name",
+            name,
+            "--site",
+            name,
+            "--cloud",
+            cloud,
+            "--region",
+            region,
+            "--ttl",
+            "1h",
         ])?;
         let path = self.dir.join(format!("{name}.join-token"));
         write_secret(&path, token.trim())?;
@@ -329,10 +360,15 @@ impl Lab {
             .as_mut()
             .context("no controller in static mode")?;
         let bin = agent_bin()?;
-        let config = ctl.agent_config.to_str().context("config path")?.to_string();
-        let cmd = ctl
-            .ns
-            .command(bin.to_str().context("agent path")?, &["run", "--config", &config]);
+        let config = ctl
+            .agent_config
+            .to_str()
+            .context("config path")?
+            .to_string();
+        let cmd = ctl.ns.command(
+            bin.to_str().context("agent path")?,
+            &["run", "--config", &config],
+        );
         let _ = std::fs::remove_file(&ctl.admin_socket);
         let mut agent = Spawned::start("controller-agent", cmd, &dir.join("controller-agent.log"))?;
         if crate::wait_until(Duration::from_secs(20), || {
@@ -366,7 +402,10 @@ impl Lab {
             if s.site.nat {
                 toml.push_str(&format!("persistent_keepalive = {NAT_KEEPALIVE}\n"));
             } else {
-                toml.push_str(&format!("endpoints = [\"{}:{LISTEN_PORT}\"]\n", s.public_ip));
+                toml.push_str(&format!(
+                    "endpoints = [\"{}:{LISTEN_PORT}\"]\n",
+                    s.public_ip
+                ));
             }
             write_secret(&s.config, &toml)?;
         }
@@ -459,17 +498,25 @@ impl Lab {
             let name = self.sites[i].site.name.clone();
             let mut addr = None;
             crate::wait_until(Duration::from_secs(20), || {
-                addr = self
-                    .agent_status(&name)
-                    .ok()
-                    .and_then(|st| st.interface.address.split('/').next()?.parse::<Ipv4Addr>().ok());
+                addr = self.agent_status(&name).ok().and_then(|st| {
+                    st.interface
+                        .address
+                        .split('/')
+                        .next()?
+                        .parse::<Ipv4Addr>()
+                        .ok()
+                });
                 addr.is_some()
             });
             match addr {
                 Some(a) => self.sites[i].overlay_ip = a,
                 None => bail!(
                     "agent of {name} got no netmap from the controller:\n{}",
-                    self.sites[i].agent.as_ref().map(|a| a.log()).unwrap_or_default()
+                    self.sites[i]
+                        .agent
+                        .as_ref()
+                        .map(|a| a.log())
+                        .unwrap_or_default()
                 ),
             }
         }
