@@ -265,6 +265,7 @@ mod tests {
             }],
             drops: BTreeMap::from([("replay".to_string(), 2), ("malformed".to_string(), 0)]),
             handshake_cookie_replies: 0,
+            controller: None,
         };
         let t = render_table(&s, 1075);
         assert!(t.contains("peer: gcp-gw (KEY)"), "{t}");

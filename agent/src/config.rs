@@ -705,6 +705,56 @@ mod tests {
         assert_eq!(cfg.metrics_listen.to_string(), DEFAULT_METRICS_LISTEN);
     }
 
+    /// The controller-mode example too.
+    #[test]
+    fn controller_example_config_is_valid() {
+        let fx = fixture("ctl-example");
+        let example = include_str!("../../configs/agent.controller.example.toml").replace(
+            "/var/lib/skymesh/private.key",
+            &fx.key.display().to_string(),
+        );
+        let cfg = Config::parse(Path::new("configs/agent.controller.example.toml"), &example)
+            .expect("controller example config");
+        let mode = cfg.controller.as_ref().expect("controller mode");
+        assert_eq!(mode.advertise[0].to_string(), "10.0.0.0/16");
+        assert!(cfg.netmap().is_none(), "the controller sends the netmap");
+    }
+
+    #[test]
+    fn controller_mode_excludes_static_keys() {
+        let fx = fixture("ctl-rules");
+        let file = fx.dir.join("agent.toml");
+        let base = format!("[interface]\nprivate_key_file = {:?}\n", fx.key.display());
+        for (extra, needle) in [
+            (
+                "address = \"100.96.0.1/32\"\n[controller]\n",
+                "interface.address = \"100.96.0.1/32\": in controller mode",
+            ),
+            (
+                &format!("[controller]\n{}", peer("\"10.1.0.0/16\"")) as &str,
+                "remove the [[peers]] tables",
+            ),
+            (
+                "[node]\nadvertise = [\"10.0.0.0/16\"]\n",
+                "add a [controller] table",
+            ),
+            (
+                "[controller]\n[node]\nadvertise = [\"10.0.0.1/16\"]\n",
+                "did you mean \"10.0.0.0/16\"",
+            ),
+            (
+                "[controller]\njoin_token_file = \"rel/token\"\n",
+                "controller.join_token_file = \"rel/token\": expected an absolute path",
+            ),
+            ("", "interface.address = (missing)"),
+        ] {
+            let e = Config::parse(&file, &format!("{base}{extra}"))
+                .expect_err(extra)
+                .to_string();
+            assert!(e.contains(needle), "{extra:?}: {e}");
+        }
+    }
+
     #[test]
     fn key_file_problems_are_named() {
         let fx = fixture("keys");

@@ -363,11 +363,11 @@ fn mtls_config(identity: &Identity) -> Result<rustls::ClientConfig> {
         .context("the saved CA certificate is not usable")?;
     let key = rcgen::KeyPair::from_pem(&identity.key_pem).context("the saved control key")?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(vec![pem_cert(&identity.cert_pem)?], key)
-        .context("the saved client certificate")?)
+        .context("the saved client certificate")
 }
 
 fn pem_cert(pem: &str) -> Result<CertificateDer<'static>> {

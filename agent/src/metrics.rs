@@ -85,6 +85,27 @@ pub fn render(status: &Status) -> String {
         cookies,
     );
 
+    if let Some(c) = &status.controller {
+        let connected = Gauge::<i64>::default();
+        connected.set(i64::from(c.connected.is_some()));
+        registry.register(
+            "controller_connected",
+            "1 while a control session to the controller is open (controller mode)",
+            connected,
+        );
+        let rejected = Family::<Labels, Gauge>::default();
+        for r in &c.rejected_prefixes {
+            rejected
+                .get_or_create(&vec![("prefix".to_string(), r.cidr.clone())])
+                .set(1);
+        }
+        registry.register(
+            "advertised_prefix_rejected",
+            "Advertised prefixes the controller refused (1 each; see `status` for why)",
+            rejected,
+        );
+    }
+
     let mut out = String::new();
     if encode(&mut out, &registry).is_err() {
         out.clear();
@@ -122,6 +143,15 @@ mod tests {
             }],
             drops: BTreeMap::from([("replay".to_string(), 3)]),
             handshake_cookie_replies: 4,
+            controller: Some(crate::admin::ControllerStatus {
+                node: "aws-gw".into(),
+                connected: Some("203.0.113.2:7443".into()),
+                rejected_prefixes: vec![crate::admin::RejectedPrefixStatus {
+                    cidr: "10.0.5.0/24".into(),
+                    reason: "overlaps".into(),
+                }],
+                ..Default::default()
+            }),
         };
         let text = render(&status);
         for line in [
@@ -132,6 +162,8 @@ mod tests {
             "skymesh_dropped_packets_total{reason=\"replay\"} 3",
             "skymesh_handshake_cookie_replies_total 4",
             "skymesh_build_info{version=\"",
+            "skymesh_controller_connected 1",
+            "skymesh_advertised_prefix_rejected{prefix=\"10.0.5.0/24\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
