@@ -91,6 +91,27 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
         "aws VPC cannot ping the gcp VPC host"
     );
 
+    // The lab's controller, through `ctl`, right after `up`.
+    let nodes = lab(&["ctl", "--id", &id, "--", "nodes", "list"])?;
+    let text = String::from_utf8_lossy(&nodes.stdout);
+    ensure!(
+        nodes.status.success(),
+        "ctl nodes list: {}",
+        String::from_utf8_lossy(&nodes.stderr)
+    );
+    for site in ["aws", "gcp", "azure", "alibaba", "controller"] {
+        ensure!(
+            text.lines()
+                .any(|l| l.starts_with(site) && l.contains("online")),
+            "{site} not online in:\n{text}"
+        );
+    }
+    let refused = lab(&["ctl", "--id", &id, "--", "nodes", "show", "nobody"])?;
+    ensure!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("not_found"),
+        "a refused ctl call exits non-zero with the API's error"
+    );
+
     let cut = lab(&["wan", "cut", "aws", "gcp", "--id", &id])?;
     ensure!(
         cut.status.success(),
