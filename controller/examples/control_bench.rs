@@ -430,7 +430,14 @@ impl Shared {
         if idx >= p.arrived.len() || p.arrived[idx].is_some() {
             return;
         }
-        if upserted.any(|name| name == p.name) {
+        let mut hit = false;
+        for name in upserted {
+            if name == p.name {
+                hit = true;
+                break;
+            }
+        }
+        if hit {
             p.arrived[idx] = Some(at);
             p.missing -= 1;
             if p.missing == 0 {

@@ -498,10 +498,9 @@ fn check_addresses(nodes: &[NodeView]) {
 /// same /16, and for a /24 and a /25 inside it.
 fn racer_prefixes(j: usize) -> Vec<IpNet> {
     let pair = j / 2;
-    let nested = if j % 2 == 0 {
-        format!("172.16.{pair}.0/24")
-    } else {
-        format!("172.16.{pair}.128/25")
+    let nested = match j % 2 {
+        0 => format!("172.16.{pair}.0/24"),
+        _ => format!("172.16.{pair}.128/25"),
     };
     vec![net(&format!("10.{pair}.0.0/16")), net(&nested)]
 }
@@ -610,7 +609,7 @@ async fn kill_9_during_concurrent_enrollments_loses_and_duplicates_nothing() {
     for t in &tokens {
         assert_eq!(
             t.used_by,
-            [t.name.clone()],
+            std::slice::from_ref(&t.name),
             "token {} ({}) should be used by exactly its node; state {}",
             t.id,
             t.name,
@@ -878,11 +877,13 @@ async fn restart_keeps_every_allocation() {
 
     // Graceful: SIGTERM, restart. The store answers the same before and after
     // the agents come back and register again.
+    // Netmaps counted before the stop: any later one comes from the restarted
+    // controller (agents may be back before the first snapshot below).
+    let marks: Vec<usize> = sessions.iter().map(Session::netmaps).collect();
     let t0 = Instant::now();
     ctl.terminate().await;
     ctl.start().await;
     assert_same(&before, &snapshot(&ctl).await, "after SIGTERM and restart");
-    let marks: Vec<usize> = sessions.iter().map(Session::netmaps).collect();
     wait_connected(&ctl, &sessions, &marks, Duration::from_secs(30)).await;
     assert_same(
         &before,
@@ -892,11 +893,11 @@ async fn restart_keeps_every_allocation() {
     let graceful = t0.elapsed();
 
     // Not graceful: SIGKILL, restart.
+    let marks: Vec<usize> = sessions.iter().map(Session::netmaps).collect();
     let t0 = Instant::now();
     ctl.kill_9();
     ctl.start().await;
     assert_same(&before, &snapshot(&ctl).await, "after SIGKILL and restart");
-    let marks: Vec<usize> = sessions.iter().map(Session::netmaps).collect();
     wait_connected(&ctl, &sessions, &marks, Duration::from_secs(30)).await;
     assert_same(
         &before,
