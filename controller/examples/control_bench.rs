@@ -32,6 +32,8 @@ const TARGET_RSS_BYTES: u64 = 200_000_000;
 /// Linux reports utime/stime in USER_HZ ticks, 100 per second on every
 /// architecture the kernel exposes to user space.
 const USER_HZ: f64 = 100.0;
+/// How long the idle cost of holding the sessions is measured.
+const IDLE_WINDOW: Duration = Duration::from_secs(3);
 
 #[derive(Parser)]
 #[command(about = "skymesh control-plane benchmark: change propagation to N agents")]
@@ -148,7 +150,7 @@ async fn run(args: Args) -> Result<()> {
     // Sessions, at most `concurrency` of them still waiting for their first netmap.
     let shared = Arc::new(Shared::new(n + k));
     let mut sessions = tokio::task::JoinSet::new();
-    let cpu0 = ctl.cpu_seconds();
+    let cpu0 = Cpu::now(&ctl);
     let t = Instant::now();
     let gate = Arc::new(Semaphore::new(args.concurrency));
     for (i, identity) in identities.into_iter().enumerate() {
@@ -169,7 +171,7 @@ async fn run(args: Args) -> Result<()> {
             )
         })?;
     let converge_time = t.elapsed();
-    let converge_cpu = ctl.cpu_seconds() - cpu0;
+    let converge_cpu = Cpu::since(&ctl, cpu0, 1.0);
     let rss_converged = ctl.memory()?;
     progress(format!(
         "{n} agents hold {} peers each after {} (all sessions started after {})",
@@ -178,10 +180,17 @@ async fn run(args: Args) -> Result<()> {
         fmt_dur(all_started)
     ));
 
+    // Idle: what holding N sessions costs (a QUIC keepalive every 2 s per agent).
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let cpu0 = ctl.cpu_seconds();
+    let cpu0 = Cpu::now(&ctl);
+    tokio::time::sleep(IDLE_WINDOW).await;
+    let idle_cpu = Cpu::since(&ctl, cpu0, IDLE_WINDOW.as_secs_f64());
+
+    let cpu0 = Cpu::now(&ctl);
+    let changes_start = Instant::now();
     let mut delays: Vec<Duration> = Vec::with_capacity(n * k);
     let mut per_change: Vec<Duration> = Vec::with_capacity(k);
+    let mut first: Vec<Duration> = Vec::with_capacity(k);
     let mut own_netmap: Vec<Duration> = Vec::with_capacity(k);
     let mut missed = 0usize;
     for (c, (name, token)) in tokens[n..].iter().enumerate() {
@@ -206,6 +215,9 @@ async fn run(args: Args) -> Result<()> {
             .flatten()
             .max()
             .map(|at| at.saturating_duration_since(t0));
+        if let Some(at) = probe.arrived.iter().flatten().min() {
+            first.push(at.saturating_duration_since(t0));
+        }
         if let Some(last) = last.filter(|_| complete) {
             per_change.push(last);
         }
@@ -221,7 +233,8 @@ async fn run(args: Args) -> Result<()> {
         ));
         tokio::time::sleep(Duration::from_millis(args.gap_ms)).await;
     }
-    let changes_cpu = ctl.cpu_seconds() - cpu0;
+    let changes_cpu = Cpu::since(&ctl, cpu0, 1.0);
+    let changes_wall = changes_start.elapsed();
     let rss_end = ctl.memory()?;
     let own_rss = memory(Path::new("/proc/self/status"))?;
     let metrics = ctl.metrics().unwrap_or_default();
@@ -234,9 +247,11 @@ async fn run(args: Args) -> Result<()> {
 
     delays.sort();
     per_change.sort();
+    first.sort();
     own_netmap.sort();
     let d = Percentiles::of(&delays);
     let pc = Percentiles::of(&per_change);
+    let fa = Percentiles::of(&first);
     let own = Percentiles::of(&own_netmap);
     let peak = rss_end.hwm.max(rss_converged.hwm);
     let pass_p99 = missed == 0 && d.p99 < TARGET_P99;
@@ -265,7 +280,15 @@ async fn run(args: Args) -> Result<()> {
         n - 1,
         fmt_dur(converge_time)
     );
-    println!("| controller CPU during convergence | {converge_cpu:.1} s |");
+    println!(
+        "| CPU during convergence: controller / bench process | {:.1} s / {:.1} s |",
+        converge_cpu.controller, converge_cpu.bench
+    );
+    println!(
+        "| idle CPU holding {n} sessions: controller / bench process | {:.1}% / {:.1}% of a core |",
+        idle_cpu.controller * 100.0,
+        idle_cpu.bench * 100.0
+    );
     println!(
         "| change -> agent delay p50 / p90 / p99 / max ({} samples) | {} / {} / {} / {} |",
         delays.len(),
@@ -273,6 +296,11 @@ async fn run(args: Args) -> Result<()> {
         fmt_dur(d.p90),
         fmt_dur(d.p99),
         fmt_dur(d.max)
+    );
+    println!(
+        "| change -> first of {n} agents p50 / max | {} / {} |",
+        fmt_dur(fa.p50),
+        fmt_dur(fa.max)
     );
     println!(
         "| change -> last of {n} agents p50 / max | {} / {} |",
@@ -288,7 +316,12 @@ async fn run(args: Args) -> Result<()> {
         "| deliveries missed (after {}) | {missed} |",
         fmt_dur(timeout)
     );
-    println!("| controller CPU during the {k} changes | {changes_cpu:.2} s |");
+    println!(
+        "| CPU during the {k} changes ({}): controller / bench process | {:.2} s / {:.2} s |",
+        fmt_dur(changes_wall),
+        changes_cpu.controller,
+        changes_cpu.bench
+    );
     println!(
         "| controller VmRSS / VmHWM after convergence | {} / {} |",
         mib(rss_converged.rss),
@@ -329,13 +362,16 @@ async fn run(args: Args) -> Result<()> {
         "tokens_s": tokens_time.as_secs_f64(),
         "enroll_s": enroll_time.as_secs_f64(),
         "converge_s": converge_time.as_secs_f64(),
-        "converge_controller_cpu_s": converge_cpu,
+        "converge_cpu_s": {"controller": converge_cpu.controller, "bench": converge_cpu.bench},
+        "idle_cpu_cores": {"controller": idle_cpu.controller, "bench": idle_cpu.bench},
         "delay_s": {"p50": d.p50.as_secs_f64(), "p90": d.p90.as_secs_f64(),
                     "p99": d.p99.as_secs_f64(), "max": d.max.as_secs_f64(), "samples": delays.len()},
+        "change_first_s": {"p50": fa.p50.as_secs_f64(), "max": fa.max.as_secs_f64()},
         "change_complete_s": {"p50": pc.p50.as_secs_f64(), "max": pc.max.as_secs_f64()},
         "own_netmap_s": {"p50": own.p50.as_secs_f64(), "max": own.max.as_secs_f64()},
         "missed": missed,
-        "changes_controller_cpu_s": changes_cpu,
+        "changes_cpu_s": {"controller": changes_cpu.controller, "bench": changes_cpu.bench,
+                          "wall": changes_wall.as_secs_f64()},
         "controller_rss_bytes": {"converged": rss_converged.rss, "end": rss_end.rss, "hwm": peak},
         "bench_rss_bytes": {"rss": own_rss.rss, "hwm": own_rss.hwm},
         "disconnects": disconnects,
@@ -576,13 +612,14 @@ impl ControllerProc {
             ),
         )?;
         let log = dir.join("controller.log");
+        let log_file = std::fs::File::create(&log)?;
         let started = Instant::now();
         let child = Command::new(bin)
             .args(["run", "--config"])
             .arg(&config)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(std::fs::File::create(&log)?)
+            .stdout(log_file.try_clone()?)
+            .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         let mut proc = Self {
@@ -632,18 +669,7 @@ impl ControllerProc {
 
     /// User + system CPU time of every controller thread so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
-        // Fields after the command name, which ends with the last ')'; utime and
-        // stime are fields 14 and 15, i.e. the 12th and 13th after it.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let ticks: Vec<f64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        ticks.iter().sum::<f64>() / USER_HZ
+        cpu_seconds(&format!("/proc/{}/stat", self.pid()))
     }
 
     /// The controller's own counters, from /metrics.
@@ -746,6 +772,47 @@ async fn create_tokens(
 }
 
 // ---- measurement helpers ----
+
+/// User + system CPU time of every thread of a process so far, from its
+/// /proc/PID/stat.
+fn cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
+    // Fields after the command name, which ends with the last ')'; utime and
+    // stime are fields 14 and 15, i.e. the 12th and 13th after it.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let ticks: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() / USER_HZ
+}
+
+/// CPU seconds of the controller and of this process.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    controller: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    fn now(ctl: &ControllerProc) -> Self {
+        Self {
+            controller: ctl.cpu_seconds(),
+            bench: cpu_seconds("/proc/self/stat"),
+        }
+    }
+
+    /// CPU used since `start`, divided by `per` (1.0 for seconds).
+    fn since(ctl: &ControllerProc, start: Cpu, per: f64) -> Self {
+        let now = Self::now(ctl);
+        Self {
+            controller: (now.controller - start.controller) / per,
+            bench: (now.bench - start.bench) / per,
+        }
+    }
+}
 
 #[derive(Clone, Copy, Default)]
 struct Memory {
