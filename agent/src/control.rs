@@ -371,16 +371,9 @@ fn mtls_config(identity: &Identity) -> Result<rustls::ClientConfig> {
 }
 
 fn pem_cert(pem: &str) -> Result<CertificateDer<'static>> {
-    let body: String = pem
-        .lines()
-        .filter(|l| !l.starts_with("-----"))
-        .collect::<Vec<_>>()
-        .concat();
-    use base64::Engine;
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
-        .context("not a PEM certificate")?;
-    Ok(CertificateDer::from(der))
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| anyhow!("not a PEM certificate: {e}"))
 }
 
 /// Accepts the controller's chain only if it contains the pinned CA and the leaf

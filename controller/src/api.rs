@@ -11,7 +11,7 @@ use crate::pki::Ca;
 use crate::registry::{NewToken, Registry, RegistryError};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Path, Request, State};
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -646,12 +646,4 @@ pub fn openapi_document() -> Value {
             }
         }
     })
-}
-
-/// Methods of [`ROUTES`] as `http::Method`s (used by the sync test).
-pub fn route_methods() -> Vec<(Method, &'static str)> {
-    ROUTES
-        .iter()
-        .filter_map(|(m, p, _)| Method::from_bytes(m.as_bytes()).ok().map(|m| (m, *p)))
-        .collect()
 }

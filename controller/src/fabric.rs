@@ -42,14 +42,6 @@ impl Fabric {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
     pub fn contains(&self, name: &str) -> bool {
         self.nodes.contains_key(name)
     }

@@ -14,7 +14,6 @@ use rcgen::{
     DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sha2::{Digest, Sha256};
 use std::time::{Duration, SystemTime};
 
 /// How long an agent's client certificate is valid. Long, because revocation is
@@ -163,10 +162,7 @@ fn serial() -> SerialNumber {
 
 /// Lower-case hex SHA-256 of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::registry::sha256_hex(der)
 }
 
 pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>> {

@@ -96,10 +96,6 @@ impl Registry {
         &self.store
     }
 
-    pub fn pool(&self) -> IpNet {
-        self.pool
-    }
-
     /// The CA from the store, or a new one stored for every later start (and every
     /// other replica): whoever commits first wins, the others load it.
     pub async fn load_or_create_ca(&self) -> Result<Ca> {
@@ -458,40 +454,41 @@ impl Registry {
     }
 }
 
+/// A node name becomes a certificate's DNS name: a DNS label.
 fn validate_name(field: &'static str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !value.starts_with('-')
-        && !value.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::Invalid {
-            field,
-            value: value.to_string(),
-            problem:
-                "use 1-63 lower-case letters, digits and inner dashes (a DNS label), e.g. aws-gw"
-                    .into(),
-        })
-    }
+    validate(
+        field,
+        value,
+        |b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-',
+        !value.starts_with('-') && !value.ends_with('-'),
+        "use 1-63 lower-case letters, digits and inner dashes (a DNS label), e.g. aws-gw",
+    )
 }
 
 fn validate_label(field: &'static str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= 63
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
+    validate(
+        field,
+        value,
+        |b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.',
+        true,
+        "use 1-63 letters, digits, '-', '_' or '.', e.g. us-west-2",
+    )
+}
+
+fn validate(
+    field: &'static str,
+    value: &str,
+    allowed: impl Fn(u8) -> bool,
+    extra: bool,
+    problem: &str,
+) -> Result<()> {
+    if !value.is_empty() && value.len() <= 63 && value.bytes().all(allowed) && extra {
         Ok(())
     } else {
         Err(RegistryError::Invalid {
             field,
             value: value.to_string(),
-            problem: "use 1-63 letters, digits, '-', '_' or '.', e.g. us-west-2".into(),
+            problem: problem.into(),
         })
     }
 }
