@@ -20,6 +20,38 @@ pub struct Status {
     /// Controller mode only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller: Option<ControllerStatus>,
+    /// What the probes measure on each link.
+    #[serde(default)]
+    pub links: Vec<LinkStatusJson>,
+    /// The path to each destination peer.
+    #[serde(default)]
+    pub routes: Vec<RouteStatusJson>,
+}
+
+/// One link's probe measurements.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LinkStatusJson {
+    pub peer: String,
+    pub up: bool,
+    /// Smoothed round-trip time; absent before the first sample.
+    pub rtt_ms: Option<f64>,
+    pub jitter_ms: f64,
+    /// Probes lost over the window, both directions pooled (1.0 while down).
+    pub loss: f64,
+    pub probes_sent: u64,
+    pub probes_received: u64,
+}
+
+/// The path to one destination: "direct" or a transit node's name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RouteStatusJson {
+    pub dest: String,
+    pub primary: String,
+    pub backup: Option<String>,
+    /// The path in use now.
+    pub active: String,
+    pub changes: u64,
+    pub failovers: u64,
 }
 
 /// The agent's view of its controller.
@@ -196,6 +228,24 @@ pub fn render_table(s: &Status, now_unix: u64) -> String {
             human_bytes(p.rx_bytes),
             human_bytes(p.tx_bytes)
         ));
+        if let Some(l) = s.links.iter().find(|l| l.peer == p.name) {
+            out.push_str(&format!(
+                "  link: {}, rtt {}, jitter {:.1} ms, loss {:.1}%\n",
+                if l.up { "up" } else { "DOWN" },
+                l.rtt_ms
+                    .map(|r| format!("{r:.1} ms"))
+                    .unwrap_or_else(|| "-".into()),
+                l.jitter_ms,
+                l.loss * 100.0
+            ));
+        }
+        if let Some(r) = s.routes.iter().find(|r| r.dest == p.name) {
+            let backup = r.backup.as_deref().unwrap_or("none");
+            out.push_str(&format!(
+                "  path: via {} (primary {}, backup {backup}; {} failovers)\n",
+                r.active, r.primary, r.failovers
+            ));
+        }
         if let Some(k) = p.persistent_keepalive {
             out.push_str(&format!("  persistent keepalive: every {k} seconds\n"));
         }
@@ -266,8 +316,33 @@ mod tests {
             drops: BTreeMap::from([("replay".to_string(), 2), ("malformed".to_string(), 0)]),
             handshake_cookie_replies: 0,
             controller: None,
+            links: vec![LinkStatusJson {
+                peer: "gcp-gw".into(),
+                up: true,
+                rtt_ms: Some(20.25),
+                jitter_ms: 0.5,
+                loss: 0.031,
+                probes_sent: 10,
+                probes_received: 9,
+            }],
+            routes: vec![RouteStatusJson {
+                dest: "gcp-gw".into(),
+                primary: "azure".into(),
+                backup: Some("direct".into()),
+                active: "direct".into(),
+                changes: 1,
+                failovers: 1,
+            }],
         };
         let t = render_table(&s, 1075);
+        assert!(
+            t.contains("link: up, rtt 20.2 ms, jitter 0.5 ms, loss 3.1%"),
+            "{t}"
+        );
+        assert!(
+            t.contains("path: via direct (primary azure, backup direct; 1 failovers)"),
+            "{t}"
+        );
         assert!(t.contains("peer: gcp-gw (KEY)"), "{t}");
         assert!(
             t.contains("latest handshake: 1 minutes, 15 seconds ago"),

@@ -6,6 +6,7 @@
 //! module reads the config and key files; it must not open sockets or devices.
 
 use crate::keys::PrivateKey;
+use crate::probe::ProbeConfig;
 use ipnet::IpNet;
 use serde::Deserialize;
 use skymesh_wire::{NetMap, NetMapError, PeerSpec, PublicKey, PROTOCOL_VERSION};
@@ -53,6 +54,17 @@ struct RawConfig {
     peers: Vec<RawPeer>,
     controller: Option<RawController>,
     node: Option<RawNode>,
+    #[serde(default)]
+    probe: RawProbe,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    interval: Option<String>,
+    window: Option<String>,
+    down_after: Option<i64>,
+    failback_hold: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +81,8 @@ struct RawNode {
     #[serde(default)]
     endpoints: Vec<String>,
     persistent_keepalive: Option<i64>,
+    #[serde(default)]
+    transit: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +134,8 @@ pub struct Config {
     pub peers: Vec<PeerSpec>,
     /// Set in controller mode: the controller sends the netmap.
     pub controller: Option<ControllerMode>,
+    /// Link probing (`[probe]`).
+    pub probe: ProbeConfig,
 }
 
 /// Controller mode: `[controller]` and `[node]`.
@@ -133,6 +149,8 @@ pub struct ControllerMode {
     pub endpoints: Vec<SocketAddr>,
     /// Keepalive to every peer, for a node behind NAT.
     pub persistent_keepalive: Option<u16>,
+    /// This node offers to forward traffic between other nodes.
+    pub transit: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +205,7 @@ impl Config {
             .map(|(i, p)| v.peer(i, p))
             .collect::<Result<Vec<_>, _>>()?;
         let controller = v.controller_mode(&raw)?;
+        let probe = v.probe(&raw.probe)?;
         let config = Config {
             file: file.to_path_buf(),
             interface,
@@ -195,6 +214,7 @@ impl Config {
             state_dir,
             peers,
             controller,
+            probe,
         };
         if config.controller.is_none() {
             v.netmap_invariants(&config)?;
@@ -213,6 +233,8 @@ impl Config {
             address: self.interface.address?,
             mtu: self.interface.mtu,
             peers: self.peers.clone(),
+            transit: false,
+            paths: Vec::new(),
         })
     }
 }
@@ -488,7 +510,83 @@ impl Validator<'_> {
             advertise,
             endpoints,
             persistent_keepalive,
+            transit: node.transit,
         }))
+    }
+
+    /// `[probe]`: every value bounded so a typo cannot flood links or blind failover.
+    fn probe(&self, raw: &RawProbe) -> Result<ProbeConfig, ConfigError> {
+        let d = ProbeConfig::default();
+        let duration = |key: &str,
+                        text: Option<&str>,
+                        default,
+                        min,
+                        max,
+                        why: &str|
+         -> Result<std::time::Duration, ConfigError> {
+            let Some(text) = text else { return Ok(default) };
+            let value = humantime::parse_duration(text).map_err(|e| {
+                self.invalid(
+                    key,
+                    Quoted(text),
+                    format!("{e}; expected a duration like \"100ms\" or \"30s\""),
+                )
+            })?;
+            if value < min || value > max {
+                return Err(self.invalid(
+                    key,
+                    Quoted(text),
+                    format!(
+                        "expected {} to {} ({why})",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max)
+                    ),
+                ));
+            }
+            Ok(value)
+        };
+        let ms = std::time::Duration::from_millis;
+        let interval = duration(
+            "probe.interval",
+            raw.interval.as_deref(),
+            d.interval,
+            ms(10),
+            ms(10_000),
+            "shorter floods links with probes, longer makes failover slow; default 100ms",
+        )?;
+        let window = duration(
+            "probe.window",
+            raw.window.as_deref(),
+            d.window,
+            interval * 10,
+            ms(600_000),
+            "the loss window must hold at least 10 probes; default 30s",
+        )?;
+        let failback_hold = duration(
+            "probe.failback_hold",
+            raw.failback_hold.as_deref(),
+            d.failback_hold,
+            std::time::Duration::ZERO,
+            ms(600_000),
+            "how long a recovered link must stay up before traffic returns; default 5s",
+        )?;
+        let down_after = match raw.down_after {
+            None => d.down_after,
+            Some(n) if (1..=20).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(self.invalid(
+                    "probe.down_after",
+                    n,
+                    "expected 1..=20 lost probes in a row before a link is down (default 3)",
+                ))
+            }
+        };
+        Ok(ProbeConfig {
+            interval,
+            window,
+            down_after,
+            failback_hold,
+        })
     }
 
     /// The cross-field rules, shared with controller-provided netmaps.
@@ -524,7 +622,11 @@ impl Validator<'_> {
                     Quoted(&prefix.to_string()),
                     format!("host bits are set; did you mean \"{suggestion}\"?"),
                 ),
-                other @ (NetMapError::Version(_) | NetMapError::Mtu(_)) => {
+                other @ (NetMapError::Version(_)
+                | NetMapError::Mtu(_)
+                | NetMapError::PathDest(_)
+                | NetMapError::DuplicatePath(_)
+                | NetMapError::PathVia { .. }) => {
                     self.invalid("interface", "", other.to_string())
                 }
             });

@@ -17,7 +17,7 @@ use skymesh_wire::control::{
     self, AgentMessage, ControllerMessage, EnrollRequest, FrameBuffer, FullNetMap, NetMapUpdate,
     Refusal, RefusalCode, Register,
 };
-use skymesh_wire::JoinToken;
+use skymesh_wire::{JoinToken, LinkReport};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -205,13 +205,38 @@ pub async fn run_session(
     register: Register,
     events: mpsc::Sender<ControlEvent>,
 ) -> Result<()> {
+    run_session_reporting(identity, register, events, None).await
+}
+
+/// Produces the link report sent to the controller every [`REPORT_INTERVAL`].
+pub type ReportSource = Arc<dyn Fn() -> LinkReport + Send + Sync>;
+
+/// How often a connected agent reports its link measurements.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// [`run_session`], also sending `reports` every [`REPORT_INTERVAL`] while connected.
+pub async fn run_session_reporting(
+    identity: Identity,
+    register: Register,
+    events: mpsc::Sender<ControlEvent>,
+    reports: Option<ReportSource>,
+) -> Result<()> {
     let tls = mtls_config(&identity)?;
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0usize;
     loop {
         let addr = &identity.controllers[attempt % identity.controllers.len()];
         attempt += 1;
-        match session(addr, tls.clone(), &register, &events, &mut backoff).await {
+        match session(
+            addr,
+            tls.clone(),
+            &register,
+            &events,
+            &mut backoff,
+            reports.clone(),
+        )
+        .await
+        {
             Ok(()) => {}
             Err(e) => {
                 if let Some(r) = e.downcast_ref::<Refused>() {
@@ -257,10 +282,38 @@ async fn session(
     register: &Register,
     events: &mpsc::Sender<ControlEvent>,
     backoff: &mut Duration,
+    reports: Option<ReportSource>,
 ) -> Result<()> {
     let (conn, mut send, mut recv) = open(addr, tls).await?;
     send.write_all(&control::encode(&AgentMessage::Register(register.clone()))?)
         .await?;
+    // Reports go out on their own task, so a slow read never delays them; it
+    // ends with the session (the guard aborts it).
+    let mut _idle_send = None;
+    let _reporter = match reports {
+        None => {
+            // Kept open: finishing the stream would end the session.
+            _idle_send = Some(send);
+            None
+        }
+        Some(source) => Some(AbortOnDrop(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(REPORT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let frame = match control::encode(&AgentMessage::Links(source())) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot encode the link report");
+                        continue;
+                    }
+                };
+                if send.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        }))),
+    };
     let mut frames = FrameBuffer::new();
     let mut connected = false;
     loop {
@@ -295,6 +348,15 @@ async fn session(
         if events.send(event).await.is_err() {
             return Ok(());
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

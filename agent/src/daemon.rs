@@ -9,7 +9,8 @@
 //! Timers, the admin socket and metrics run on tokio.
 
 use crate::admin::{
-    self, ControllerStatus, InterfaceStatus, PeerStatusJson, RejectedPrefixStatus, Status,
+    self, ControllerStatus, InterfaceStatus, LinkStatusJson, PeerStatusJson, RejectedPrefixStatus,
+    RouteStatusJson, Status,
 };
 use crate::batch::{Transmits, TunWrites, MAX_PACKET};
 use crate::config::Config;
@@ -17,7 +18,7 @@ use crate::config::ControllerMode;
 use crate::control::{self, ControlEvent};
 use crate::metrics;
 use crate::netlink::Netlink;
-use crate::node::{DropReason, Event, Node};
+use crate::node::{DropReason, Event, Node, PathCause};
 use crate::notify::notify;
 use crate::poller::Poller;
 use crate::tun::Tun;
@@ -103,6 +104,31 @@ impl Shared {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
+            links: node
+                .links()
+                .into_iter()
+                .map(|l| LinkStatusJson {
+                    peer: l.peer,
+                    up: l.up,
+                    rtt_ms: l.rtt.map(|d| d.as_secs_f64() * 1e3),
+                    jitter_ms: l.jitter.as_secs_f64() * 1e3,
+                    loss: l.loss,
+                    probes_sent: l.probes_sent,
+                    probes_received: l.probes_received,
+                })
+                .collect(),
+            routes: node
+                .routes()
+                .into_iter()
+                .map(|r| RouteStatusJson {
+                    dest: r.dest,
+                    primary: r.primary.to_string(),
+                    backup: r.backup.map(|b| b.to_string()),
+                    active: r.active.to_string(),
+                    changes: r.changes,
+                    failovers: r.failovers,
+                })
+                .collect(),
         }
     }
 
@@ -164,7 +190,8 @@ pub async fn run(config: Config) -> Result<()> {
         )
     })?;
     let key = config.interface.private_key.clone();
-    let node = Node::new(key, rand::rngs::OsRng.next_u64(), Instant::now());
+    let mut node = Node::new(key, rand::rngs::OsRng.next_u64(), Instant::now());
+    node.set_probe_config(config.probe);
     let admin_listener = admin::bind(&config.admin_socket).await?;
     // Removes the socket file however this function returns.
     let _admin_file = RemoveOnDrop(config.admin_socket.clone());
@@ -256,10 +283,13 @@ pub async fn run(config: Config) -> Result<()> {
             advertise: mode.advertise.clone(),
             underlay: underlay_subnets(&identity.controllers),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            transit: mode.transit,
         };
         let (events_tx, events) = tokio::sync::mpsc::channel(64);
+        let s = shared.clone();
+        let reports: control::ReportSource = Arc::new(move || s.node().link_report());
         tasks.spawn(async move {
-            control::run_session(identity, register, events_tx).await?;
+            control::run_session_reporting(identity, register, events_tx, Some(reports)).await?;
             Ok(())
         });
         tasks.spawn(follow_controller(shared.clone(), iface, events));
@@ -713,5 +743,23 @@ fn log_event(event: &Event) {
             tracing::info!(peer = %peer, from = ?from, to = %to, "peer endpoint changed")
         }
         Event::SessionExpired { peer } => tracing::info!(peer = %peer, "session expired"),
+        Event::LinkDown { peer } => tracing::warn!(peer = %peer, "link down: probes lost"),
+        Event::LinkUp { peer } => tracing::info!(peer = %peer, "link up"),
+        Event::PathChanged {
+            dest,
+            from,
+            to,
+            cause,
+        } => match cause {
+            PathCause::Failover => {
+                tracing::warn!(dest = %dest, from = %from, to = %to, "failover: first hop down, using the backup path")
+            }
+            PathCause::Failback => {
+                tracing::info!(dest = %dest, from = %from, to = %to, "failback: primary path healthy again")
+            }
+            PathCause::Controller => {
+                tracing::info!(dest = %dest, from = %from, to = %to, "path changed by the controller")
+            }
+        },
     }
 }

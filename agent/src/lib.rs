@@ -14,6 +14,7 @@ pub mod node;
 pub mod notify;
 pub mod packet;
 pub mod poller;
+pub mod probe;
 pub mod routing;
 pub mod tun;
 pub mod udp;

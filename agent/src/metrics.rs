@@ -85,6 +85,83 @@ pub fn render(status: &Status) -> String {
         cookies,
     );
 
+    let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let jitter = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let up = Family::<Labels, Gauge>::default();
+    let probes_sent = Family::<Labels, Counter>::default();
+    let probes_received = Family::<Labels, Counter>::default();
+    for l in &status.links {
+        let labels = peer_label(&l.peer);
+        if let Some(ms) = l.rtt_ms {
+            rtt.get_or_create(&labels).set(ms / 1e3);
+            jitter.get_or_create(&labels).set(l.jitter_ms / 1e3);
+        }
+        loss.get_or_create(&labels).set(l.loss);
+        up.get_or_create(&labels).set(i64::from(l.up));
+        probes_sent.get_or_create(&labels).inc_by(l.probes_sent);
+        probes_received
+            .get_or_create(&labels)
+            .inc_by(l.probes_received);
+    }
+    registry.register(
+        "link_rtt_seconds",
+        "Smoothed round-trip time of the link, measured by in-tunnel probes",
+        rtt,
+    );
+    registry.register(
+        "link_jitter_seconds",
+        "Mean deviation between consecutive round-trip samples (RFC 3550 style)",
+        jitter,
+    );
+    registry.register(
+        "link_loss_ratio",
+        "Probes lost over the window, both directions pooled (1 while the link is down)",
+        loss,
+    );
+    registry.register(
+        "link_up",
+        "1 while probes get through; 0 after down_after lost in a row",
+        up,
+    );
+    registry.register("link_probes_sent", "Probes sent to the peer", probes_sent);
+    registry.register(
+        "link_probes_received",
+        "Probes received from the peer",
+        probes_received,
+    );
+
+    let path = Family::<Labels, Gauge>::default();
+    let changes = Family::<Labels, Counter>::default();
+    let failovers = Family::<Labels, Counter>::default();
+    for r in &status.routes {
+        let dest = vec![("dest".to_string(), r.dest.clone())];
+        for via in std::iter::once(&r.primary).chain(&r.backup) {
+            let labels = vec![
+                ("dest".to_string(), r.dest.clone()),
+                ("via".to_string(), via.clone()),
+            ];
+            path.get_or_create(&labels).set(i64::from(*via == r.active));
+        }
+        changes.get_or_create(&dest).inc_by(r.changes);
+        failovers.get_or_create(&dest).inc_by(r.failovers);
+    }
+    registry.register(
+        "route_path",
+        "1 for the path in use to the destination, 0 for its alternative; via is \"direct\" or the transit node",
+        path,
+    );
+    registry.register(
+        "path_changes",
+        "Times traffic to the destination moved to another path (controller or local)",
+        changes,
+    );
+    registry.register(
+        "failovers",
+        "Local switches to the backup path because the primary's first hop failed",
+        failovers,
+    );
+
     if let Some(c) = &status.controller {
         let connected = Gauge::<i64>::default();
         connected.set(i64::from(c.connected.is_some()));
@@ -152,6 +229,23 @@ mod tests {
                 }],
                 ..Default::default()
             }),
+            links: vec![crate::admin::LinkStatusJson {
+                peer: "gcp-gw".into(),
+                up: true,
+                rtt_ms: Some(20.0),
+                jitter_ms: 0.5,
+                loss: 0.05,
+                probes_sent: 7,
+                probes_received: 6,
+            }],
+            routes: vec![crate::admin::RouteStatusJson {
+                dest: "gcp-gw".into(),
+                primary: "azure".into(),
+                backup: Some("direct".into()),
+                active: "direct".into(),
+                changes: 2,
+                failovers: 1,
+            }],
         };
         let text = render(&status);
         for line in [
@@ -164,6 +258,15 @@ mod tests {
             "skymesh_build_info{version=\"",
             "skymesh_controller_connected 1",
             "skymesh_advertised_prefix_rejected{prefix=\"10.0.5.0/24\"} 1",
+            "skymesh_link_rtt_seconds{peer=\"gcp-gw\"} 0.02",
+            "skymesh_link_jitter_seconds{peer=\"gcp-gw\"} 0.0005",
+            "skymesh_link_loss_ratio{peer=\"gcp-gw\"} 0.05",
+            "skymesh_link_up{peer=\"gcp-gw\"} 1",
+            "skymesh_link_probes_sent_total{peer=\"gcp-gw\"} 7",
+            "skymesh_route_path{dest=\"gcp-gw\",via=\"direct\"} 1",
+            "skymesh_route_path{dest=\"gcp-gw\",via=\"azure\"} 0",
+            "skymesh_path_changes_total{dest=\"gcp-gw\"} 2",
+            "skymesh_failovers_total{dest=\"gcp-gw\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -10,6 +10,7 @@
 use crate::batch::{Transmits, TunWrites};
 use crate::keys::PrivateKey;
 use crate::packet;
+use crate::probe::{Link, Probe, ProbeConfig, Transition};
 use crate::routing::RoutingTable;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -19,9 +20,9 @@ use boringtun::x25519::PublicKey as XPublic;
 use ipnet::IpNet;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use skymesh_wire::{NetMap, NetMapError, PeerSpec, PublicKey};
+use skymesh_wire::{NetMap, NetMapError, PeerSpec, PublicKey, Via};
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,9 @@ const LIMITER_RESET: Duration = Duration::from_secs(1);
 const MIN_SLOT: usize = 148;
 const DATA_OVERHEAD: usize = 32;
 const MSG_DATA: u8 = 4;
+/// Sessions older than this are about to be rejected (WireGuard's 180 s);
+/// probes then wait for the new handshake instead of queueing behind it.
+const SESSION_FRESH: Duration = Duration::from_secs(170);
 
 /// Why a packet was dropped. The label is the `reason` of the drop metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,10 +68,12 @@ pub enum DropReason {
     SendFailed,
     /// The write to the TUN device failed.
     TunWriteFailed,
+    /// A packet to forward (transit) whose TTL or hop limit ran out.
+    TtlExceeded,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::UnknownPeer,
         DropReason::Replay,
@@ -81,6 +87,7 @@ impl DropReason {
         DropReason::Unexpected,
         DropReason::SendFailed,
         DropReason::TunWriteFailed,
+        DropReason::TtlExceeded,
     ];
 
     pub fn label(self) -> &'static str {
@@ -98,6 +105,7 @@ impl DropReason {
             DropReason::Unexpected => "unexpected",
             DropReason::SendFailed => "send_failed",
             DropReason::TunWriteFailed => "tun_write_failed",
+            DropReason::TtlExceeded => "ttl_exceeded",
         }
     }
 
@@ -137,7 +145,58 @@ pub enum Event {
     },
     /// boringtun gave up on a peer's session (no handshake for 3 minutes); it
     /// restarts on the next packet.
-    SessionExpired { peer: String },
+    SessionExpired {
+        peer: String,
+    },
+    /// The link to a peer failed (probes lost) or recovered.
+    LinkDown {
+        peer: String,
+    },
+    LinkUp {
+        peer: String,
+    },
+    /// Traffic to `dest` now takes another path.
+    PathChanged {
+        dest: String,
+        from: Via,
+        to: Via,
+        cause: PathCause,
+    },
+}
+
+/// Why a destination's path changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathCause {
+    /// The controller sent new paths.
+    Controller,
+    /// The primary's first hop failed: local switch to the backup.
+    Failover,
+    /// The primary's first hop is healthy again (and stayed so for the hold time).
+    Failback,
+}
+
+/// A link as status and metrics show it.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    pub peer: String,
+    pub up: bool,
+    pub rtt: Option<Duration>,
+    pub jitter: Duration,
+    pub loss: f64,
+    pub probes_sent: u64,
+    pub probes_received: u64,
+}
+
+/// The path to one destination as status and metrics show it.
+#[derive(Debug, Clone)]
+pub struct RouteStatus {
+    pub dest: String,
+    pub primary: Via,
+    pub backup: Option<Via>,
+    /// The path in use.
+    pub active: Via,
+    pub changes: u64,
+    pub failovers: u64,
 }
 
 /// Traffic counters of one peer. Bytes are WireGuard datagram bytes on the wire
@@ -176,6 +235,40 @@ pub struct ApplyDiff {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct PeerId(usize);
 
+/// The first hop towards a destination: the destination itself, or a transit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    Direct,
+    Via(PeerId),
+}
+
+/// Path state of one destination peer.
+#[derive(Debug, Clone)]
+struct RouteState {
+    primary: Hop,
+    backup: Option<Hop>,
+    active: Hop,
+    changes: u64,
+    failovers: u64,
+}
+
+impl RouteState {
+    fn direct() -> Self {
+        Self {
+            primary: Hop::Direct,
+            backup: None,
+            active: Hop::Direct,
+            changes: 0,
+            failovers: 0,
+        }
+    }
+
+    /// Whether `sender` may relay packets from (and to) this destination.
+    fn relays(&self, sender: PeerId) -> bool {
+        self.primary == Hop::Via(sender) || self.backup == Some(Hop::Via(sender))
+    }
+}
+
 struct Peer {
     spec: PeerSpec,
     tunn: Tunn,
@@ -183,6 +276,9 @@ struct Peer {
     index: u32,
     endpoint: Option<SocketAddr>,
     counters: PeerCounters,
+    link: Link,
+    /// The peer's node address (its first IPv4 prefix), named in down lists.
+    addr: Option<Ipv4Addr>,
 }
 
 impl Peer {
@@ -223,6 +319,14 @@ pub struct Node {
     events: VecDeque<Event>,
     rng: StdRng,
     address: Option<IpNet>,
+    /// Path state per peer, indexed like `peers` (a separate vector so that a
+    /// peer and another's path can be borrowed together).
+    paths: Vec<Option<RouteState>>,
+    /// Whether this node forwards between peers (a transit gateway).
+    transit: bool,
+    probe: ProbeConfig,
+    next_probe: Instant,
+    next_check: Instant,
 }
 
 impl Node {
@@ -246,7 +350,17 @@ impl Node {
             events: VecDeque::new(),
             rng: StdRng::seed_from_u64(seed),
             address: None,
+            paths: Vec::new(),
+            transit: false,
+            probe: ProbeConfig::default(),
+            next_probe: now,
+            next_check: now,
         }
+    }
+
+    /// Sets the probe settings; call before the first [`apply`](Self::apply).
+    pub fn set_probe_config(&mut self, config: ProbeConfig) {
+        self.probe = config;
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -316,6 +430,7 @@ impl Node {
                                 self.pending_initiation.push(id);
                             }
                         }
+                        peer.addr = node_addr(spec);
                         peer.spec = spec.clone();
                     }
                 }
@@ -342,6 +457,8 @@ impl Node {
                         index,
                         endpoint: spec.endpoint,
                         counters: PeerCounters::default(),
+                        link: Link::new(self.probe.window, now),
+                        addr: node_addr(spec),
                     });
                     self.by_key.insert(spec.public_key, id);
                     self.by_index.insert(index, id);
@@ -378,8 +495,168 @@ impl Node {
                 .filter(|n| !new_routes.contains(n))
                 .copied(),
         );
+        self.transit = map.transit;
+        self.apply_paths(map);
+        self.reroute(now);
         self.next_tick = self.next_tick.min(now);
         Ok(diff)
+    }
+
+    /// Takes primary and backup paths from the netmap (direct where it names
+    /// none). A destination keeps its active path if that is still one of them.
+    fn apply_paths(&mut self, map: &NetMap) {
+        self.paths.resize(self.peers.len(), None);
+        let resolve = |via: &Via, by_name: &HashMap<&str, PeerId>| match via {
+            Via::Direct => Some(Hop::Direct),
+            Via::Transit(t) => by_name.get(t.as_str()).map(|id| Hop::Via(*id)),
+        };
+        let by_name: HashMap<&str, PeerId> = self
+            .peers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (p.spec.name.as_str(), PeerId(i))))
+            .collect();
+        for i in 0..self.peers.len() {
+            let Some(peer) = &self.peers[i] else {
+                self.paths[i] = None;
+                continue;
+            };
+            let spec = map.paths.iter().find(|p| p.dest == peer.spec.name);
+            let primary = spec
+                .and_then(|p| resolve(&p.primary, &by_name))
+                .unwrap_or(Hop::Direct);
+            let backup = spec
+                .and_then(|p| p.backup.as_ref())
+                .and_then(|b| resolve(b, &by_name))
+                .filter(|b| *b != primary);
+            let dest = PeerId(i);
+            // A new destination starts on its primary: that is no change.
+            let state = self.paths[i].get_or_insert_with(|| RouteState {
+                active: primary,
+                ..RouteState::direct()
+            });
+            state.primary = primary;
+            state.backup = backup;
+            if state.active != primary && Some(state.active) != backup {
+                let from = state.active;
+                state.active = primary;
+                state.changes += 1;
+                let (from, to) = (self.via(dest, from), self.via(dest, primary));
+                self.events.push_back(Event::PathChanged {
+                    dest: peer.spec.name.clone(),
+                    from,
+                    to,
+                    cause: PathCause::Controller,
+                });
+            }
+        }
+    }
+
+    /// The `Via` a hop stands for, by name.
+    fn via(&self, _dest: PeerId, hop: Hop) -> Via {
+        match hop {
+            Hop::Direct => Via::Direct,
+            Hop::Via(t) => Via::Transit(
+                self.peers[t.0]
+                    .as_ref()
+                    .map(|p| p.spec.name.clone())
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// The peer that carries traffic for `dest` over `hop`.
+    fn first_hop(dest: PeerId, hop: Hop) -> PeerId {
+        match hop {
+            Hop::Direct => dest,
+            Hop::Via(t) => t,
+        }
+    }
+
+    /// Whether `hop` towards `dest` works now: its first link is up and, through
+    /// a transit, the transit has not reported losing `dest`.
+    fn hop_ok(&self, dest: PeerId, hop: Hop, settled: bool, now: Instant) -> bool {
+        let Some(first) = self.peers[Self::first_hop(dest, hop).0].as_ref() else {
+            return false;
+        };
+        let link_ok = if settled {
+            first.link.settled(self.probe.failback_hold, now)
+        } else {
+            first.link.up()
+        };
+        let relay_ok = match (hop, self.peers[dest.0].as_ref().and_then(|d| d.addr)) {
+            (Hop::Via(_), Some(addr)) => !first.link.peer_cannot_reach(addr),
+            _ => true,
+        };
+        link_ok && relay_ok
+    }
+
+    /// Whether the first link of `hop` ever worked (before that, it is not
+    /// measured yet and the primary is kept).
+    fn hop_known(&self, dest: PeerId, hop: Hop) -> bool {
+        self.peers[Self::first_hop(dest, hop).0]
+            .as_ref()
+            .is_some_and(|p| p.link.known())
+    }
+
+    /// Local failover and failback: moves each destination between its primary
+    /// and backup paths by the state of their first hops, without the controller.
+    fn reroute(&mut self, now: Instant) {
+        for i in 0..self.paths.len() {
+            let dest = PeerId(i);
+            let Some(state) = self.paths[i].clone() else {
+                continue;
+            };
+            let ok = |hop: Hop| self.hop_ok(dest, hop, false, now);
+            let backup_ok = state.backup.is_some_and(ok);
+            let (want, cause) = if state.active == state.primary {
+                if ok(state.primary) || !self.hop_known(dest, state.primary) || !backup_ok {
+                    (state.primary, None)
+                } else {
+                    (
+                        state.backup.unwrap_or(state.primary),
+                        Some(PathCause::Failover),
+                    )
+                }
+            } else if self.hop_ok(dest, state.primary, true, now) {
+                (state.primary, Some(PathCause::Failback))
+            } else if backup_ok {
+                (state.active, None)
+            } else if ok(state.primary) {
+                (state.primary, Some(PathCause::Failback))
+            } else {
+                (state.active, None)
+            };
+            let (Some(cause), true) = (cause, want != state.active) else {
+                continue;
+            };
+            let (from, to) = (self.via(dest, state.active), self.via(dest, want));
+            if let Some(st) = self.paths[i].as_mut() {
+                st.active = want;
+                st.changes += 1;
+                if cause == PathCause::Failover {
+                    st.failovers += 1;
+                }
+            }
+            let name = self.peers[i]
+                .as_ref()
+                .map(|p| p.spec.name.clone())
+                .unwrap_or_default();
+            self.events.push_back(Event::PathChanged {
+                dest: name,
+                from,
+                to,
+                cause,
+            });
+        }
+    }
+
+    /// The peer whose session carries traffic for `dest` now.
+    fn next_hop(&self, dest: PeerId) -> PeerId {
+        match self.paths.get(dest.0).and_then(Option::as_ref) {
+            Some(state) => Self::first_hop(dest, state.active),
+            None => dest,
+        }
     }
 
     fn fresh_index(&mut self) -> u32 {
@@ -397,10 +674,11 @@ impl Node {
             self.count_drop(DropReason::Malformed);
             return;
         };
-        let Some(id) = self.routes.lookup(dst) else {
+        let Some(dest) = self.routes.lookup(dst) else {
             self.count_drop(DropReason::NoRoute);
             return;
         };
+        let id = self.next_hop(dest);
         let Some(peer) = self.peers[id.0].as_mut() else {
             return;
         };
@@ -427,7 +705,7 @@ impl Node {
         datagram: &[u8],
         tun: &mut TunWrites,
         out: &mut Transmits,
-        _now: Instant,
+        now: Instant,
     ) {
         let parsed = match Tunn::parse_incoming_packet(datagram) {
             Ok(p) => p,
@@ -482,6 +760,8 @@ impl Node {
         let mut roam = !is_cookie;
         let mut flush = false;
         let mut drop = None;
+        let mut forward: Option<(PeerId, usize)> = None;
+        let mut reroute = false;
         match peer.tunn.decapsulate(Some(from.ip()), datagram, slot) {
             TunnResult::Done => {}
             TunnResult::WriteToNetwork(reply) => {
@@ -502,15 +782,52 @@ impl Node {
                     }
                 }
             }
+            TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _)
+                if Probe::is_probe(inner) =>
+            {
+                // A probe ends here, whatever its addresses: it measures this link.
+                match Probe::decode(inner) {
+                    Some(probe) => {
+                        let had_down = peer.link.reports_down();
+                        let change = peer.link.handle_probe(&probe, now);
+                        if change == Some(Transition::Up) {
+                            self.events.push_back(Event::LinkUp {
+                                peer: peer.spec.name.clone(),
+                            });
+                        }
+                        reroute = change.is_some() || had_down || peer.link.reports_down();
+                    }
+                    None => drop = Some(DropReason::InvalidInner),
+                }
+            }
             TunnResult::WriteToTunnelV4(inner, _) | TunnResult::WriteToTunnelV6(inner, _) => {
                 let len = inner.len();
-                // Cryptokey routing: the inner source must route back to this peer.
-                let allowed =
-                    packet::source(inner).and_then(|src| self.routes.lookup(src)) == Some(id);
-                if allowed {
-                    tun.commit((), len);
+                // Cryptokey routing: the inner source must route back to this peer,
+                // or belong to a node whose path this peer relays (it is our
+                // transit towards that node, primary or backup).
+                let owner = packet::source(inner).and_then(|src| self.routes.lookup(src));
+                let allowed = owner == Some(id)
+                    || owner.is_some_and(|o| {
+                        self.paths
+                            .get(o.0)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|st| st.relays(id))
+                    });
+                // A transit node forwards what is for another peer, directly to
+                // it: never through a second transit, so nothing can loop.
+                let onward = if self.transit {
+                    packet::destination(inner)
+                        .and_then(|dst| self.routes.lookup(dst))
+                        .filter(|p| *p != id)
                 } else {
+                    None
+                };
+                if !allowed {
                     drop = Some(DropReason::SourceNotAllowed);
+                } else if let Some(next) = onward {
+                    forward = Some((next, len));
+                } else {
+                    tun.commit((), len);
                 }
             }
             TunnResult::Err(e) => {
@@ -542,6 +859,36 @@ impl Node {
         if let Some(reason) = drop {
             self.count_drop(reason);
         }
+        if let Some((next, len)) = forward {
+            self.forward(next, len, tun, out);
+        }
+        if reroute {
+            self.reroute(now);
+        }
+    }
+
+    /// Transit: re-encrypts the decrypted packet left in `tun`'s spare space
+    /// (`len` bytes) to peer `next`.
+    fn forward(&mut self, next: PeerId, len: usize, tun: &mut TunWrites, out: &mut Transmits) {
+        let inner = &mut tun.spare(len)[..len];
+        if !packet::decrement_ttl(inner) {
+            return self.count_drop(DropReason::TtlExceeded);
+        }
+        let Some(peer) = self.peers[next.0].as_mut() else {
+            return self.count_drop(DropReason::NoRoute);
+        };
+        let slot = out.spare((len + DATA_OVERHEAD + 16).max(MIN_SLOT));
+        let drop = match peer.tunn.encapsulate(inner, slot) {
+            TunnResult::WriteToNetwork(msg) => {
+                let (len, is_data) = (msg.len(), msg[0] == MSG_DATA);
+                peer.commit_to_endpoint(out, len, is_data)
+            }
+            TunnResult::Err(e) => Some(DropReason::from_wireguard(&e)),
+            _ => None,
+        };
+        if let Some(reason) = drop {
+            self.count_drop(reason);
+        }
     }
 
     fn flush_queue(peer: &mut Peer, out: &mut Transmits) {
@@ -563,6 +910,14 @@ impl Node {
         if now >= self.next_limiter_reset {
             self.limiter.reset_count();
             self.next_limiter_reset = now + LIMITER_RESET;
+        }
+        if now >= self.next_probe {
+            self.send_probes(now, out);
+            self.next_probe = (self.next_probe + self.probe.interval).max(now);
+        }
+        if now >= self.next_check {
+            self.check_links(now);
+            self.next_check = now + (self.probe.interval / 4).min(Duration::from_millis(25));
         }
         for id in std::mem::take(&mut self.pending_initiation) {
             let Some(peer) = self.peers[id.0].as_mut() else {
@@ -605,7 +960,123 @@ impl Node {
 
     /// When [`handle_timeout`](Self::handle_timeout) must next be called.
     pub fn poll_timeout(&self) -> Instant {
-        self.next_tick.min(self.next_limiter_reset)
+        self.next_tick
+            .min(self.next_limiter_reset)
+            .min(self.next_probe)
+            .min(self.next_check)
+    }
+
+    /// One probe to every peer with a session; a handshake to those without.
+    fn send_probes(&mut self, now: Instant, out: &mut Transmits) {
+        let down: Vec<Ipv4Addr> = self
+            .peers
+            .iter()
+            .flatten()
+            .filter(|p| p.link.reports_down_self())
+            .filter_map(|p| p.addr)
+            .collect();
+        let src = match self.address.map(|a| a.addr()) {
+            Some(IpAddr::V4(v4)) => v4,
+            _ => Ipv4Addr::UNSPECIFIED,
+        };
+        let mut buf = [0u8; 20 + 12 + 4 * crate::probe::MAX_DOWN];
+        for peer in self.peers.iter_mut().flatten() {
+            if peer.endpoint.is_none() {
+                continue;
+            }
+            let fresh = peer.tunn.stats().0.is_some_and(|age| age < SESSION_FRESH);
+            let slot = out.spare(MIN_SLOT.max(buf.len() + DATA_OVERHEAD + 16));
+            let result = if fresh {
+                let probe = peer.link.next_probe(down.clone(), now);
+                let len = probe.encode(src, peer.addr.unwrap_or(Ipv4Addr::UNSPECIFIED), &mut buf);
+                peer.tunn.encapsulate(&buf[..len], slot)
+            } else {
+                // No usable session (never made, or expired during a long
+                // outage): start one; nothing happens while one is in progress.
+                peer.tunn.format_handshake_initiation(slot, false)
+            };
+            if let TunnResult::WriteToNetwork(msg) = result {
+                let (len, is_data) = (msg.len(), msg[0] == MSG_DATA);
+                peer.commit_to_endpoint(out, len, is_data);
+            }
+        }
+    }
+
+    /// Declares links down whose probes stopped, and fails over around them.
+    fn check_links(&mut self, now: Instant) {
+        for peer in self.peers.iter_mut().flatten() {
+            if peer.link.check(&self.probe, now) == Some(Transition::Down) {
+                self.events.push_back(Event::LinkDown {
+                    peer: peer.spec.name.clone(),
+                });
+            }
+        }
+        // Failback waits for a hold time that no packet signals: look every check.
+        self.reroute(now);
+    }
+
+    /// Every link's measurements, by peer name.
+    pub fn links(&self) -> Vec<LinkStatus> {
+        let mut out: Vec<LinkStatus> = self
+            .peers
+            .iter()
+            .flatten()
+            .map(|p| LinkStatus {
+                peer: p.spec.name.clone(),
+                up: p.link.up(),
+                rtt: p.link.rtt(),
+                jitter: p.link.jitter(),
+                loss: p.link.loss(),
+                probes_sent: p.link.probes_sent(),
+                probes_received: p.link.probes_received(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+
+    /// Every destination's paths, by peer name.
+    pub fn routes(&self) -> Vec<RouteStatus> {
+        let mut out: Vec<RouteStatus> = self
+            .paths
+            .iter()
+            .enumerate()
+            .filter_map(|(i, st)| {
+                let st = st.as_ref()?;
+                let peer = self.peers.get(i)?.as_ref()?;
+                let dest = PeerId(i);
+                Some(RouteStatus {
+                    dest: peer.spec.name.clone(),
+                    primary: self.via(dest, st.primary),
+                    backup: st.backup.map(|b| self.via(dest, b)),
+                    active: self.via(dest, st.active),
+                    changes: st.changes,
+                    failovers: st.failovers,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.dest.cmp(&b.dest));
+        out
+    }
+
+    /// What the controller gets: every link with at least one RTT sample.
+    pub fn link_report(&self) -> skymesh_wire::LinkReport {
+        let micros = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        skymesh_wire::LinkReport {
+            links: self
+                .links()
+                .into_iter()
+                .filter_map(|l| {
+                    Some(skymesh_wire::LinkSample {
+                        rtt_us: micros(l.rtt?),
+                        jitter_us: micros(l.jitter),
+                        loss_ppm: (l.loss * 1e6).round() as u32,
+                        up: l.up,
+                        peer: l.peer,
+                    })
+                })
+                .collect(),
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -654,6 +1125,15 @@ impl Node {
     }
 }
 
+/// A peer's node address: the first IPv4 address it may send from (its overlay
+/// address in controller mode).
+fn node_addr(spec: &PeerSpec) -> Option<Ipv4Addr> {
+    spec.allowed_ips.iter().find_map(|net| match net.addr() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -700,6 +1180,8 @@ mod tests {
             address: address.parse().expect("cidr"),
             mtu: 1420,
             peers,
+            transit: false,
+            paths: Vec::new(),
         }
     }
 
@@ -1034,10 +1516,14 @@ mod tests {
             out.iter().next().map(|(d, m)| (d, m[0])),
             Some((sock(B_UNDERLAY), 1))
         );
-        assert_eq!(a.poll_timeout(), now + TIMER_TICK);
+        // Link checks run every 25 ms; they send nothing.
+        assert_eq!(a.poll_timeout(), now + Duration::from_millis(25));
         out.clear();
         a.handle_timeout(now + Duration::from_millis(100), &mut out);
-        assert!(out.is_empty(), "nothing before the tick");
+        assert!(
+            out.is_empty(),
+            "no probe without a session, no second initiation while one is in progress"
+        );
     }
 
     /// Both gateways initiate at once and A's initiation is lost: A answers B's,
@@ -1112,5 +1598,344 @@ mod tests {
         assert!(out.iter().any(|(_, m)| m[0] == 3 && m.len() == 64));
         // Below the limit, initiations were answered with real responses.
         assert!(out.iter().any(|(_, m)| m[0] == 2 && m.len() == 92));
+    }
+
+    /// A simulated underlay for several nodes: per-pair one-way delays, cuts,
+    /// and injected time. Everything a node writes to its TUN is collected.
+    mod sim {
+        use super::*;
+        use std::cmp::Reverse;
+        use std::collections::{BTreeMap, BinaryHeap, HashSet};
+
+        /// A datagram on the wire: arrival, tie-break, from, to, bytes.
+        type InFlight = (Instant, u64, usize, usize, Vec<u8>);
+
+        pub struct Net {
+            pub nodes: Vec<Node>,
+            pub names: Vec<&'static str>,
+            pub now: Instant,
+            delay: BTreeMap<(usize, usize), Duration>,
+            pub cut: HashSet<(usize, usize)>,
+            queue: BinaryHeap<Reverse<InFlight>>,
+            seq: u64,
+            pub tun: Vec<Vec<Vec<u8>>>,
+        }
+
+        pub fn underlay(i: usize) -> SocketAddr {
+            SocketAddr::from(([192, 0, 2, i as u8 + 1], 51820))
+        }
+
+        fn index_of(addr: SocketAddr) -> usize {
+            match addr.ip() {
+                IpAddr::V4(v4) => usize::from(v4.octets()[3]) - 1,
+                IpAddr::V6(_) => usize::MAX,
+            }
+        }
+
+        impl Net {
+            /// Nodes named `names`; node i has overlay 100.96.0.(i+1) and VPC 10.i.0.0/16.
+            pub fn new(names: &[&'static str], probe: ProbeConfig) -> Self {
+                let now = Instant::now();
+                let nodes = (0..names.len())
+                    .map(|i| {
+                        let mut n =
+                            Node::new(PrivateKey::from_bytes([i as u8 + 1; 32]), i as u64, now);
+                        n.set_probe_config(probe);
+                        n
+                    })
+                    .collect();
+                Self {
+                    nodes,
+                    names: names.to_vec(),
+                    now,
+                    delay: BTreeMap::new(),
+                    cut: HashSet::new(),
+                    queue: BinaryHeap::new(),
+                    seq: 0,
+                    tun: vec![Vec::new(); names.len()],
+                }
+            }
+
+            pub fn overlay(i: usize) -> Ipv4Addr {
+                Ipv4Addr::new(100, 96, 0, i as u8 + 1)
+            }
+
+            pub fn vpc_host(i: usize, host: u8) -> Ipv4Addr {
+                Ipv4Addr::new(10, i as u8, 0, host)
+            }
+
+            /// Node `i`'s netmap: every other node a peer; `paths` as (dest, primary, backup).
+            pub fn apply(&mut self, i: usize, transit: bool, paths: &[(&str, &str, Option<&str>)]) {
+                let peers = (0..self.names.len())
+                    .filter(|j| *j != i)
+                    .map(|j| PeerSpec {
+                        name: self.names[j].into(),
+                        public_key: PrivateKey::from_bytes([j as u8 + 1; 32]).public_key(),
+                        endpoint: Some(underlay(j)),
+                        allowed_ips: vec![
+                            format!("{}/32", Self::overlay(j)).parse().expect("cidr"),
+                            format!("10.{j}.0.0/16").parse().expect("cidr"),
+                        ],
+                        persistent_keepalive: None,
+                    })
+                    .collect();
+                let mut m = map(&format!("{}/32", Self::overlay(i)), peers);
+                m.transit = transit;
+                m.paths = paths
+                    .iter()
+                    .map(|(d, p, b)| skymesh_wire::PathSpec {
+                        dest: (*d).into(),
+                        primary: Via::from_label(p),
+                        backup: b.map(Via::from_label),
+                    })
+                    .collect();
+                let now = self.now;
+                self.nodes[i].apply(&m, now).expect("apply");
+            }
+
+            pub fn set_delay(&mut self, a: usize, b: usize, one_way: Duration) {
+                self.delay.insert((a, b), one_way);
+                self.delay.insert((b, a), one_way);
+            }
+
+            pub fn set_cut(&mut self, a: usize, b: usize, cut: bool) {
+                for k in [(a, b), (b, a)] {
+                    if cut {
+                        self.cut.insert(k);
+                    } else {
+                        self.cut.remove(&k);
+                    }
+                }
+            }
+
+            fn send(&mut self, from: usize, out: &Transmits) {
+                for (to, d) in out.iter() {
+                    let to = index_of(to);
+                    if to >= self.nodes.len() || self.cut.contains(&(from, to)) {
+                        continue;
+                    }
+                    let delay = self.delay.get(&(from, to)).copied().unwrap_or_default();
+                    self.seq += 1;
+                    self.queue
+                        .push(Reverse((self.now + delay, self.seq, from, to, d.to_vec())));
+                }
+            }
+
+            /// A packet entering node `i` from its TUN.
+            pub fn inject(&mut self, i: usize, packet: &[u8]) {
+                let mut out = Transmits::with_capacity(2);
+                let now = self.now;
+                self.nodes[i].handle_tun_packet(packet, &mut out, now);
+                self.send(i, &out);
+            }
+
+            /// Runs the network for `d` of simulated time.
+            pub fn run(&mut self, d: Duration) {
+                let end = self.now + d;
+                loop {
+                    let timer = self
+                        .nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, n)| (n.poll_timeout(), i))
+                        .min()
+                        .expect("nodes");
+                    let packet = self.queue.peek().map(|Reverse(e)| e.0);
+                    let next = packet.map_or(timer.0, |p| p.min(timer.0));
+                    if next > end {
+                        self.now = end;
+                        return;
+                    }
+                    self.now = self.now.max(next);
+                    let now = self.now;
+                    let mut out = Transmits::with_capacity(8);
+                    if packet.is_some_and(|p| p <= timer.0) {
+                        let Some(Reverse((_, _, from, to, data))) = self.queue.pop() else {
+                            continue;
+                        };
+                        let mut tun = TunWrites::with_capacity(2);
+                        self.nodes[to].handle_datagram(
+                            underlay(from),
+                            &data,
+                            &mut tun,
+                            &mut out,
+                            now,
+                        );
+                        self.tun[to].extend(tun.iter().map(|(_, p)| p.to_vec()));
+                        self.send(to, &out);
+                    } else {
+                        let i = timer.1;
+                        self.nodes[i].handle_timeout(now, &mut out);
+                        self.send(i, &out);
+                    }
+                }
+            }
+
+            pub fn link(&self, i: usize, peer: &str) -> LinkStatus {
+                self.nodes[i]
+                    .links()
+                    .into_iter()
+                    .find(|l| l.peer == peer)
+                    .expect("link")
+            }
+
+            pub fn route(&self, i: usize, dest: &str) -> RouteStatus {
+                self.nodes[i]
+                    .routes()
+                    .into_iter()
+                    .find(|r| r.dest == dest)
+                    .expect("route")
+            }
+
+            /// Sends a UDP-ish packet from a VPC host of `from` to one of `to`
+            /// and returns whether it came out of `to`'s TUN.
+            pub fn reaches(&mut self, from: usize, to: usize, marker: &[u8]) -> bool {
+                let p = ipv4_packet(Self::vpc_host(from, 5), Self::vpc_host(to, 7), marker);
+                self.inject(from, &p);
+                self.run(Duration::from_millis(400));
+                self.tun[to].iter().any(|q| q.ends_with(marker))
+            }
+        }
+    }
+
+    use sim::Net;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// aws(0) - azure(1, transit) - alibaba(2), aws-alibaba long and primary via azure.
+    fn transit_net() -> Net {
+        let mut net = Net::new(&["aws", "azure", "alibaba"], ProbeConfig::default());
+        net.set_delay(0, 1, ms(75));
+        net.set_delay(1, 2, ms(15));
+        net.set_delay(0, 2, ms(110));
+        net.apply(0, false, &[("alibaba", "azure", Some("direct"))]);
+        net.apply(1, true, &[]);
+        net.apply(2, false, &[("aws", "azure", Some("direct"))]);
+        net.run(ms(3_000));
+        net
+    }
+
+    #[test]
+    fn probes_measure_every_link_inside_the_tunnel() {
+        let net = transit_net();
+        let rtt = |i, p: &str| net.link(i, p).rtt.expect("rtt sampled");
+        assert!(
+            rtt(0, "azure").abs_diff(ms(150)) < ms(1),
+            "{:?}",
+            rtt(0, "azure")
+        );
+        assert!(rtt(1, "alibaba").abs_diff(ms(30)) < ms(1));
+        assert!(rtt(2, "aws").abs_diff(ms(220)) < ms(1));
+        let l = net.link(0, "azure");
+        assert!(l.up && l.loss == 0.0, "{l:?}");
+        // About one probe per 100 ms went each way; none reached a TUN.
+        assert!((25..=32).contains(&l.probes_sent), "{}", l.probes_sent);
+        assert!(
+            net.tun.iter().all(Vec::is_empty),
+            "probes never reach a TUN"
+        );
+        let report = net.nodes[0].link_report();
+        assert_eq!(report.links.len(), 2);
+        assert!(report.links.iter().all(|s| s.up && s.loss_ppm == 0));
+    }
+
+    #[test]
+    fn transit_forwards_with_ttl_and_the_destination_accepts_its_source() {
+        let mut net = transit_net();
+        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
+        assert!(net.reaches(0, 2, b"aws-to-alibaba"));
+        let got = net.tun[2].last().expect("delivered").clone();
+        assert_eq!(got[8], 63, "the transit decremented the TTL");
+        assert!(net.tun[1].is_empty(), "the transit's own TUN sees nothing");
+        // It went through azure: azure's counters to alibaba moved.
+        assert!(net.reaches(2, 0, b"alibaba-to-aws"));
+    }
+
+    #[test]
+    fn a_transit_cannot_spoof_a_node_whose_traffic_it_does_not_carry() {
+        let mut net = Net::new(&["aws", "azure", "alibaba", "gcp"], ProbeConfig::default());
+        net.apply(0, false, &[("alibaba", "azure", Some("direct"))]);
+        net.apply(1, true, &[]);
+        net.apply(2, false, &[("aws", "azure", Some("direct"))]);
+        net.apply(3, false, &[]);
+        net.run(ms(1_000));
+        // azure sends from gcp's VPC to alibaba: alibaba's path to gcp is direct.
+        let spoof = ipv4_packet(Net::vpc_host(3, 5), Net::vpc_host(2, 7), b"spoofed-gcp");
+        net.inject(1, &spoof);
+        net.run(ms(200));
+        assert!(net.tun[2].iter().all(|p| !p.ends_with(b"spoofed-gcp")));
+        assert_eq!(drops_of(&net.nodes[2], DropReason::SourceNotAllowed), 1);
+        // aws sends with gcp's source through azure: the transit refuses it.
+        let spoof = ipv4_packet(Net::vpc_host(3, 5), Net::vpc_host(2, 7), b"spoofed-by-aws");
+        net.inject(0, &spoof);
+        net.run(ms(200));
+        assert!(net
+            .tun
+            .iter()
+            .flatten()
+            .all(|p| !p.ends_with(b"spoofed-by-aws")));
+        assert_eq!(drops_of(&net.nodes[1], DropReason::SourceNotAllowed), 1);
+        // A non-transit node hands packets for others to its kernel, never onward.
+        net.apply(1, false, &[]);
+        let p = ipv4_packet(Net::vpc_host(0, 5), Net::vpc_host(2, 7), b"no-transit");
+        net.inject(0, &p);
+        net.run(ms(200));
+        assert!(net.tun[1].iter().any(|p| p.ends_with(b"no-transit")));
+        assert!(net.tun[2].iter().all(|p| !p.ends_with(b"no-transit")));
+    }
+
+    #[test]
+    fn a_cut_first_hop_fails_over_in_under_a_second_and_fails_back_after_the_hold() {
+        let mut net = transit_net();
+        net.set_cut(0, 1, true);
+        net.run(ms(450));
+        // aws saw its link to azure die; alibaba learned it from azure's probes.
+        assert!(!net.link(0, "azure").up);
+        assert_eq!(net.route(0, "alibaba").active, Via::Direct);
+        assert_eq!(net.route(0, "alibaba").failovers, 1);
+        net.run(ms(300));
+        assert_eq!(net.route(2, "aws").active, Via::Direct, "via the down list");
+        assert!(net.reaches(0, 2, b"after-cut"));
+        assert!(net.reaches(2, 0, b"reply-after-cut"));
+        // Healed: back through azure only once it held for failback_hold.
+        net.set_cut(0, 1, false);
+        net.run(ms(2_000));
+        assert!(net.link(0, "azure").up);
+        assert_eq!(net.route(0, "alibaba").active, Via::Direct, "held");
+        net.run(ms(4_000));
+        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
+        assert_eq!(net.route(2, "aws").active, Via::Transit("azure".into()));
+        let r = net.route(0, "alibaba");
+        assert_eq!((r.changes, r.failovers), (2, 1));
+    }
+
+    #[test]
+    fn a_cut_direct_link_moves_to_the_transit_backup() {
+        let mut net = Net::new(&["aws", "azure", "alibaba"], ProbeConfig::default());
+        net.apply(0, false, &[("alibaba", "direct", Some("azure"))]);
+        net.apply(1, true, &[]);
+        net.apply(2, false, &[("aws", "direct", Some("azure"))]);
+        net.run(ms(1_000));
+        net.set_cut(0, 2, true);
+        net.run(ms(400));
+        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
+        assert_eq!(net.route(2, "aws").active, Via::Transit("azure".into()));
+        assert!(net.reaches(0, 2, b"around-the-cut"));
+        assert!(net.reaches(2, 0, b"and-back"));
+    }
+
+    #[test]
+    fn new_paths_from_the_controller_take_effect_and_are_counted() {
+        let mut net = transit_net();
+        net.apply(0, false, &[("alibaba", "direct", Some("azure"))]);
+        let r = net.route(0, "alibaba");
+        assert_eq!(r.active, Via::Direct);
+        assert_eq!(r.changes, 1);
+        assert_eq!(r.failovers, 0);
+        // Unchanged paths change nothing.
+        net.apply(0, false, &[("alibaba", "direct", Some("azure"))]);
+        assert_eq!(net.route(0, "alibaba").changes, 1);
     }
 }

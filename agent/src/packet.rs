@@ -21,6 +21,39 @@ pub fn source(packet: &[u8]) -> Option<IpAddr> {
     }
 }
 
+/// Decrements the IPv4 TTL (fixing the header checksum) or the IPv6 hop limit of
+/// a packet being forwarded; false if it must not be forwarded (it ran out, or it
+/// is not an IP packet).
+pub fn decrement_ttl(packet: &mut [u8]) -> bool {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) if packet.len() >= 20 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            if ihl < 20 || packet.len() < ihl || packet[8] <= 1 {
+                return false;
+            }
+            packet[8] -= 1;
+            packet[10..12].fill(0);
+            let mut sum: u32 = packet[..ihl]
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            true
+        }
+        Some(6) if packet.len() >= 40 => {
+            if packet[7] <= 1 {
+                return false;
+            }
+            packet[7] -= 1;
+            true
+        }
+        _ => false,
+    }
+}
+
 fn v4_at(p: &[u8], off: usize) -> Ipv4Addr {
     Ipv4Addr::new(p[off], p[off + 1], p[off + 2], p[off + 3])
 }
@@ -73,5 +106,30 @@ mod tests {
         assert_eq!(destination(&[0x45; 19]), None);
         assert_eq!(destination(&[0x65; 39]), None);
         assert_eq!(source(&[0x15; 60]), None);
+    }
+
+    #[test]
+    fn ttl_decrement_keeps_a_valid_checksum_and_stops_at_one() {
+        let mut p = ipv4_packet(
+            Ipv4Addr::new(10, 0, 0, 1),
+            Ipv4Addr::new(10, 30, 0, 2),
+            b"payload",
+        );
+        p[8] = 2;
+        assert!(decrement_ttl(&mut p));
+        assert_eq!(p[8], 1);
+        let sum: u32 = p[..20]
+            .chunks(2)
+            .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+            .sum();
+        let folded = (sum & 0xffff) + (sum >> 16);
+        assert_eq!(folded as u16, 0xffff, "header checksums to zero");
+        assert!(!decrement_ttl(&mut p), "TTL 1 is not forwarded");
+        assert!(!decrement_ttl(&mut [0x45, 0, 0]), "truncated");
+        let mut v6 = vec![0u8; 40];
+        v6[0] = 0x60;
+        v6[7] = 64;
+        assert!(decrement_ttl(&mut v6));
+        assert_eq!(v6[7], 63);
     }
 }

@@ -556,6 +556,7 @@ fn register(i: usize) -> Register {
         advertise: vec![advertise],
         underlay: vec![],
         agent_version: "control-bench".into(),
+        transit: false,
     }
 }
 

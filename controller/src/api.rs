@@ -7,6 +7,7 @@ use crate::control::Hub;
 use crate::ipam::IpamError;
 use crate::metrics::Metrics;
 use crate::model::{self, NodeRecord, TokenRecord};
+use crate::paths::LinkOverride;
 use crate::pki::Ca;
 use crate::registry::{NewToken, Registry, RegistryError};
 use axum::extract::rejection::JsonRejection;
@@ -72,6 +73,21 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/v1/ipam/suggest",
         "Lowest free block of a length within a range",
     ),
+    (
+        "GET",
+        "/v1/links",
+        "The measured link matrix: RTT, jitter, loss, up, cost, overrides",
+    ),
+    (
+        "GET",
+        "/v1/paths",
+        "Every pair's chosen and backup path, with cost and reason",
+    ),
+    (
+        "PUT",
+        "/v1/links/{a}/{b}",
+        "Operator override of a link: disable, weight, pin a path",
+    ),
 ];
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -86,6 +102,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/prefixes", get(list_prefixes))
         .route("/v1/ipam/check", post(ipam_check))
         .route("/v1/ipam/suggest", post(ipam_suggest))
+        .route("/v1/links", get(list_links))
+        .route("/v1/paths", get(list_paths))
+        .route("/v1/links/{a}/{b}", axum::routing::put(put_link))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), auth))
@@ -241,6 +260,9 @@ pub struct NodeView {
     pub last_seen: u64,
     pub enrolled_at: u64,
     pub agent_version: String,
+    /// Other nodes' traffic may be routed through this node.
+    #[serde(default)]
+    pub transit: bool,
 }
 
 fn node_view(n: NodeRecord, online: bool) -> NodeView {
@@ -263,6 +285,7 @@ fn node_view(n: NodeRecord, online: bool) -> NodeView {
         online,
         enrolled_at: n.enrolled_at,
         agent_version: n.agent_version,
+        transit: n.transit,
     }
 }
 
@@ -556,6 +579,120 @@ fn schema_ref(name: &str) -> Value {
 }
 
 /// The OpenAPI 3.0 document, generated from [`ROUTES`].
+/// `GET /v1/links`.
+async fn list_links(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
+    let snap = s.hub.paths(false).await.map_err(unavailable)?;
+    Ok(axum::Json(json!(snap.links)))
+}
+
+/// `GET /v1/paths`.
+async fn list_paths(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
+    let snap = s.hub.paths(false).await.map_err(unavailable)?;
+    Ok(axum::Json(json!(snap.pairs)))
+}
+
+fn unavailable(e: anyhow::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        format!("{e:#}"),
+    )
+}
+
+/// The body of `PUT /v1/links/{a}/{b}`; the default clears the override.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutLink {
+    #[serde(default)]
+    disabled: bool,
+    #[serde(default)]
+    weight_ms: Option<f64>,
+    /// "direct" or a transit node's name.
+    #[serde(default)]
+    pin: Option<String>,
+}
+
+/// `PUT /v1/links/{a}/{b}`: stores the override (the store is the truth for
+/// every replica), recomputes, and answers with the link and the pair's path.
+async fn put_link(
+    State(s): State<Arc<ApiState>>,
+    Path((a, b)): Path<(String, String)>,
+    Json(req): Json<PutLink>,
+) -> Result<axum::Json<Value>, ApiError> {
+    if a == b {
+        return Err(ApiError::bad_request(format!(
+            "link {a:?}-{b:?}: a link joins two different nodes; name two nodes"
+        )));
+    }
+    let names: Vec<String> = s
+        .registry
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    for end in [&a, &b] {
+        if !names.contains(end) {
+            return Err(RegistryError::NotFound {
+                what: "node",
+                name: end.clone(),
+            }
+            .into());
+        }
+    }
+    if let Some(w) = req.weight_ms {
+        if !w.is_finite() || w < 0.0 {
+            return Err(ApiError::bad_request(format!(
+                "weight_ms = {w}: expected a finite number of milliseconds >= 0, e.g. 40"
+            )));
+        }
+    }
+    let pin = match req.pin.as_deref() {
+        None => None,
+        Some(label) => {
+            let via = skymesh_wire::Via::from_label(label);
+            if let Some(t) = via.transit() {
+                if t == a || t == b || !names.iter().any(|n| n == t) {
+                    return Err(ApiError::bad_request(format!(
+                        "pin = {label:?}: expected \"direct\" or the name of a third enrolled node to transit through"
+                    )));
+                }
+            }
+            Some(via)
+        }
+    };
+    let o = LinkOverride {
+        disabled: req.disabled,
+        weight_ms: req.weight_ms,
+        pin,
+    };
+    let key = model::link_key(&a, &b);
+    let store = s.registry.store();
+    let result = if o == LinkOverride::default() {
+        store.delete(&key).await.map(|_| ())
+    } else {
+        let value = serde_json::to_vec(&o).map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        store.put(&key, value).await.map(|_| ())
+    };
+    result.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        )
+    })?;
+    tracing::info!(a = %a, b = %b, override = ?o, "link override set");
+    let snap = s.hub.paths(true).await.map_err(unavailable)?;
+    let (x, y) = if a <= b { (&a, &b) } else { (&b, &a) };
+    Ok(axum::Json(json!({
+        "override": o,
+        "link": snap.links.iter().find(|l| &l.a == x && &l.b == y),
+        "path": snap.pairs.iter().find(|p| &p.a == x && &p.b == y),
+    })))
+}
+
 pub fn openapi_document() -> Value {
     let mut paths = serde_json::Map::new();
     for (method, path, summary) in ROUTES {
@@ -580,6 +717,7 @@ pub fn openapi_document() -> Value {
             ("POST", "/v1/join-tokens") => Some("CreateJoinToken"),
             ("POST", "/v1/ipam/check") => Some("IpamCheck"),
             ("POST", "/v1/ipam/suggest") => Some("IpamSuggest"),
+            ("PUT", "/v1/links/{a}/{b}") => Some("LinkOverride"),
             _ => None,
         };
         if let Some(b) = body {
@@ -627,7 +765,12 @@ pub fn openapi_document() -> Value {
                     "rejected_prefixes": {"type": "array", "items": {"type": "object", "properties": {
                         "cidr": {"type": "string"}, "reason": {"type": "string"}}}},
                     "online": {"type": "boolean"}, "last_seen": {"type": "integer"},
-                    "enrolled_at": {"type": "integer"}, "agent_version": {"type": "string"}}},
+                    "enrolled_at": {"type": "integer"}, "agent_version": {"type": "string"},
+                    "transit": {"type": "boolean"}}},
+                "LinkOverride": {"type": "object", "properties": {
+                    "disabled": {"type": "boolean", "description": "no path may use the link"},
+                    "weight_ms": {"type": "number", "nullable": true, "description": "cost added to the link, replacing the configured weight"},
+                    "pin": {"type": "string", "nullable": true, "description": "\"direct\" or a transit node: the pair's path while usable"}}},
                 "JoinToken": {"type": "object", "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"}, "site": {"type": "string"},
                     "cloud": {"type": "string"}, "region": {"type": "string"},

@@ -1,6 +1,7 @@
 //! The controller's configuration file, validated once at load into typed
 //! values. Errors name the file, the key, the value and what is expected.
 
+use crate::paths::PathConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -17,6 +18,21 @@ struct File {
     state: StateFile,
     #[serde(default)]
     network: NetworkFile,
+    #[serde(default)]
+    paths: PathsFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathsFile {
+    loss_penalty_ms: Option<f64>,
+    transit_penalty_ms: Option<f64>,
+    switch_ratio: Option<f64>,
+    switch_min: Option<String>,
+    hold: Option<String>,
+    stale_after: Option<String>,
+    #[serde(default)]
+    weights: Vec<crate::paths::LinkWeight>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,6 +124,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub overlay_pool: IpNet,
     pub mtu: u16,
+    /// Path selection (`[paths]`).
+    pub paths: PathConfig,
 }
 
 impl Config {
@@ -172,6 +190,7 @@ impl Config {
                 f.network.mtu
             );
         }
+        let paths = paths_config(&f.paths)?;
         Ok(Self {
             control_listen,
             control_advertise: f.control.advertise,
@@ -180,8 +199,33 @@ impl Config {
             data_dir: f.state.data_dir,
             overlay_pool,
             mtu: f.network.mtu,
+            paths,
         })
     }
+}
+
+/// `[paths]`, on top of the defaults, checked as a whole.
+fn paths_config(f: &PathsFile) -> Result<PathConfig> {
+    let d = PathConfig::default();
+    let duration = |key: &str, text: &Option<String>, default| -> Result<std::time::Duration> {
+        match text {
+            None => Ok(default),
+            Some(t) => humantime::parse_duration(t).map_err(|e| {
+                anyhow!("[paths] {key} = {t:?}: {e}; expected a duration like \"5s\" or \"5ms\"")
+            }),
+        }
+    };
+    let config = PathConfig {
+        loss_penalty_ms: f.loss_penalty_ms.unwrap_or(d.loss_penalty_ms),
+        transit_penalty_ms: f.transit_penalty_ms.unwrap_or(d.transit_penalty_ms),
+        switch_ratio: f.switch_ratio.unwrap_or(d.switch_ratio),
+        switch_min: duration("switch_min", &f.switch_min, d.switch_min)?,
+        hold: duration("hold", &f.hold, d.hold)?,
+        stale_after: duration("stale_after", &f.stale_after, d.stale_after)?,
+        weights: f.weights.clone(),
+    };
+    config.validate().map_err(|e| anyhow!("[paths] {e}"))?;
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -227,6 +271,18 @@ mod tests {
             (
                 "[control]\nadvertise = [\"a:1\"]\nbogus = 1\n",
                 "unknown field `bogus`",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\n[paths]\nhold = \"soon\"\n",
+                "[paths] hold = \"soon\"",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\n[paths]\nswitch_ratio = 1.5\n",
+                "switch_ratio = 1.5",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\n[[paths.weights]]\na = \"aws\"\nb = \"aws\"\nweight_ms = 3.0\n",
+                "aws-aws",
             ),
         ] {
             let err = Config::parse(text).expect_err(text).to_string();

@@ -11,6 +11,7 @@
 use crate::fabric::{Audience, Fabric, Output};
 use crate::metrics::Metrics;
 use crate::model::{self, NodeRecord};
+use crate::paths::{LinkOverride, LinkView, PairView, PathConfig, PathEngine};
 use crate::pki::{self, Ca};
 use crate::registry::{Registry, RegistryError};
 use crate::store::{StoreError, WatchEvent};
@@ -18,13 +19,15 @@ use anyhow::{anyhow, Context, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
 use skymesh_wire::control::{
-    self, AgentMessage, ControllerMessage, Enrolled, FrameBuffer, Refusal, RefusalCode,
+    self, AgentMessage, ControllerMessage, Enrolled, FrameBuffer, NetMapUpdate, Refusal,
+    RefusalCode,
 };
-use std::collections::HashMap;
+use skymesh_wire::LinkReport;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
 
 /// Frames queued for one agent before it counts as too slow and is dropped (it
@@ -32,6 +35,8 @@ use tokio::sync::{mpsc, oneshot};
 const SESSION_QUEUE: usize = 1024;
 /// How long an agent has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often paths are recomputed from the link reports.
+const PATH_TICK: Duration = Duration::from_secs(1);
 
 /// Everything a connection handler needs.
 pub struct Control {
@@ -181,6 +186,9 @@ async fn handle(conn: quinn::Connection, ctx: &Control) -> Result<()> {
                 },
                 msg = read_message(&mut recv, &mut frames) => match msg? {
                     None => return Ok(()),
+                    Some(AgentMessage::Links(report)) => {
+                        ctx.hub.report(&registered.name, report);
+                    }
                     Some(other) => {
                         return refuse(&conn, &mut send, RefusalCode::Protocol,
                             format!("unexpected {} after register", describe(&Some(other)))).await;
@@ -292,6 +300,7 @@ fn describe(msg: &Option<AgentMessage>) -> &'static str {
         None => "end of stream",
         Some(AgentMessage::Enroll(_)) => "enroll",
         Some(AgentMessage::Register(_)) => "register",
+        Some(AgentMessage::Links(_)) => "links",
     }
 }
 
@@ -341,6 +350,22 @@ enum HubCmd {
         node: String,
         id: SessionId,
     },
+    Links {
+        node: String,
+        report: LinkReport,
+    },
+    Paths {
+        /// Reload overrides and recompute first (after an operator change).
+        refresh: bool,
+        reply: oneshot::Sender<PathsSnapshot>,
+    },
+}
+
+/// The measured links and the chosen paths, as the API shows them.
+#[derive(Debug, Clone)]
+pub struct PathsSnapshot {
+    pub links: Vec<LinkView>,
+    pub pairs: Vec<PairView>,
 }
 
 /// Handle to the hub task.
@@ -352,7 +377,12 @@ pub struct Hub {
 
 impl Hub {
     /// Starts the hub: it loads every node record and follows the store.
-    pub fn start(registry: Arc<Registry>, mtu: u16, metrics: Arc<Metrics>) -> Self {
+    pub fn start(
+        registry: Arc<Registry>,
+        mtu: u16,
+        metrics: Arc<Metrics>,
+        paths: PathConfig,
+    ) -> Self {
         let (cmds, rx) = mpsc::unbounded_channel();
         let online = Arc::new(Mutex::new(HashMap::new()));
         let hub = Self {
@@ -365,6 +395,7 @@ impl Hub {
                 mtu,
                 metrics,
                 fabric: Fabric::new(mtu, []),
+                engine: PathEngine::new(paths),
                 revision: 0,
                 sessions: HashMap::new(),
                 pending: Vec::new(),
@@ -406,6 +437,24 @@ impl Hub {
         });
     }
 
+    /// A node's link report.
+    pub fn report(&self, node: &str, report: LinkReport) {
+        let _ = self.cmds.send(HubCmd::Links {
+            node: node.to_string(),
+            report,
+        });
+    }
+
+    /// The links and paths now; with `refresh`, after reloading the operator's
+    /// overrides from the store and recomputing.
+    pub async fn paths(&self, refresh: bool) -> Result<PathsSnapshot> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(HubCmd::Paths { refresh, reply })
+            .map_err(|_| anyhow!("the netmap hub has stopped"))?;
+        rx.await.map_err(|_| anyhow!("the netmap hub has stopped"))
+    }
+
     /// Connected nodes, with the unix time their session started.
     pub fn online(&self) -> HashMap<String, u64> {
         self.online.lock().map(|m| m.clone()).unwrap_or_default()
@@ -417,6 +466,7 @@ struct HubState {
     mtu: u16,
     metrics: Arc<Metrics>,
     fabric: Fabric,
+    engine: PathEngine,
     revision: u64,
     sessions: HashMap<String, Subscriber>,
     pending: Vec<(
@@ -432,8 +482,11 @@ struct HubState {
 impl HubState {
     async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<HubCmd>) -> Result<()> {
         let mut watch = self.resync().await?;
+        let mut tick = tokio::time::interval(PATH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = tick.tick() => self.update_paths().await,
                 cmd = cmds.recv() => match cmd {
                     Some(HubCmd::Subscribe { node, tx, min_revision, reply }) => {
                         self.pending.push((node, tx, min_revision, reply));
@@ -444,6 +497,19 @@ impl HubState {
                             self.sessions.remove(&node);
                             self.set_online();
                         }
+                    }
+                    Some(HubCmd::Links { node, report }) => {
+                        self.engine.report(&node, &report, Instant::now());
+                    }
+                    Some(HubCmd::Paths { refresh, reply }) => {
+                        if refresh {
+                            self.update_paths().await;
+                        }
+                        let now = Instant::now();
+                        let _ = reply.send(PathsSnapshot {
+                            links: self.engine.links(now),
+                            pairs: self.engine.pairs(now),
+                        });
                     }
                     None => return Ok(()),
                 },
@@ -583,7 +649,10 @@ impl HubState {
             }
             self.next_id += 1;
             let id = SessionId(self.next_id);
-            if let Some(full) = self.fabric.full(&node, self.revision) {
+            if let Some(full) = self
+                .fabric
+                .full(&node, self.revision, self.engine.paths_for(&node))
+            {
                 if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
                     let _ = tx.try_send(SessionMsg::Frame(Arc::new(frame)));
                 }
@@ -604,10 +673,76 @@ impl HubState {
     fn resend_full(&mut self) {
         let names: Vec<String> = self.sessions.keys().cloned().collect();
         for name in names {
-            if let Some(full) = self.fabric.full(&name, self.revision) {
+            if let Some(full) = self
+                .fabric
+                .full(&name, self.revision, self.engine.paths_for(&name))
+            {
                 if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
                     self.deliver(&name, SessionMsg::Frame(Arc::new(frame)));
                 }
+            }
+        }
+    }
+
+    /// Reloads the operator's link overrides (the store is the truth, so every
+    /// replica and a restarted controller agree), recomputes every pair's path
+    /// and sends each connected node whose path list changed its new list.
+    async fn update_paths(&mut self) {
+        match self.registry.store().range(model::LINKS).await {
+            Ok((kvs, _)) => {
+                let mut wanted: BTreeMap<(String, String), LinkOverride> = BTreeMap::new();
+                for kv in &kvs {
+                    let Some((a, b)) = model::link_from_key(&kv.key) else {
+                        continue;
+                    };
+                    match serde_json::from_slice::<LinkOverride>(&kv.value) {
+                        Ok(o) => {
+                            wanted.insert((a, b), o);
+                        }
+                        Err(e) => {
+                            tracing::error!(key = %kv.key, error = %e, "ignoring an unreadable link override")
+                        }
+                    }
+                }
+                let stale: Vec<(String, String)> = self
+                    .engine
+                    .overrides()
+                    .map(|(a, b, _)| (a.to_string(), b.to_string()))
+                    .filter(|k| !wanted.contains_key(k))
+                    .collect();
+                for (a, b) in stale {
+                    let _ = self.engine.set_override(&a, &b, None);
+                }
+                for ((a, b), o) in wanted {
+                    if self.engine.override_for(&a, &b) != Some(&o) {
+                        if let Err(e) = self.engine.set_override(&a, &b, Some(o)) {
+                            tracing::error!(error = %e, "ignoring an invalid link override");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read link overrides; keeping the previous ones")
+            }
+        }
+        self.engine.set_nodes(self.fabric.members());
+        let changed = self.engine.recompute(Instant::now());
+        for name in changed {
+            if !self.sessions.contains_key(&name) {
+                continue;
+            }
+            let paths = self.engine.paths_for(&name);
+            tracing::debug!(node = %name, ?paths, "sending new paths");
+            let update = ControllerMessage::Update(NetMapUpdate {
+                seq: self.revision,
+                node: None,
+                upsert: Vec::new(),
+                remove: Vec::new(),
+                paths: Some(paths),
+            });
+            match control::encode(&update) {
+                Ok(frame) => self.deliver(&name, SessionMsg::Frame(Arc::new(frame))),
+                Err(e) => tracing::error!(error = %e, "could not encode a path update"),
             }
         }
     }

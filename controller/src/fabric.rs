@@ -11,7 +11,7 @@
 use crate::model::NodeRecord;
 use ipnet::IpNet;
 use skymesh_wire::control::{ControllerMessage, FullNetMap, NetMapUpdate, SelfInfo};
-use skymesh_wire::{NetMap, PeerSpec, PROTOCOL_VERSION};
+use skymesh_wire::{NetMap, PathSpec, PeerSpec, PROTOCOL_VERSION};
 use std::collections::BTreeMap;
 
 /// Who a message is for.
@@ -46,24 +46,39 @@ impl Fabric {
         self.nodes.contains_key(name)
     }
 
-    /// The whole netmap of `name`, tagged with store revision `seq`.
-    pub fn full(&self, name: &str, seq: u64) -> Option<FullNetMap> {
+    /// The whole netmap of `name`, tagged with store revision `seq`, with the
+    /// paths the path engine chose for it.
+    pub fn full(&self, name: &str, seq: u64, paths: Vec<PathSpec>) -> Option<FullNetMap> {
         let me = self.nodes.get(name)?;
+        let mut netmap = NetMap {
+            version: PROTOCOL_VERSION,
+            address: host_net(me),
+            mtu: self.mtu,
+            peers: self
+                .nodes
+                .values()
+                .filter(|n| n.name != name)
+                .filter_map(peer_spec)
+                .collect(),
+            transit: me.transit,
+            paths,
+        };
+        netmap.prune_paths();
         Some(FullNetMap {
             seq,
             node: self_info(me),
-            netmap: NetMap {
-                version: PROTOCOL_VERSION,
-                address: host_net(me),
-                mtu: self.mtu,
-                peers: self
-                    .nodes
-                    .values()
-                    .filter(|n| n.name != name)
-                    .filter_map(peer_spec)
-                    .collect(),
-            },
+            netmap,
         })
+    }
+
+    /// Registered nodes (those with a key, so peers of the others) and whether
+    /// each may transit: the path engine's membership.
+    pub fn members(&self) -> Vec<(String, bool)> {
+        self.nodes
+            .values()
+            .filter(|n| n.public_key.is_some())
+            .map(|n| (n.name.clone(), n.transit))
+            .collect()
     }
 
     /// A node record was written at revision `seq`.
@@ -78,12 +93,14 @@ impl Fabric {
                     node: None,
                     upsert: vec![p],
                     remove: Vec::new(),
+                    paths: None,
                 },
                 None => NetMapUpdate {
                     seq,
                     node: None,
                     upsert: Vec::new(),
                     remove: vec![node.name.clone()],
+                    paths: None,
                 },
             };
             out.push(Output::Send(
@@ -100,6 +117,7 @@ impl Fabric {
                     node: Some(me),
                     upsert: Vec::new(),
                     remove: Vec::new(),
+                    paths: None,
                 }),
             ));
         }
@@ -120,6 +138,7 @@ impl Fabric {
                     node: None,
                     upsert: Vec::new(),
                     remove: vec![name.to_string()],
+                    paths: None,
                 }),
             ),
         ]
@@ -150,6 +169,7 @@ pub fn self_info(node: &NodeRecord) -> SelfInfo {
         overlay_ip: node.overlay_ip,
         prefixes: node.prefixes.clone(),
         rejected_prefixes: node.rejected_prefixes.clone(),
+        transit: node.transit,
     }
 }
 
@@ -178,6 +198,7 @@ mod tests {
             underlay: Vec::new(),
             agent_version: String::new(),
             last_seen: 0,
+            transit: false,
         }
     }
 
@@ -186,7 +207,7 @@ mod tests {
         let mut pending = node("c", 3);
         pending.public_key = None;
         let f = Fabric::new(1420, [node("a", 1), node("b", 2), pending]);
-        let full = f.full("a", 9).expect("a exists");
+        let full = f.full("a", 9, Vec::new()).expect("a exists");
         assert_eq!(full.seq, 9);
         assert_eq!(full.netmap.address.to_string(), "100.96.0.1/32");
         let names: Vec<_> = full.netmap.peers.iter().map(|p| p.name.as_str()).collect();
@@ -199,7 +220,7 @@ mod tests {
             ]
         );
         full.netmap.validate().expect("valid");
-        assert!(f.full("nobody", 1).is_none());
+        assert!(f.full("nobody", 1, Vec::new()).is_none());
     }
 
     #[test]
@@ -236,6 +257,6 @@ mod tests {
             matches!(&out[1], Output::Send(Audience::AllBut(n), ControllerMessage::Update(u)) if n == "b" && u.remove == ["b"])
         );
         assert!(f.handle_delete("b", 8).is_empty());
-        assert_eq!(f.full("a", 8).expect("a").netmap.peers.len(), 0);
+        assert_eq!(f.full("a", 8, Vec::new()).expect("a").netmap.peers.len(), 0);
     }
 }

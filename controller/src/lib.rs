@@ -8,6 +8,7 @@ pub mod fabric;
 pub mod ipam;
 pub mod metrics;
 pub mod model;
+pub mod paths;
 pub mod pki;
 pub mod registry;
 pub mod server;

@@ -77,6 +77,22 @@ impl TokenRecord {
     }
 }
 
+/// Prefix of the operator's link overrides: `/skymesh/links/<a>/<b>` with `a < b`,
+/// a JSON [`crate::paths::LinkOverride`].
+pub const LINKS: &str = "/skymesh/links/";
+
+/// The key of link `a`-`b`'s override, in either order.
+pub fn link_key(a: &str, b: &str) -> String {
+    let (a, b) = if a <= b { (a, b) } else { (b, a) };
+    format!("{LINKS}{a}/{b}")
+}
+
+/// The two ends named by a link override's key.
+pub fn link_from_key(key: &str) -> Option<(String, String)> {
+    let (a, b) = key.strip_prefix(LINKS)?.split_once('/')?;
+    (!a.is_empty() && !b.is_empty() && !b.contains('/')).then(|| (a.to_string(), b.to_string()))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub name: String,
@@ -113,6 +129,9 @@ pub struct NodeRecord {
     /// Unix seconds of the last register or disconnect.
     #[serde(default)]
     pub last_seen: u64,
+    /// The node offers to forward between other nodes (its `[node] transit`).
+    #[serde(default)]
+    pub transit: bool,
 }
 
 impl NodeRecord {

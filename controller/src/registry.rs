@@ -284,6 +284,7 @@ impl Registry {
                 underlay: Vec::new(),
                 agent_version: String::new(),
                 last_seen: now,
+                transit: false,
             };
             let okey = model::overlay_key(overlay_ip);
             let txn = Txn::new()
@@ -363,6 +364,7 @@ impl Registry {
             node.observed_endpoint = Some(SocketAddr::new(observed.ip(), reg.listen_port));
             node.underlay = reg.underlay.clone();
             node.agent_version = reg.agent_version.clone();
+            node.transit = reg.transit;
             node.last_seen = now;
             let prefixes_changed = node.advertised != reg.advertise
                 || !node.rejected_prefixes.is_empty()
@@ -456,6 +458,14 @@ impl Registry {
 
 /// A node name becomes a certificate's DNS name: a DNS label.
 fn validate_name(field: &'static str, value: &str) -> Result<()> {
+    if value == skymesh_wire::path::DIRECT {
+        return Err(RegistryError::Invalid {
+            field,
+            value: value.to_string(),
+            problem: "\"direct\" is reserved (it names a path without transit); pick another name"
+                .into(),
+        });
+    }
     validate(
         field,
         value,

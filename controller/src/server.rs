@@ -70,7 +70,12 @@ pub async fn start_with(
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(store, config.overlay_pool));
     let ca = Arc::new(registry.load_or_create_ca().await?);
-    let hub = Hub::start(registry.clone(), config.mtu, metrics.clone());
+    let hub = Hub::start(
+        registry.clone(),
+        config.mtu,
+        metrics.clone(),
+        config.paths.clone(),
+    );
     let endpoint = control::bind(config.control_listen, &ca)?;
     let control_addr = endpoint.local_addr()?;
     let api_listener = tokio::net::TcpListener::bind(config.api_listen)

@@ -301,6 +301,7 @@ async fn skymeshctl_drives_the_whole_lifecycle() {
             ],
             underlay: vec![],
             agent_version: "test".into(),
+            transit: false,
         },
         tx,
     ));

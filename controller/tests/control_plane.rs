@@ -87,6 +87,7 @@ fn register(key: u8, advertise: &[&str]) -> Register {
         advertise: advertise.iter().map(|c| c.parse().expect("cidr")).collect(),
         underlay: vec!["203.0.113.0/24".parse().expect("cidr")],
         agent_version: "test".into(),
+        transit: false,
     }
 }
 

@@ -357,6 +357,7 @@ impl Session {
             advertise: advertise.clone(),
             underlay: Vec::new(),
             agent_version: "crash-test".into(),
+            transit: false,
         };
         let name = identity.node.clone();
         let task = tokio::spawn(control::run_session(identity, register, tx));

@@ -12,6 +12,7 @@
 
 use crate::key::PublicKey;
 use crate::netmap::{NetMap, PeerSpec, PROTOCOL_VERSION};
+use crate::path::{LinkReport, PathSpec};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ pub enum AgentMessage {
     Enroll(EnrollRequest),
     /// First message of an mTLS connection: who the agent is now.
     Register(Register),
+    /// Link measurements, about once a second after `Register`.
+    Links(LinkReport),
 }
 
 /// A join token's secret and a certificate signing request.
@@ -81,6 +84,9 @@ pub struct Register {
     pub underlay: Vec<IpNet>,
     /// Agent version, for the operator.
     pub agent_version: String,
+    /// The node offers to forward traffic between other nodes (`[node] transit`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transit: bool,
 }
 
 /// What the controller sends.
@@ -116,6 +122,9 @@ pub struct SelfInfo {
     pub prefixes: Vec<IpNet>,
     /// Advertised prefixes the controller refused, each with why.
     pub rejected_prefixes: Vec<RejectedPrefix>,
+    /// The mesh may route other nodes' traffic through this node.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transit: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -146,6 +155,9 @@ pub struct NetMapUpdate {
     /// Names of peers that left the mesh.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove: Vec<String>,
+    /// When present, replaces the node's whole path list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<PathSpec>>,
 }
 
 impl NetMapUpdate {
@@ -158,7 +170,12 @@ impl NetMapUpdate {
         map.peers.sort_by(|a, b| a.name.cmp(&b.name));
         if let Some(node) = &self.node {
             map.address = IpNet::from(node.overlay_ip);
+            map.transit = node.transit;
         }
+        if let Some(paths) = &self.paths {
+            map.paths = paths.clone();
+        }
+        map.prune_paths();
     }
 }
 
@@ -311,6 +328,7 @@ mod tests {
             advertise: vec!["10.0.0.0/16".parse().expect("cidr")],
             underlay: vec!["203.0.113.0/24".parse().expect("cidr")],
             agent_version: "0.1.0".into(),
+            transit: false,
         });
         let frame = encode(&msg).expect("encode");
         let body = &frame[4..];
@@ -332,6 +350,7 @@ mod tests {
             node: None,
             upsert: vec![peer("gcp-gw", 2)],
             remove: vec!["old-gw".into()],
+            paths: None,
         });
         let frame = encode(&msg).expect("encode");
         assert_eq!(
@@ -365,6 +384,7 @@ mod tests {
             node: None,
             upsert: vec![],
             remove: vec!["z".into()],
+            paths: None,
         }))
         .expect("b");
         let stream: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
@@ -403,6 +423,8 @@ mod tests {
             address: "100.96.0.1/32".parse().expect("cidr"),
             mtu: 1420,
             peers: vec![peer("a", 2), peer("b", 3)],
+            transit: false,
+            paths: Vec::new(),
         };
         let mut b2 = peer("b", 9);
         b2.persistent_keepalive = Some(25);
@@ -411,8 +433,62 @@ mod tests {
             node: None,
             upsert: vec![b2.clone(), peer("c", 4)],
             remove: vec!["a".into()],
+            paths: None,
         }
         .apply_to(&mut map);
         assert_eq!(map.peers, vec![b2, peer("c", 4)]);
+    }
+
+    #[test]
+    fn golden_links_frame() {
+        let msg = AgentMessage::Links(LinkReport {
+            links: vec![crate::path::LinkSample {
+                peer: "gcp".into(),
+                up: true,
+                rtt_us: 20_150,
+                jitter_us: 310,
+                loss_ppm: 30_000,
+            }],
+        });
+        let frame = encode(&msg).expect("encode");
+        assert_eq!(
+            std::str::from_utf8(&frame[4..]).expect("utf8"),
+            r#"{"v":1,"msg":{"type":"links","links":[{"peer":"gcp","up":true,"rtt_us":20150,"jitter_us":310,"loss_ppm":30000}]}}"#
+        );
+        assert_eq!(decode::<AgentMessage>(&frame[4..]).expect("decode"), msg);
+    }
+
+    #[test]
+    fn update_replaces_paths_and_prunes_removed_peers() {
+        use crate::path::Via;
+        let mut map = NetMap {
+            version: PROTOCOL_VERSION,
+            address: "100.96.0.1/32".parse().expect("cidr"),
+            mtu: 1420,
+            peers: vec![peer("a", 2), peer("b", 3), peer("c", 4)],
+            transit: false,
+            paths: Vec::new(),
+        };
+        let via_a = PathSpec {
+            dest: "b".into(),
+            primary: Via::Transit("a".into()),
+            backup: Some(Via::Direct),
+        };
+        let update = |remove: Vec<String>, paths: Option<Vec<PathSpec>>| NetMapUpdate {
+            seq: 3,
+            node: None,
+            upsert: Vec::new(),
+            remove,
+            paths,
+        };
+        update(Vec::new(), Some(vec![via_a.clone()])).apply_to(&mut map);
+        assert_eq!(map.paths, vec![via_a.clone()]);
+        // An update without paths keeps them.
+        update(vec!["c".into()], None).apply_to(&mut map);
+        assert_eq!(map.paths, vec![via_a]);
+        // Removing the transit drops the path that went through it.
+        update(vec!["a".into()], None).apply_to(&mut map);
+        assert!(map.paths.is_empty());
+        assert_eq!(map.validate(), Ok(()));
     }
 }

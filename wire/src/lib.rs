@@ -9,8 +9,10 @@
 pub mod control;
 pub mod key;
 pub mod netmap;
+pub mod path;
 pub mod token;
 
 pub use key::{KeyError, PublicKey};
 pub use netmap::{NetMap, NetMapError, PeerSpec, PROTOCOL_VERSION};
+pub use path::{LinkReport, LinkSample, PathSpec, Via};
 pub use token::{JoinToken, TokenError};

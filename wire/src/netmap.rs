@@ -5,6 +5,7 @@
 //! invariants checked by [`NetMap::validate`] hold whatever the source.
 
 use crate::key::PublicKey;
+use crate::path::{PathSpec, Via};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -39,6 +40,12 @@ pub struct NetMap {
     pub address: IpNet,
     pub mtu: u16,
     pub peers: Vec<PeerSpec>,
+    /// Whether this node forwards traffic between other nodes (a transit gateway).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transit: bool,
+    /// The path to each destination peer; a peer without one is reached directly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathSpec>,
 }
 
 /// Why a netmap cannot be applied.
@@ -67,6 +74,12 @@ pub enum NetMapError {
     },
     #[error("mtu {0} is outside 1280..=9000")]
     Mtu(u16),
+    #[error("paths: destination {0:?} is not a peer")]
+    PathDest(String),
+    #[error("paths: destination {0:?} is listed more than once")]
+    DuplicatePath(String),
+    #[error("paths: {dest:?} goes via {via:?}, which is not another peer; a transit must be a peer other than the destination")]
+    PathVia { dest: String, via: String },
 }
 
 impl NetMap {
@@ -113,7 +126,38 @@ impl NetMap {
             }
             seen.extend(peer.allowed_ips.iter().map(|p| (peer.name.as_str(), *p)));
         }
+        let is_peer = |name: &str| self.peers.iter().any(|p| p.name == name);
+        for (i, path) in self.paths.iter().enumerate() {
+            if !is_peer(&path.dest) {
+                return Err(NetMapError::PathDest(path.dest.clone()));
+            }
+            if self.paths[..i].iter().any(|o| o.dest == path.dest) {
+                return Err(NetMapError::DuplicatePath(path.dest.clone()));
+            }
+            for via in std::iter::once(&path.primary).chain(&path.backup) {
+                if let Via::Transit(t) = via {
+                    if t == &path.dest || !is_peer(t) {
+                        return Err(NetMapError::PathVia {
+                            dest: path.dest.clone(),
+                            via: t.clone(),
+                        });
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Drops paths that name a peer no longer in the map (after a removal).
+    pub fn prune_paths(&mut self) {
+        let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+        self.paths.retain(|p| {
+            names.contains(&p.dest.as_str())
+                && std::iter::once(&p.primary).chain(&p.backup).all(|v| {
+                    v.transit()
+                        .is_none_or(|t| names.contains(&t) && t != p.dest)
+                })
+        });
     }
 }
 
@@ -141,6 +185,8 @@ mod tests {
             address: "100.96.0.1/32".parse().expect("cidr"),
             mtu: 1420,
             peers,
+            transit: false,
+            paths: Vec::new(),
         }
     }
 
@@ -193,6 +239,71 @@ mod tests {
             err.to_string().contains("did you mean 10.0.0.0/16"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn paths_must_name_peers_and_a_distinct_transit() {
+        let mut m = map(vec![peer("a", 1, &[]), peer("b", 2, &[])]);
+        m.paths = vec![PathSpec {
+            dest: "b".into(),
+            primary: Via::Transit("a".into()),
+            backup: Some(Via::Direct),
+        }];
+        assert_eq!(m.validate(), Ok(()));
+        m.paths[0].primary = Via::Transit("b".into());
+        assert!(matches!(m.validate(), Err(NetMapError::PathVia { .. })));
+        m.paths[0].primary = Via::Direct;
+        m.paths[0].backup = Some(Via::Transit("zz".into()));
+        let err = m.validate().expect_err("unknown transit");
+        assert!(err.to_string().contains("\"zz\""), "{err}");
+        m.paths[0].backup = None;
+        m.paths.push(m.paths[0].clone());
+        assert_eq!(m.validate(), Err(NetMapError::DuplicatePath("b".into())));
+        m.paths = vec![PathSpec {
+            dest: "c".into(),
+            primary: Via::Direct,
+            backup: None,
+        }];
+        assert_eq!(m.validate(), Err(NetMapError::PathDest("c".into())));
+    }
+
+    #[test]
+    fn prune_drops_paths_through_removed_peers() {
+        let mut m = map(vec![peer("a", 1, &[]), peer("b", 2, &[])]);
+        m.paths = vec![
+            PathSpec {
+                dest: "b".into(),
+                primary: Via::Transit("a".into()),
+                backup: Some(Via::Direct),
+            },
+            PathSpec {
+                dest: "a".into(),
+                primary: Via::Direct,
+                backup: None,
+            },
+        ];
+        m.peers.retain(|p| p.name == "b");
+        m.prune_paths();
+        assert!(m.paths.is_empty(), "{:?}", m.paths);
+        assert_eq!(m.validate(), Ok(()));
+    }
+
+    /// Golden encoding of a transit node's map with paths.
+    #[test]
+    fn golden_json_with_paths() {
+        let mut m = map(vec![peer("a", 1, &[]), peer("b", 2, &[])]);
+        m.transit = true;
+        m.paths = vec![PathSpec {
+            dest: "b".into(),
+            primary: Via::Transit("a".into()),
+            backup: Some(Via::Direct),
+        }];
+        let json = serde_json::to_string(&m).expect("encode");
+        assert!(
+            json.ends_with(r#""transit":true,"paths":[{"dest":"b","primary":{"transit":"a"},"backup":"direct"}]}"#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<NetMap>(&json).expect("decode"), m);
     }
 
     #[test]

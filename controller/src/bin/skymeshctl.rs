@@ -56,6 +56,44 @@ enum Command {
         #[command(subcommand)]
         command: IpamCmd,
     },
+    /// The measured links between nodes, and operator overrides.
+    Links {
+        #[command(subcommand)]
+        command: LinksCmd,
+    },
+    /// The path each pair of nodes uses (direct or through a transit), and why.
+    Paths {
+        #[command(subcommand)]
+        command: PathsCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum LinksCmd {
+    /// RTT, jitter, loss and state of every measured link.
+    List,
+    /// Override one link (replaces any earlier override of it).
+    Set {
+        a: String,
+        b: String,
+        /// No path may use the link.
+        #[arg(long)]
+        disable: bool,
+        /// Cost added to the link, in milliseconds (e.g. its egress price).
+        #[arg(long)]
+        weight_ms: Option<f64>,
+        /// The pair's path while usable: "direct" or a transit node.
+        #[arg(long)]
+        pin: Option<String>,
+    },
+    /// Remove the override of one link.
+    Clear { a: String, b: String },
+}
+
+#[derive(Subcommand)]
+enum PathsCmd {
+    /// Every pair's primary and backup path, cost and reason.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -238,6 +276,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prefixes {
             command: PrefixesCmd::List,
         } => show(&api.call("GET", "/v1/prefixes", None)?, &prefixes_table),
+        Command::Links { command } => match command {
+            LinksCmd::List => show(&api.call("GET", "/v1/links", None)?, &links_table),
+            LinksCmd::Set {
+                a,
+                b,
+                disable,
+                weight_ms,
+                pin,
+            } => show(
+                &api.call(
+                    "PUT",
+                    &format!("/v1/links/{a}/{b}"),
+                    Some(json!({"disabled": disable, "weight_ms": weight_ms, "pin": pin})),
+                )?,
+                &override_text,
+            ),
+            LinksCmd::Clear { a, b } => show(
+                &api.call("PUT", &format!("/v1/links/{a}/{b}"), Some(json!({})))?,
+                &override_text,
+            ),
+        },
+        Command::Paths {
+            command: PathsCmd::List,
+        } => show(&api.call("GET", "/v1/paths", None)?, &paths_table),
         Command::Ipam { command } => match command {
             IpamCmd::Check { cidr } => {
                 let v = api.call("POST", "/v1/ipam/check", Some(json!({"cidr": cidr})))?;
@@ -305,6 +367,100 @@ fn ago(t: &Value) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(t);
     format!("{}s ago", now.saturating_sub(t))
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.1} ms"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn links_table(v: &Value) -> String {
+    let rows = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            let mut notes = Vec::new();
+            if l["disabled"].as_bool() == Some(true) {
+                notes.push("disabled".to_string());
+            }
+            if let Some(w) = l["weight_ms"].as_f64().filter(|w| *w > 0.0) {
+                notes.push(format!("weight {w} ms"));
+            }
+            if let Some(p) = l["pin"].as_str() {
+                notes.push(format!("pinned {p}"));
+            }
+            vec![
+                format!("{}-{}", s(&l["a"]), s(&l["b"])),
+                match (l["up"].as_bool(), l["usable"].as_bool()) {
+                    (_, Some(true)) => "up".into(),
+                    (Some(true), _) => "unusable".into(),
+                    _ if l["rtt_ms"].is_null() => "unmeasured".into(),
+                    _ => "down".into(),
+                },
+                ms(&l["rtt_ms"]),
+                ms(&l["jitter_ms"]),
+                l["loss"]
+                    .as_f64()
+                    .map(|x| format!("{:.1}%", x * 100.0))
+                    .unwrap_or_else(|| "-".into()),
+                ms(&l["cost_ms"]),
+                if notes.is_empty() {
+                    "-".into()
+                } else {
+                    notes.join(", ")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &["LINK", "STATE", "RTT", "JITTER", "LOSS", "COST", "OVERRIDE"],
+        rows,
+    )
+}
+
+fn paths_table(v: &Value) -> String {
+    let rows = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                format!("{} <-> {}", s(&p["a"]), s(&p["b"])),
+                s(&p["primary"]),
+                ms(&p["primary_cost_ms"]),
+                s(&p["backup"]),
+                ms(&p["backup_cost_ms"]),
+                s(&p["reason"]),
+            ]
+        })
+        .collect();
+    table(
+        &["PAIR", "VIA", "COST", "BACKUP", "BACKUP COST", "REASON"],
+        rows,
+    )
+}
+
+fn override_text(v: &Value) -> String {
+    let o = &v["override"];
+    let mut out = format!(
+        "link override: disabled={} weight_ms={} pin={}\n",
+        o["disabled"].as_bool().unwrap_or(false),
+        s(&o["weight_ms"]),
+        s(&o["pin"])
+    );
+    let p = &v["path"];
+    if p.is_object() {
+        out += &format!(
+            "path {} <-> {}: via {} ({})\n",
+            s(&p["a"]),
+            s(&p["b"]),
+            s(&p["primary"]),
+            s(&p["reason"])
+        );
+    }
+    out
 }
 
 fn nodes_table(v: &Value) -> String {
