@@ -825,7 +825,14 @@ impl Node {
                 if !allowed {
                     drop = Some(DropReason::SourceNotAllowed);
                 } else if let Some(next) = onward {
-                    forward = Some((next, len));
+                    // Only the sender's own traffic is relayed: a packet a peer
+                    // relays for a third node is for us, never onward (that would
+                    // be a second transit hop and would launder its source).
+                    if owner == Some(id) {
+                        forward = Some((next, len));
+                    } else {
+                        drop = Some(DropReason::SourceNotAllowed);
+                    }
                 } else {
                     tun.commit((), len);
                 }
@@ -1877,6 +1884,24 @@ mod tests {
             .flatten()
             .all(|p| !p.ends_with(b"spoofed-by-aws")));
         assert_eq!(drops_of(&net.nodes[1], DropReason::SourceNotAllowed), 1);
+        // gcp may relay aws's traffic to alibaba (as its backup), but a transit
+        // never relays what a peer relays: gcp cannot launder aws's source via azure.
+        net.apply(
+            3,
+            true,
+            &[
+                ("alibaba", "azure", Some("direct")),
+                ("aws", "direct", None),
+            ],
+        );
+        net.apply(2, false, &[("aws", "azure", Some("gcp"))]);
+        // azure itself accepts aws's traffic from gcp (its backup towards aws)...
+        net.apply(1, true, &[("aws", "direct", Some("gcp"))]);
+        let launder = ipv4_packet(Net::vpc_host(0, 5), Net::vpc_host(2, 7), b"laundered");
+        net.inject(3, &launder);
+        net.run(ms(200));
+        assert!(net.tun.iter().flatten().all(|p| !p.ends_with(b"laundered")));
+        assert_eq!(drops_of(&net.nodes[1], DropReason::SourceNotAllowed), 2);
         // A non-transit node hands packets for others to its kernel, never onward.
         net.apply(1, false, &[]);
         let p = ipv4_packet(Net::vpc_host(0, 5), Net::vpc_host(2, 7), b"no-transit");

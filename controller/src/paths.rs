@@ -2072,6 +2072,7 @@ mod tests {
         let started = Instant::now();
         let changed = sim.engine.recompute(sim.now);
         let elapsed = started.elapsed();
+        eprintln!("TIMING {elapsed:?}");
         assert_eq!(changed.len(), 50);
         assert!(
             elapsed < Duration::from_secs(1),

@@ -1,5 +1,6 @@
-//! `skymesh-lab` as a user runs it: `up` in the background, then `exec`, `wan`
-//! and `down` from another shell, also after `up` was killed with -9.
+//! `skymesh-lab` as a user runs it: `up` in the background, then `exec`, `ctl`,
+//! `metrics`, `wan` and `down` from another shell, also after `up` was killed
+//! with -9.
 
 use anyhow::{bail, ensure, Context, Result};
 use skymesh_tests::netns::list_namespaces;
@@ -38,7 +39,8 @@ impl Drop for UpGuard {
     }
 }
 
-fn start_up(id: &str) -> Result<UpGuard> {
+/// Starts `up` and waits for it to report the lab up; returns what it printed.
+fn start_up(id: &str) -> Result<(UpGuard, String)> {
     let log = std::env::temp_dir().join(format!("skymesh-lab-{id}.log"));
     let child = Command::new(LAB)
         .args(["up", "--config", CONFIG, "--id", id])
@@ -50,12 +52,13 @@ fn start_up(id: &str) -> Result<UpGuard> {
         child,
         id: id.to_string(),
     };
-    let up = wait_until(Duration::from_secs(60), || {
+    // Mesh, ping matrix, then up to 20 s for the controller's first paths.
+    let up = wait_until(Duration::from_secs(90), || {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("is up"))
     });
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     if up.is_none() {
-        bail!("`skymesh-lab up` did not report the lab up within 60 s:\n{out}");
+        bail!("`skymesh-lab up` did not report the lab up within 90 s:\n{out}");
     }
     // The status table shows every site with handshakes and a full ping matrix.
     for site in ["aws", "gcp", "azure", "alibaba"] {
@@ -68,7 +71,7 @@ fn start_up(id: &str) -> Result<UpGuard> {
         !out.contains("FAIL") && !out.contains(":none"),
         "mesh incomplete at start:\n{out}"
     );
-    Ok(guard)
+    Ok((guard, out))
 }
 
 #[test]
@@ -77,7 +80,36 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
         return Ok(());
     }
     let id = format!("c{}", std::process::id() % 100_000);
-    let mut up = start_up(&id)?;
+    let (mut up, out) = start_up(&id)?;
+
+    // The controller's choice, with regions: the lossy trans-Pacific direct path
+    // to alibaba loses to the detour through azure's eastasia gateway.
+    ensure!(
+        out.lines().any(|l| l
+            .trim_start()
+            .starts_with("aws (us-west-2) <-> alibaba (cn-shanghai): via azure (eastasia), ")),
+        "`up` printed no path aws <-> alibaba via azure (eastasia):\n{out}"
+    );
+
+    // The agent's Prometheus metrics, as a user reads them from the lab.
+    let metrics = lab(&["metrics", "aws", "--id", &id])?;
+    let text = String::from_utf8_lossy(&metrics.stdout);
+    ensure!(
+        metrics.status.success() && text.contains("skymesh_link_rtt_seconds{peer=\"gcp\"}"),
+        "`skymesh-lab metrics aws` lacks the RTT to gcp ({}):\n{text}{}",
+        metrics.status,
+        String::from_utf8_lossy(&metrics.stderr)
+    );
+    let unknown = lab(&["metrics", "mars", "--id", &id])?;
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    ensure!(
+        !unknown.status.success()
+            && err.contains("no site \"mars\"")
+            && ["aws", "gcp", "azure", "alibaba", "controller"]
+                .iter()
+                .all(|s| err.contains(s)),
+        "`metrics mars` should fail naming the valid sites, got: {err}"
+    );
 
     let ping = |site: &str, dst: &str| -> Result<bool> {
         Ok(lab(&[

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 use skymesh_tests::lab::build::Mode;
-use skymesh_tests::lab::build::{ns_name, port_name};
+use skymesh_tests::lab::build::{ns_name, port_name, scrape_agent_metrics, CONTROLLER_NODE};
 use skymesh_tests::lab::topology::{duration, percent, rate};
 use skymesh_tests::lab::{down, Lab, Topology};
 use skymesh_tests::wan::PairShape;
@@ -60,6 +60,13 @@ enum Cmd {
         /// test run).
         #[arg(long, conflicts_with = "id")]
         all: bool,
+    },
+    /// Print a site's agent metrics (Prometheus text, from inside its gateway);
+    /// `controller` names the controller host's own agent.
+    Metrics {
+        site: String,
+        #[arg(long)]
+        id: Option<String>,
     },
     /// Run a command in a site's VPC host: `skymesh-lab exec aws -- ping 10.10.0.10`.
     Exec {
@@ -187,6 +194,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Metrics { site, id } => {
+            let id = pick_lab(id)?;
+            let nodes = agent_nodes_of(&id);
+            if nodes.is_empty() {
+                bail!(
+                    "lab {id} is not running (no namespaces {}*)",
+                    ns_name(&id, "")
+                );
+            }
+            if !nodes.contains(&site) {
+                bail!(
+                    "lab {id} has no site {site:?}; its agents run at: {}",
+                    nodes.join(", ")
+                );
+            }
+            print!("{}", scrape_agent_metrics(&id, &site)?.text);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Exec { site, id, command } => {
             let id = pick_lab(id)?;
             let ns = ns_name(&id, &format!("{site}-vpc"));
@@ -286,6 +311,23 @@ fn running_labs() -> Vec<String> {
         .unwrap_or_default();
     ids.sort();
     ids
+}
+
+/// The nodes of lab `id` that run an agent, from its namespaces: the sites
+/// (alphabetically), then the controller host when there is one.
+fn agent_nodes_of(id: &str) -> Vec<String> {
+    let namespaces = skymesh_tests::netns::list_namespaces();
+    let prefix = ns_name(id, "");
+    let mut nodes: Vec<String> = namespaces
+        .iter()
+        .filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix("-gw"))
+        .map(str::to_string)
+        .collect();
+    nodes.sort();
+    if namespaces.contains(&ns_name(id, "ctl")) {
+        nodes.push(CONTROLLER_NODE.to_string());
+    }
+    nodes
 }
 
 fn pick_lab(id: Option<String>) -> Result<String> {
@@ -390,10 +432,12 @@ fn up(config: &Path, id: Option<String>, static_mode: bool) -> Result<ExitCode> 
             Ok(t) => print!("{t}"),
             Err(e) => println!("(skymeshctl nodes list failed: {e:#})"),
         }
+        print!("{}", paths_report(&lab));
         println!("\n  skymesh-lab ctl -- nodes list | prefixes list | ipam check 10.0.5.0/24");
+        println!("  skymesh-lab ctl -- links list | paths list");
     }
     println!(
-        "\nlab {id} is up. Try:\n  skymesh-lab exec aws -- ping -c 3 {}\n  skymesh-lab wan cut aws gcp    |  skymesh-lab wan restore aws gcp\n  skymesh-lab wan set aws gcp --delay 80ms --loss 2%\nCtrl-C (or `skymesh-lab down`) removes it.",
+        "\nlab {id} is up. Try:\n  skymesh-lab exec aws -- ping -c 3 {}\n  skymesh-lab metrics aws        (its agent's Prometheus metrics; `metrics controller` too)\n  skymesh-lab wan cut aws gcp    |  skymesh-lab wan restore aws gcp\n  skymesh-lab wan set aws gcp --delay 80ms --loss 2%\nCtrl-C (or `skymesh-lab down`) removes it.",
         lab.sites.get(1).map(|s| s.vpc_host_ip.to_string()).unwrap_or_default()
     );
     let sig = signals.wait()?;
@@ -506,6 +550,182 @@ fn status_table(lab: &Lab) -> String {
             out.push_str(&format!("{cell:>13}"));
         }
         out.push('\n');
+    }
+    out
+}
+
+/// One link of `GET /v1/links` (`skymeshctl links list --json`): the fields `up` shows.
+#[derive(Debug, Deserialize)]
+struct LinkView {
+    a: String,
+    b: String,
+    up: bool,
+    rtt_ms: Option<f64>,
+    /// A ratio: 0.03 is 3%.
+    loss: Option<f64>,
+}
+
+/// One pair of `GET /v1/paths` (`skymeshctl paths list --json`).
+#[derive(Debug, Deserialize)]
+struct PathView {
+    a: String,
+    b: String,
+    /// "direct" or the transit node.
+    primary: String,
+    primary_cost_ms: Option<f64>,
+    backup: Option<String>,
+    backup_cost_ms: Option<f64>,
+    reason: String,
+}
+
+/// How long `up` waits for the controller's first measurements and paths.
+const PATHS_WAIT: Duration = Duration::from_secs(20);
+
+/// `skymeshctl ARGS --json`, parsed.
+fn ctl_json<T: serde::de::DeserializeOwned>(lab: &Lab, args: &[&str]) -> Result<T> {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    let text = lab.ctl_exec(&full)?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("parsing `skymeshctl {}` output: {text}", full.join(" ")))
+}
+
+/// Pairs of nodes (in [`Lab::agent_nodes`] order) the controller has not both
+/// measured and found a path for yet, as "a-b".
+fn unmeasured_pairs(lab: &Lab, links: &[LinkView], paths: &[PathView]) -> Vec<String> {
+    let nodes = lab.agent_nodes();
+    let same = |a: &str, b: &str, x: &str, y: &str| (a, b) == (x, y) || (a, b) == (y, x);
+    let mut missing = Vec::new();
+    for (i, a) in nodes.iter().enumerate() {
+        for b in &nodes[i + 1..] {
+            let measured = links
+                .iter()
+                .any(|l| same(&l.a, &l.b, a, b) && l.rtt_ms.is_some());
+            let routed = paths
+                .iter()
+                .any(|p| same(&p.a, &p.b, a, b) && p.primary_cost_ms.is_some());
+            if !(measured && routed) {
+                missing.push(format!("{a}-{b}"));
+            }
+        }
+    }
+    missing
+}
+
+/// The controller's view `up` prints: the measured link matrix (`GET /v1/links`)
+/// and each pair's chosen path with its reason (`GET /v1/paths`), after waiting
+/// up to [`PATHS_WAIT`] for every pair to be measured and routed.
+fn paths_report(lab: &Lab) -> String {
+    let fetch = || -> Result<(Vec<LinkView>, Vec<PathView>)> {
+        Ok((
+            ctl_json(lab, &["links", "list"])?,
+            ctl_json(lab, &["paths", "list"])?,
+        ))
+    };
+    let deadline = Instant::now() + PATHS_WAIT;
+    let (links, paths, missing) = loop {
+        match fetch() {
+            Ok((links, paths)) => {
+                let missing = unmeasured_pairs(lab, &links, &paths);
+                if missing.is_empty() || Instant::now() >= deadline {
+                    break (links, paths, missing);
+                }
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return format!("\n(the controller's links and paths are unavailable: {e:#})\n")
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let mut out = String::new();
+    if !missing.is_empty() {
+        out.push_str(&format!(
+            "\n(after {PATHS_WAIT:?} the controller still lacks measurements or a path for {})\n",
+            missing.join(", ")
+        ));
+    }
+    out.push_str(&link_matrix(lab, &links));
+    out.push_str(&path_lines(lab, &paths));
+    out
+}
+
+/// `GET /v1/links` as a matrix over the lab's nodes (links have no direction).
+fn link_matrix(lab: &Lab, links: &[LinkView]) -> String {
+    let nodes = lab.agent_nodes();
+    let mut out = String::from(
+        "\nMeasured links (controller, from in-tunnel probes: RTT ms / loss %; ? = not measured yet):\n",
+    );
+    out.push_str(&format!("{:<11}", ""));
+    for n in &nodes {
+        out.push_str(&format!("{n:>15}"));
+    }
+    out.push('\n');
+    for a in &nodes {
+        out.push_str(&format!("{a:<11}"));
+        for b in &nodes {
+            let link = links.iter().find(|l| {
+                (l.a.as_str(), l.b.as_str()) == (a, b) || (l.a.as_str(), l.b.as_str()) == (b, a)
+            });
+            let cell = match link {
+                _ if a == b => "-".to_string(),
+                Some(l) if !l.up && l.rtt_ms.is_some() => "down".to_string(),
+                Some(LinkView {
+                    rtt_ms: Some(rtt),
+                    loss,
+                    ..
+                }) => format!("{rtt:.1} / {:.1}%", loss.unwrap_or(0.0) * 100.0),
+                _ => "?".to_string(),
+            };
+            out.push_str(&format!("{cell:>15}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `GET /v1/paths`, one line per pair in [`Lab::agent_nodes`] order, each node
+/// named with its region.
+fn path_lines(lab: &Lab, paths: &[PathView]) -> String {
+    let nodes = lab.agent_nodes();
+    let rank = |n: &str| nodes.iter().position(|x| *x == n).unwrap_or(usize::MAX);
+    let label = |n: &str| match lab.topology.site(n) {
+        Some(s) => format!("{n} ({})", s.region),
+        None => n.to_string(),
+    };
+    let route = |via: &str| match via {
+        "direct" => "direct".to_string(),
+        transit => format!("via {}", label(transit)),
+    };
+    let ms = |cost: Option<f64>| match cost {
+        Some(c) => format!("{c:.1} ms"),
+        None => "unusable".to_string(),
+    };
+    let mut sorted: Vec<(&str, &str, &PathView)> = paths
+        .iter()
+        .map(|p| {
+            if rank(&p.a) <= rank(&p.b) {
+                (p.a.as_str(), p.b.as_str(), p)
+            } else {
+                (p.b.as_str(), p.a.as_str(), p)
+            }
+        })
+        .collect();
+    sorted.sort_by_key(|(a, b, _)| (rank(a), rank(b)));
+    let mut out = String::from("\nPaths chosen by the controller:\n");
+    for (a, b, p) in sorted {
+        let backup = match &p.backup {
+            Some(via) => format!("backup {} {}", route(via), ms(p.backup_cost_ms)),
+            None => "no backup".to_string(),
+        };
+        out.push_str(&format!(
+            "  {} <-> {}: {}, {}; {backup} — {}\n",
+            label(a),
+            label(b),
+            route(&p.primary),
+            ms(p.primary_cost_ms),
+            p.reason
+        ));
     }
     out
 }

@@ -35,6 +35,12 @@ pub const LAB_PREFIX: &str = "sml-";
 pub const LISTEN_PORT: u16 = 51820;
 /// Keepalive for gateways behind NAT, short so the lab converges fast.
 const NAT_KEEPALIVE: u16 = 5;
+/// Agents' metrics listen on every address of their gateway namespace, so a
+/// Prometheus in the lab scrapes them over the overlay (the namespaces have no
+/// route out; a real gateway keeps the default, loopback).
+pub const METRICS_LISTEN: &str = "0.0.0.0:9586";
+/// The port of [`METRICS_LISTEN`].
+pub const METRICS_PORT: u16 = 9586;
 /// The controller's address on the WAN segment.
 pub const CONTROLLER_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 2);
 pub const CONTROL_PORT: u16 = 7443;
@@ -96,6 +102,24 @@ pub struct Lab {
 /// Namespace name of `role` in lab `id`.
 pub fn ns_name(id: &str, role: &str) -> String {
     format!("{LAB_PREFIX}{id}-{role}")
+}
+
+/// Namespace of the agent of `node` in lab `id`: the controller host's for
+/// [`CONTROLLER_NODE`], else the gateway of the site called `node`.
+pub fn agent_ns_name(id: &str, node: &str) -> String {
+    if node == CONTROLLER_NODE {
+        ns_name(id, "ctl")
+    } else {
+        ns_name(id, &format!("{node}-gw"))
+    }
+}
+
+/// `/metrics` of the agent of `node` in lab `id`, fetched inside its namespace from
+/// 127.0.0.1 (where every lab agent listens, in static and controller mode).
+pub fn scrape_agent_metrics(id: &str, node: &str) -> Result<crate::metrics::Metrics> {
+    let ns = agent_ns_name(id, node);
+    crate::metrics::scrape(&ns, &format!("127.0.0.1:{METRICS_PORT}"))
+        .with_context(|| format!("fetching /metrics of {node}'s agent in namespace {ns}"))
 }
 
 /// WAN switch port of a site.
@@ -343,7 +367,7 @@ impl Lab {
         let key_file = self.dir.join("controller-agent.key");
         write_secret(&key_file, &format!("{}\n", key.private))?;
         let toml = format!(
-            "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n\n[metrics]\nlisten = \"127.0.0.1:9586\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n[controller]\njoin_token_file = \"{}\"\n\n[node]\nendpoints = [\"{CONTROLLER_IP}:{LISTEN_PORT}\"]\n",
+            "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n\n[metrics]\nlisten = \"{METRICS_LISTEN}\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n[controller]\njoin_token_file = \"{}\"\n\n[node]\nendpoints = [\"{CONTROLLER_IP}:{LISTEN_PORT}\"]\n",
             key_file.display(),
             ctl.admin_socket.display(),
             self.dir.join("controller-agent-state").display(),
@@ -392,12 +416,13 @@ impl Lab {
             let key_file = self.dir.join(format!("{}.key", s.site.name));
             write_secret(&key_file, &format!("{}\n", key.private))?;
             let mut toml = format!(
-                "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n\n[metrics]\nlisten = \"127.0.0.1:9586\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n[controller]\njoin_token_file = \"{}\"\n\n[node]\nadvertise = [\"{}\"]\n",
+                "[interface]\nname = \"skymesh0\"\nprivate_key_file = \"{}\"\nlisten_port = {LISTEN_PORT}\n\n[metrics]\nlisten = \"{METRICS_LISTEN}\"\n\n[admin]\nsocket = \"{}\"\n\n[state]\ndir = \"{}\"\n\n[controller]\njoin_token_file = \"{}\"\n\n[node]\nadvertise = [\"{}\"]\ntransit = {}\n",
                 key_file.display(),
                 s.admin_socket.display(),
                 self.dir.join(format!("{}-state", s.site.name)).display(),
                 token.display(),
                 s.site.vpc,
+                s.site.transit,
             );
             if s.site.nat {
                 toml.push_str(&format!("persistent_keepalive = {NAT_KEEPALIVE}\n"));
@@ -679,12 +704,19 @@ impl Lab {
         Ok((received, min))
     }
 
-    /// Status of the agent of `site`, via `skymesh-agent status --json`.
+    /// Status of the agent of `site` ([`CONTROLLER_NODE`]: the controller host's),
+    /// via `skymesh-agent status --json`.
     pub fn agent_status(&self, site: &str) -> Result<crate::agent::Status> {
-        let s = self.site(site)?;
-        let config = s.config.to_str().context("config path")?;
-        let out =
-            s.gw.command(
+        let (ns, config) = match self.controller.as_ref() {
+            Some(ctl) if site == CONTROLLER_NODE => (&ctl.ns, &ctl.agent_config),
+            _ => {
+                let s = self.site(site)?;
+                (&s.gw, &s.config)
+            }
+        };
+        let config = config.to_str().context("config path")?;
+        let out = ns
+            .command(
                 agent_bin()?.to_str().context("agent path")?,
                 &["status", "--config", config, "--json"],
             )
@@ -694,6 +726,24 @@ impl Lab {
             bail!("status of {site}: {}", String::from_utf8_lossy(&out.stderr));
         }
         serde_json::from_slice(&out.stdout).context("parsing status --json")
+    }
+
+    /// Names of the nodes running an agent: the sites in topology order, then
+    /// [`CONTROLLER_NODE`] in controller mode.
+    pub fn agent_nodes(&self) -> Vec<&str> {
+        let sites = self.sites.iter().map(|s| s.site.name.as_str());
+        let controller = self.controller.as_ref().map(|_| CONTROLLER_NODE);
+        sites.chain(controller).collect()
+    }
+
+    /// `/metrics` of the agent of `node` (a site, or [`CONTROLLER_NODE`]).
+    pub fn agent_metrics(&self, node: &str) -> Result<crate::metrics::Metrics> {
+        if node == CONTROLLER_NODE {
+            self.ctl()?;
+        } else {
+            self.site(node)?;
+        }
+        scrape_agent_metrics(&self.id, node)
     }
 }
 

@@ -27,6 +27,8 @@ struct RawSite {
     vpc: String,
     #[serde(default)]
     nat: bool,
+    #[serde(default)]
+    transit: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +57,8 @@ pub struct Site {
     pub region: String,
     pub vpc: Ipv4Net,
     pub nat: bool,
+    /// The gateway may forward between other sites (`[node] transit`).
+    pub transit: bool,
 }
 
 /// The validated topology.
@@ -123,6 +127,7 @@ impl Topology {
                 region: s.region.clone(),
                 vpc,
                 nat: s.nat,
+                transit: s.transit,
             });
         }
         let mut wan = BTreeMap::new();
