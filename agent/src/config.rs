@@ -884,4 +884,39 @@ mod tests {
             .to_string();
         assert!(e.contains("chmod 600"), "{e}");
     }
+
+    #[test]
+    fn probe_settings_are_bounded_and_named_in_errors() {
+        let fx = fixture("probe");
+        let file = fx.dir.join("agent.toml");
+        let ok = Config::parse(
+            &file,
+            &text(&fx, "", "[probe]\ninterval = \"50ms\"\nwindow = \"10s\"\ndown_after = 4\nfailback_hold = \"2s\"\n"),
+        )
+        .expect("valid probe table");
+        assert_eq!(ok.probe.interval, std::time::Duration::from_millis(50));
+        assert_eq!(
+            ok.probe.detect_time(),
+            std::time::Duration::from_millis(225)
+        );
+        let defaults = Config::parse(&file, &text(&fx, "", "")).expect("no probe table");
+        assert_eq!(defaults.probe, ProbeConfig::default());
+        for (table, needle) in [
+            (
+                "interval = \"1ms\"",
+                "probe.interval = \"1ms\": expected 10ms to 10s",
+            ),
+            ("interval = \"fast\"", "probe.interval = \"fast\""),
+            (
+                "window = \"500ms\"",
+                "probe.window = \"500ms\": expected 1s to 10m",
+            ),
+            ("down_after = 0", "probe.down_after = 0: expected 1..=20"),
+            ("failback_hold = \"2h\"", "probe.failback_hold = \"2h\""),
+            ("bogus = 1", "unknown field `bogus`"),
+        ] {
+            let e = err(&fx, "", &format!("[probe]\n{table}\n"));
+            assert!(e.contains(needle), "{table}: {e}");
+        }
+    }
 }

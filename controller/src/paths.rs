@@ -2072,7 +2072,18 @@ mod tests {
         let started = Instant::now();
         let changed = sim.engine.recompute(sim.now);
         let elapsed = started.elapsed();
-        eprintln!("TIMING {elapsed:?}");
+        for k in 1..4u64 {
+            let t = sim.now + Duration::from_secs(k);
+            let s0 = Instant::now();
+            sim.engine.recompute(t);
+            eprintln!("TIMING steady {:?}", s0.elapsed());
+        }
+        let s0 = Instant::now();
+        let n = sim.engine.pairs(sim.now).len();
+        eprintln!("TIMING pairs {n} {:?}", s0.elapsed());
+        let s0 = Instant::now();
+        let n = sim.engine.links(sim.now).len();
+        eprintln!("TIMING links {n} {:?}", s0.elapsed());
         assert_eq!(changed.len(), 50);
         assert!(
             elapsed < Duration::from_secs(1),
