@@ -106,7 +106,8 @@ async fn reports_become_paths_and_operators_override_them() {
 
     // The lab's numbers: aws-azure 150 ms, azure-alibaba 30 ms, aws-alibaba
     // 220 ms with 3 % loss; azure offers transit.
-    let links: &[(&str, &[(&str, u32, u32)])] = &[
+    type Reports<'a> = &'a [(&'a str, &'a [(&'a str, u32, u32)])];
+    let links: Reports = &[
         ("aws", &[("azure", 150, 0), ("alibaba", 220, 3)]),
         ("azure", &[("aws", 150, 0), ("alibaba", 30, 0)]),
         ("alibaba", &[("aws", 220, 3), ("azure", 30, 0)]),
