@@ -153,7 +153,7 @@ awk -v cuts="$CUTS" -v iv="$INTERVAL_MS" '
       lo = cut[i] - 0.5; mid = res[i]; hi = (i < n ? cut[i + 1] - 0.5 : 1e18)
       fo = 0; fo_lost = 0; fo_at = "-"; fb = 0; fb_lost = 0; rgap = 0
       for (j = 1; j <= ng; j++) {
-        if (g_t[j] >= lo && g_t[j] < mid && g_ms[j] > fo) { fo = g_ms[j]; fo_lost = g_lost[j]; fo_at = sprintf("%+.0f", (g_t[j] - cut[i]) * 1000 + iv) }
+        if (g_t[j] >= lo && g_t[j] < mid && g_ms[j] > fo) { fo = g_ms[j]; fo_lost = g_lost[j]; x = (g_t[j] - cut[i]) * 1000 + iv; fo_at = sprintf("%+d", x < 0 ? int(x - 0.5) : int(x + 0.5)) }
         if (g_t[j] >= mid && g_t[j] < hi && g_ms[j] > fb) { fb = g_ms[j]; fb_lost = g_lost[j] }
       }
       for (j = 1; j <= nr; j++) if (rg_t[j] >= lo && rg_t[j] < mid && rg[j] > rgap) rgap = rg[j]

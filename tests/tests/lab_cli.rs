@@ -3,6 +3,7 @@
 //! with -9.
 
 use anyhow::{bail, ensure, Context, Result};
+use skymesh_tests::metrics::{parse, Metrics};
 use skymesh_tests::netns::list_namespaces;
 use skymesh_tests::{require_root, wait_until};
 use std::process::{Child, Command, Output, Stdio};
@@ -23,6 +24,33 @@ fn namespaces_of(id: &str) -> Vec<String> {
         .into_iter()
         .filter(|n| n.starts_with(&format!("sml-{id}-")))
         .collect()
+}
+
+/// `skymesh-lab metrics SITE --id ID`, parsed.
+fn metrics(id: &str, site: &str) -> Result<Metrics> {
+    let out = lab(&["metrics", site, "--id", id])?;
+    ensure!(
+        out.status.success(),
+        "`skymesh-lab metrics {site}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok(Metrics {
+        samples: parse(&text),
+        text,
+    })
+}
+
+/// Whether `site`'s agent sends traffic for `dest` on the direct path.
+fn direct(id: &str, site: &str, dest: &str) -> bool {
+    metrics(id, site).is_ok_and(|m| {
+        m.get("skymesh_route_path", &[("dest", dest), ("via", "direct")]) == Some(1.0)
+    })
+}
+
+/// Whether `site`'s probes say its link to `peer` is down.
+fn link_down(id: &str, site: &str, peer: &str) -> bool {
+    metrics(id, site).is_ok_and(|m| m.get("skymesh_link_up", &[("peer", peer)]) == Some(0.0))
 }
 
 /// Kills `up` and removes its lab whatever happens to the test.
@@ -144,6 +172,8 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
         "a refused ctl call exits non-zero with the API's error"
     );
 
+    // A cut takes the direct link down (the in-tunnel probes see it), and the
+    // fabric fails over: aws still reaches gcp, through azure.
     let cut = lab(&["wan", "cut", "aws", "gcp", "--id", &id])?;
     ensure!(
         cut.status.success(),
@@ -151,8 +181,14 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
         String::from_utf8_lossy(&cut.stderr)
     );
     ensure!(
-        !ping("aws", "10.10.0.10")?,
-        "aws still reaches gcp across a cut WAN pair"
+        wait_until(Duration::from_secs(10), || link_down(&id, "aws", "gcp")
+            && link_down(&id, "gcp", "aws"))
+        .is_some(),
+        "the aws-gcp link still up 10 s after `wan cut aws gcp`"
+    );
+    ensure!(
+        ping("aws", "10.10.0.10")?,
+        "aws does not reach gcp around the cut (no failover through azure)"
     );
     ensure!(
         ping("aws", "10.20.0.10")?,
@@ -161,10 +197,15 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
     ensure!(lab(&["wan", "restore", "aws", "gcp", "--id", &id])?
         .status
         .success());
+    // Traffic returns to the direct path once it has been up for the failback hold.
     ensure!(
-        wait_until(Duration::from_secs(30), || ping("aws", "10.10.0.10")
-            .unwrap_or(false))
+        wait_until(Duration::from_secs(30), || direct(&id, "aws", "gcp")
+            && direct(&id, "gcp", "aws"))
         .is_some(),
+        "aws and gcp did not fail back to their direct path within 30 s of the restore"
+    );
+    ensure!(
+        ping("aws", "10.10.0.10")?,
         "aws did not reach gcp again after the restore"
     );
 

@@ -192,6 +192,7 @@ fn agent_metrics_pass_promtool_and_a_real_prometheus_scrapes_them_over_the_overl
             .as_str()
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("{query}: no value in {data:#}"))?;
+        eprintln!("aws-gcp RTT: Prometheus {scraped} s, aws status {status_ms:.3} ms");
         let tolerance_ms = 1.0 + 0.05 * status_ms;
         ensure!(
             (scraped * 1e3 - status_ms).abs() <= tolerance_ms,
