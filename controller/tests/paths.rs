@@ -191,6 +191,12 @@ async fn reports_become_paths_and_operators_override_them() {
     assert!(m.node.transit);
 
     let base = ctl.api_addr.to_string();
+    // The API says which nodes may transit.
+    let (code, nodes) = http(&base, "GET", "/v1/nodes", &admin, None);
+    assert_eq!(code, 200);
+    for n in nodes.as_array().expect("array") {
+        assert_eq!(n["transit"], n["name"] == "azure", "{n:#}");
+    }
     let (code, links) = http(&base, "GET", "/v1/links", &admin, None);
     assert_eq!(code, 200, "{links}");
     let direct = links

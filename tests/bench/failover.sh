@@ -9,15 +9,16 @@
 #    hold). For each cut, the outage is the largest run of lost pings that starts
 #    around the cut: from the send time of the last ping answered before it to
 #    that of the first answered after it, less one interval (= lost pings x 10 ms
-#    when ping keeps its schedule). The failback gap is the same measure after the
-#    restore; it should be 0. Also shown: the reply gap (longest time without a
-#    reply, which adds the backup path's extra RTT) and the time the agents took
-#    to move back after the restore.
+#    when ping keeps its schedule; on a busy machine it sends less often, so the
+#    count alone would understate the outage). The failback gap is the same
+#    measure after the restore; it should be 0. Also shown: the reply gap (longest
+#    time without a reply, which adds the backup path's extra RTT) and when each
+#    agent moved back to the direct path after the restore.
 #
 # Usage: sudo tests/bench/failover.sh [CUTS]      (default: 20 cuts)
 # Settings (environment): OVERHEAD_SECS=30, CUT_SECS=3, FAILBACK_TIMEOUT=30 (s).
-# Needs: iproute2 iputils-ping curl, cargo. Runs the lab with id "fobench" and
-# removes it on every exit. Honours CARGO_TARGET_DIR.
+# Needs: iproute2 iputils-ping, cargo. Runs the lab with id "fobench" and removes
+# it on every exit. Honours CARGO_TARGET_DIR.
 set -euo pipefail
 
 CUTS=${1:-20}
@@ -38,8 +39,8 @@ WORK=$(mktemp -d /tmp/skymesh-failover.XXXXXX)
 
 case $CUTS in '' | *[!0-9]* | 0) echo "usage: $0 [CUTS]   (CUTS: a positive number, default 20)" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "run as root: the lab creates network namespaces" >&2; exit 1; }
-for tool in ip ping curl awk sort; do
-  command -v "$tool" >/dev/null || { echo "missing tool: $tool (apt-get install -y --no-install-recommends iproute2 iputils-ping curl)" >&2; exit 1; }
+for tool in ip ping awk sort; do
+  command -v "$tool" >/dev/null || { echo "missing tool: $tool (apt-get install -y --no-install-recommends iproute2 iputils-ping)" >&2; exit 1; }
 done
 
 cleanup() {
@@ -57,17 +58,15 @@ trap 'exit 130' INT TERM
 echo "== building the workspace binaries (release)" >&2
 (cd "$ROOT" && cargo build --release -q --workspace --bins)
 
-ns() { echo "sml-$ID-$1"; } # namespace of a lab role, e.g. "aws-gw"; see tests/src/lab/build.rs
+ns() { echo "sml-$ID-$1"; } # namespace of a lab role, e.g. "gcp-vpc"; see tests/src/lab/build.rs
 now() { date +%s.%N; }
-metrics() { # role -> the agent's Prometheus text; the lab's agents serve it in their namespace
-  ip netns exec "$(ns "$1")" curl -sf --max-time 2 http://127.0.0.1:9586/metrics
-}
+metrics() { "$LAB" metrics "$1" --id "$ID" 2>/dev/null; } # node -> its agent's Prometheus text
 route_via() { # site dest -> the path the site's agent uses to dest ("direct" or a transit node)
-  metrics "$1-gw" | awk -v d="$2" '/^skymesh_route_path\{/ && index($0, "dest=\"" d "\"") && $NF == 1 {
+  metrics "$1" | awk -v d="$2" '/^skymesh_route_path\{/ && index($0, "dest=\"" d "\"") && $NF == 1 {
     match($0, /via="[^"]*"/); v = substr($0, RSTART + 5, RLENGTH - 6) } END { print v }'
 }
 has_backup() { # site dest transit -> success once the site's agent holds a backup path via transit
-  metrics "$1-gw" | awk -v d="$2" -v t="$3" '/^skymesh_route_path\{/ && index($0, "dest=\"" d "\"") &&
+  metrics "$1" | awk -v d="$2" -v t="$3" '/^skymesh_route_path\{/ && index($0, "dest=\"" d "\"") &&
     index($0, "via=\"" t "\"") { ok = 1 } END { exit !ok }'
 }
 wait_for() { # seconds description command... -> polls every 0.2 s
@@ -80,6 +79,16 @@ wait_for() { # seconds description command... -> polls every 0.2 s
   done
 }
 both_direct() { [ "$(route_via "$SRC" "$DST")" = direct ] && [ "$(route_via "$DST" "$SRC")" = direct ]; }
+wait_failback() { # -> "T_SRC T_DST": when each side was first seen on the direct path again ("-": not within FAILBACK_TIMEOUT)
+  local t_src=- t_dst=- deadline=$(($(date +%s) + FAILBACK_TIMEOUT))
+  while [ "$t_src" = - ] || [ "$t_dst" = - ]; do
+    if [ "$t_src" = - ] && [ "$(route_via "$SRC" "$DST")" = direct ]; then t_src=$(now); fi
+    if [ "$t_dst" = - ] && [ "$(route_via "$DST" "$SRC")" = direct ]; then t_dst=$(now); fi
+    [ "$(date +%s)" -lt "$deadline" ] || break
+    sleep 0.1
+  done
+  echo "$t_src $t_dst"
+}
 
 # An older run's lab of the same id (e.g. after kill -9) would collide.
 "$LAB" down --id "$ID" >/dev/null 2>&1 || true
@@ -94,15 +103,17 @@ DST_IP=$(ip -n "$(ns "$DST-vpc")" -4 -o addr show dev eth0 | awk '{ split($4, a,
 [ -n "$DST_IP" ] || { echo "no address on eth0 of $(ns "$DST-vpc")" >&2; exit 1; }
 
 # --- 1. probe overhead on the idle lab ---------------------------------------------
-ROLES=$(ip netns list | awk -v p="sml-$ID-" '{ n = $1 } index(n, p) == 1 && (n ~ /-gw$/ || n ~ /-ctl$/) { r = substr(n, length(p) + 1); print r }' | sort)
-snapshot() { # file -> "role time peer tx_bytes tx_packets" per agent and peer
-  local role t
-  for role in $ROLES; do
+# Every agent of the lab: the sites' gateways and the controller host's own agent.
+NODES=$(ip netns list | awk -v p="$(ns "")" 'index($1, p) == 1 && $1 ~ /-gw$/ { print substr($1, length(p) + 1, length($1) - length(p) - 3) }
+  $1 == p "ctl" { print "controller" }' | sort)
+snapshot() { # file -> "node time peer tx_bytes tx_packets" per agent and peer
+  local node t
+  for node in $NODES; do
     t=$(now)
-    metrics "$role" | awk -v r="${role%-gw}" -v t="$t" '/^skymesh_peer_tx_(bytes|packets)_total\{/ {
+    metrics "$node" | awk -v n="$node" -v t="$t" '/^skymesh_peer_tx_(bytes|packets)_total\{/ {
       match($0, /peer="[^"]*"/); p = substr($0, RSTART + 6, RLENGTH - 7)
       if ($0 ~ /bytes/) b[p] = $NF; else k[p] = $NF }
-      END { for (p in b) print (r == "ctl" ? "controller" : r), t, p, b[p], k[p] }'
+      END { for (p in b) print n, t, p, b[p], k[p] }'
   done > "$1"
 }
 echo "== probe overhead: idle lab, ${OVERHEAD_SECS} s" >&2
@@ -124,9 +135,9 @@ for i in $(seq "$CUTS"); do
   via=$(route_via "$SRC" "$DST" || true)
   t_restore=$(now)
   "$LAB" wan restore "$SRC" "$DST" --id "$ID" >/dev/null
-  if wait_for "$FAILBACK_TIMEOUT" "failback after cut $i" both_direct; then t_back=$(now); else t_back=-; fi
+  back=$(wait_failback)
   sleep 1 # let the last replies over the backup path arrive before the next cut
-  echo "$i $t_cut $t_restore $t_back ${via:--}" >> "$WORK/events"
+  echo "$i $t_cut $t_restore $back ${via:--}" >> "$WORK/events"
   printf '  cut %2d/%d: %s routed via %s during the cut\n' "$i" "$CUTS" "$SRC" "${via:--}" >&2
 done
 kill -INT "$PING_PID"
@@ -145,7 +156,7 @@ awk -v iv="$INTERVAL_MS" 'NR > 1 && $1 > s + 1 { printf "%.6f %.1f %d\n", t, ($2
 sort -n -k3,3 "$WORK/replies" | awk 'NR > 1 { printf "%.6f %.1f\n", t, ($3 - t) * 1000 } { t = $3 }' > "$WORK/reply_gaps"
 
 awk -v cuts="$CUTS" -v iv="$INTERVAL_MS" '
-  FILENAME ~ /events$/ { n++; cut[n] = $2; res[n] = $3; back[n] = $4; via[n] = $5; next }
+  FILENAME ~ /events$/ { n++; cut[n] = $2; res[n] = $3; bs[n] = $4; bd[n] = $5; via[n] = $6; next }
   FILENAME ~ /reply_gaps$/ { rg_t[++nr] = $1; rg[nr] = $2; next }
   { g_t[++ng] = $1; g_ms[ng] = $2; g_lost[ng] = $3 }
   END {
@@ -157,8 +168,9 @@ awk -v cuts="$CUTS" -v iv="$INTERVAL_MS" '
         if (g_t[j] >= mid && g_t[j] < hi && g_ms[j] > fb) { fb = g_ms[j]; fb_lost = g_lost[j] }
       }
       for (j = 1; j <= nr; j++) if (rg_t[j] >= lo && rg_t[j] < mid && rg[j] > rgap) rgap = rg[j]
-      fbs = (back[i] == "-" ? "-" : sprintf("%.1f", back[i] - res[i]))
-      printf "%d %.0f %d %s %.0f %s %s %.0f %d\n", i, fo, fo_lost, fo_at, rgap, via[i], fbs, fb, fb_lost
+      s_back = (bs[i] == "-" ? "-" : sprintf("%.1f", bs[i] - res[i]))
+      d_back = (bd[i] == "-" ? "-" : sprintf("%.1f", bd[i] - res[i]))
+      printf "%d %.0f %d %s %.0f %s %s %s %.0f %d\n", i, fo, fo_lost, fo_at, rgap, via[i], s_back, d_back, fb, fb_lost
     }
   }' "$WORK/events" "$WORK/reply_gaps" "$WORK/gaps" > "$WORK/cuts"
 
@@ -174,9 +186,11 @@ awk 'NR == FNR { t0[$1 " " $3] = $2; b0[$1 " " $3] = $4; k0[$1 " " $3] = $5; nex
 echo
 echo "failover: $CUTS cuts of the $SRC-$DST WAN link (${CUT_SECS} s each), ping every ${INTERVAL_MS} ms from VPC $SRC to VPC $DST"
 echo
-echo "| cut | outage | lost pings | outage starts (vs cut) | reply gap | $SRC routed via | back on direct after restore | failback gap |"
+echo "| cut | outage | lost pings | first lost ping sent (vs cut) | reply gap | $SRC routed via | $SRC / $DST back on direct after restore | failback gap |"
 echo "|---|---|---|---|---|---|---|---|"
-awk '{ printf "| %d | %d ms | %d | %s ms | %d ms | %s | %s s | %d ms (%d lost) |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9 }' "$WORK/cuts"
+awk '{ printf "| %d | %d ms | %d | %s ms | %d ms | %s | %s / %s s | %d ms (%d lost) |\n", $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 }' "$WORK/cuts"
+SPACING=$(awk 'NR > 1 && $1 == s + 1 { print ($2 - t) * 1000 } { s = $1; t = $2 }' "$WORK/replies" | median)
+printf '\nping: %s; median %.1f ms between sends\n' "$(grep -m1 'packets transmitted' "$WORK/ping.log" || echo "no summary")" "$SPACING"
 echo
 echo "probe overhead: idle lab, ${OVERHEAD_SECS} s; WireGuard UDP payload, and on the wire with 28 B of IPv4 + UDP headers per packet"
 echo
@@ -186,10 +200,10 @@ awk '{ printf "| %s | %s | %.1f | %.0f | %.0f |\n", $1, $2, $3, $4, $5 }' "$WORK
 
 FO_MED=$(col 2 | median); FO_MAX=$(col 2 | maxof)
 RG_MED=$(col 5 | median); RG_MAX=$(col 5 | maxof)
-FB_MED=$(col 8 | median); FB_MAX=$(col 8 | maxof)
-BACK_MED=$(col 7 | median); BACK_MAX=$(col 7 | maxof)
+FB_MED=$(col 9 | median); FB_MAX=$(col 9 | maxof)
+BACK_MED=$( (col 7; col 8) | median); BACK_MAX=$( (col 7; col 8) | maxof)
 NOFO=$(awk -v t="$TRANSIT" '$6 != t' "$WORK/cuts" | wc -l)
-NOBACK=$(awk '$7 == "-"' "$WORK/cuts" | wc -l)
+NOBACK=$(awk '$7 == "-" || $8 == "-"' "$WORK/cuts" | wc -l)
 LINKS=$(wc -l < "$WORK/overhead")
 OV_PK=$(awk '{ print $3 }' "$WORK/overhead" | median)
 OV_PL=$(awk '{ print $4 }' "$WORK/overhead" | median); OV_PL_MAX=$(awk '{ print $4 }' "$WORK/overhead" | maxof)
@@ -198,10 +212,10 @@ OV_W=$(awk '{ print $5 }' "$WORK/overhead" | median); OV_W_MAX=$(awk '{ print $5
 echo
 echo "| | median | max | note |"
 echo "|---|---|---|---|"
-echo "| skymesh failover outage, $CUTS cuts | **$FO_MED ms** | $FO_MAX ms | measured: lost pings x ${INTERVAL_MS} ms; $NOFO cut(s) without a switch to $TRANSIT |"
+echo "| skymesh failover outage, $CUTS cuts | **$FO_MED ms** | $FO_MAX ms | measured: longest run of lost pings (send-time span, less one ${INTERVAL_MS} ms interval); $NOFO cut(s) without a switch to $TRANSIT |"
 echo "| skymesh reply gap during failover | $RG_MED ms | $RG_MAX ms | measured: outage + the backup path's extra RTT |"
 echo "| skymesh failback gap | $FB_MED ms | $FB_MAX ms | measured, after the restore |"
-echo "| skymesh back on direct after restore | $BACK_MED s | $BACK_MAX s | measured; failback hold 5 s; $NOBACK cut(s) not back within ${FAILBACK_TIMEOUT} s |"
+echo "| skymesh back on direct after restore, $SRC and $DST | $BACK_MED s | $BACK_MAX s | measured; failback hold 5 s; $NOBACK cut(s) not back within ${FAILBACK_TIMEOUT} s |"
 printf '| skymesh probe overhead, per link and direction (%d) | %s B/s payload, %s B/s wire (%s pkt/s) | %s / %s B/s | measured; expected 640 / 920 B/s |\n' \
   "$LINKS" "$(printf '%.0f' "$OV_PL")" "$(printf '%.0f' "$OV_W")" "$(printf '%.1f' "$OV_PK")" "$(printf '%.0f' "$OV_PL_MAX")" "$(printf '%.0f' "$OV_W_MAX")"
 echo "| Tailscale, fallback to a DERP relay | ~6.5 s | | published, not measured |"

@@ -486,6 +486,11 @@ fn nodes_table(v: &Value) -> String {
                             })
                             .filter(|x| !x.is_empty())
                             .unwrap_or_else(|| "-".into()),
+                        if n["transit"].as_bool() == Some(true) {
+                            "yes".into()
+                        } else {
+                            "-".into()
+                        },
                         if n["online"].as_bool() == Some(true) {
                             "online".into()
                         } else {
@@ -505,6 +510,7 @@ fn nodes_table(v: &Value) -> String {
             "OVERLAY IP",
             "PREFIXES",
             "REFUSED",
+            "TRANSIT",
             "STATE",
         ],
         rows,
@@ -524,6 +530,7 @@ fn node_detail(n: &Value) -> String {
         "advertised",
         "prefixes",
         "online",
+        "transit",
         "agent_version",
     ] {
         out += &format!("{k:<14} {}\n", s(&n[k]));
