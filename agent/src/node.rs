@@ -327,6 +327,8 @@ pub struct Node {
     probe: ProbeConfig,
     next_probe: Instant,
     next_check: Instant,
+    /// The last non-empty path list applied (an empty one keeps it).
+    path_specs: Vec<skymesh_wire::PathSpec>,
 }
 
 impl Node {
@@ -355,6 +357,7 @@ impl Node {
             probe: ProbeConfig::default(),
             next_probe: now,
             next_check: now,
+            path_specs: Vec::new(),
         }
     }
 
@@ -505,6 +508,10 @@ impl Node {
     /// Takes primary and backup paths from the netmap (direct where it names
     /// none). A destination keeps its active path if that is still one of them.
     fn apply_paths(&mut self, map: &NetMap) {
+        if !map.paths.is_empty() {
+            self.path_specs = map.paths.clone();
+        }
+        let specs = std::mem::take(&mut self.path_specs);
         self.paths.resize(self.peers.len(), None);
         let resolve = |via: &Via, by_name: &HashMap<&str, PeerId>| match via {
             Via::Direct => Some(Hop::Direct),
@@ -521,7 +528,7 @@ impl Node {
                 self.paths[i] = None;
                 continue;
             };
-            let spec = map.paths.iter().find(|p| p.dest == peer.spec.name);
+            let spec = specs.iter().find(|p| p.dest == peer.spec.name);
             let primary = spec
                 .and_then(|p| resolve(&p.primary, &by_name))
                 .unwrap_or(Hop::Direct);
@@ -550,6 +557,7 @@ impl Node {
                 });
             }
         }
+        self.path_specs = specs;
     }
 
     /// The `Via` a hop stands for, by name.
@@ -1949,6 +1957,18 @@ mod tests {
         assert_eq!(net.route(2, "aws").active, Via::Transit("azure".into()));
         assert!(net.reaches(0, 2, b"around-the-cut"));
         assert!(net.reaches(2, 0, b"and-back"));
+    }
+
+    #[test]
+    fn a_netmap_without_paths_keeps_the_paths_in_force() {
+        let mut net = transit_net();
+        // A restarted controller sends netmaps without paths until it has measured.
+        net.apply(0, false, &[]);
+        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
+        assert_eq!(net.route(0, "alibaba").changes, 0);
+        // An explicit list replaces them.
+        net.apply(0, false, &[("alibaba", "direct", None)]);
+        assert_eq!(net.route(0, "alibaba").active, Via::Direct);
     }
 
     #[test]

@@ -37,6 +37,10 @@ const SESSION_QUEUE: usize = 1024;
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often paths are recomputed from the link reports.
 const PATH_TICK: Duration = Duration::from_secs(1);
+/// After a (re)start, paths are neither computed nor sent until the agents have
+/// had time to report: netmaps sent meanwhile carry no paths, which tells an agent
+/// to keep the ones it has, instead of every pair falling back to direct.
+const PATH_WARMUP: Duration = Duration::from_secs(3);
 
 /// Everything a connection handler needs.
 pub struct Control {
@@ -396,6 +400,8 @@ impl Hub {
                 metrics,
                 fabric: Fabric::new(mtu, []),
                 engine: PathEngine::new(paths),
+                started: Instant::now(),
+                warm: false,
                 revision: 0,
                 sessions: HashMap::new(),
                 pending: Vec::new(),
@@ -467,6 +473,9 @@ struct HubState {
     metrics: Arc<Metrics>,
     fabric: Fabric,
     engine: PathEngine,
+    started: Instant,
+    /// Paths have been pushed since the warm-up ended.
+    warm: bool,
     revision: u64,
     sessions: HashMap<String, Subscriber>,
     pending: Vec<(
@@ -651,7 +660,7 @@ impl HubState {
             let id = SessionId(self.next_id);
             if let Some(full) = self
                 .fabric
-                .full(&node, self.revision, self.engine.paths_for(&node))
+                .full(&node, self.revision, self.paths_for(&node))
             {
                 if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
                     let _ = tx.try_send(SessionMsg::Frame(Arc::new(frame)));
@@ -675,7 +684,7 @@ impl HubState {
         for name in names {
             if let Some(full) = self
                 .fabric
-                .full(&name, self.revision, self.engine.paths_for(&name))
+                .full(&name, self.revision, self.paths_for(&name))
             {
                 if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
                     self.deliver(&name, SessionMsg::Frame(Arc::new(frame)));
@@ -727,6 +736,17 @@ impl HubState {
         }
         self.engine.set_nodes(self.fabric.members());
         let changed = self.engine.recompute(Instant::now());
+        let warm = self.started.elapsed() >= PATH_WARMUP;
+        if !warm {
+            return;
+        }
+        // The first push after the warm-up goes to everyone: netmaps sent during
+        // it carried no paths.
+        let changed = if std::mem::replace(&mut self.warm, true) {
+            changed
+        } else {
+            self.sessions.keys().cloned().collect()
+        };
         for name in changed {
             if !self.sessions.contains_key(&name) {
                 continue;
@@ -744,6 +764,15 @@ impl HubState {
                 Ok(frame) => self.deliver(&name, SessionMsg::Frame(Arc::new(frame))),
                 Err(e) => tracing::error!(error = %e, "could not encode a path update"),
             }
+        }
+    }
+
+    /// The paths for a full netmap: none during the warm-up (the agent keeps its own).
+    fn paths_for(&self, node: &str) -> Vec<skymesh_wire::PathSpec> {
+        if !self.warm {
+            Vec::new()
+        } else {
+            self.engine.paths_for(node)
         }
     }
 

@@ -44,6 +44,8 @@ pub struct NetMap {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transit: bool,
     /// The path to each destination peer; a peer without one is reached directly.
+    /// An empty list means "no decision yet" (a controller that just started): the
+    /// agent keeps the paths it has.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathSpec>,
 }
