@@ -5,8 +5,7 @@
 #    UDP payload and on the wire (+28 B of IPv4 and UDP headers per packet).
 # 2. Failover: a 10 ms ping stream from aws's VPC host to gcp's; the aws-gcp WAN
 #    link is cut CUTS times, for CUT_SECS each, then restored, and the script waits
-#    until both agents route over the direct link again (failback after the 5 s
-#    hold). For each cut, the outage is the largest run of lost pings that starts
+#    until both agents route over the direct link again. For each cut, the outage is the largest run of lost pings that starts
 #    around the cut: from the send time of the last ping answered before it to
 #    that of the first answered after it, less one interval (= lost pings x 10 ms
 #    when ping keeps its schedule; on a busy machine it sends less often, so the
@@ -96,7 +95,7 @@ echo "== starting lab $ID" >&2
 "$LAB" up --id "$ID" --config "$ROOT/configs/lab.toml" > "$WORK/up.log" 2>&1 &
 UP_PID=$!
 lab_up() { kill -0 "$UP_PID" 2>/dev/null || { echo "skymesh-lab up exited:" >&2; cat "$WORK/up.log" >&2; exit 1; }; grep -q "lab $ID is up" "$WORK/up.log"; }
-wait_for 300 "lab $ID to come up (log: $WORK/up.log)" lab_up
+wait_for 300 "lab $ID to come up" lab_up || { tail -20 "$WORK/up.log" >&2; exit 1; }
 paths_ready() { both_direct && has_backup "$SRC" "$DST" "$TRANSIT" && has_backup "$DST" "$SRC" "$TRANSIT"; }
 wait_for 60 "$SRC and $DST to route to each other directly, with a backup via $TRANSIT" paths_ready
 DST_IP=$(ip -n "$(ns "$DST-vpc")" -4 -o addr show dev eth0 | awk '{ split($4, a, "/"); print a[1]; exit }')
