@@ -491,6 +491,9 @@ struct HubState {
 impl HubState {
     async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<HubCmd>) -> Result<()> {
         let mut watch = self.resync().await?;
+        // Overrides are loaded before the first command is served, so the API
+        // shows them right after a restart.
+        self.update_paths().await;
         let mut tick = tokio::time::interval(PATH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
