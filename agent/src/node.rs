@@ -536,7 +536,6 @@ impl Node {
                 .and_then(|p| p.backup.as_ref())
                 .and_then(|b| resolve(b, &by_name))
                 .filter(|b| *b != primary);
-            let dest = PeerId(i);
             // A new destination starts on its primary: that is no change.
             let state = self.paths[i].get_or_insert_with(|| RouteState {
                 active: primary,
@@ -548,7 +547,7 @@ impl Node {
                 let from = state.active;
                 state.active = primary;
                 state.changes += 1;
-                let (from, to) = (self.via(dest, from), self.via(dest, primary));
+                let (from, to) = (self.via(from), self.via(primary));
                 self.events.push_back(Event::PathChanged {
                     dest: peer.spec.name.clone(),
                     from,
@@ -561,7 +560,7 @@ impl Node {
     }
 
     /// The `Via` a hop stands for, by name.
-    fn via(&self, _dest: PeerId, hop: Hop) -> Via {
+    fn via(&self, hop: Hop) -> Via {
         match hop {
             Hop::Direct => Via::Direct,
             Hop::Via(t) => Via::Transit(
@@ -638,7 +637,7 @@ impl Node {
             let (Some(cause), true) = (cause, want != state.active) else {
                 continue;
             };
-            let (from, to) = (self.via(dest, state.active), self.via(dest, want));
+            let (from, to) = (self.via(state.active), self.via(want));
             if let Some(st) = self.paths[i].as_mut() {
                 st.active = want;
                 st.changes += 1;
@@ -1059,12 +1058,11 @@ impl Node {
             .filter_map(|(i, st)| {
                 let st = st.as_ref()?;
                 let peer = self.peers.get(i)?.as_ref()?;
-                let dest = PeerId(i);
                 Some(RouteStatus {
                     dest: peer.spec.name.clone(),
-                    primary: self.via(dest, st.primary),
-                    backup: st.backup.map(|b| self.via(dest, b)),
-                    active: self.via(dest, st.active),
+                    primary: self.via(st.primary),
+                    backup: st.backup.map(|b| self.via(b)),
+                    active: self.via(st.active),
                     changes: st.changes,
                     failovers: st.failovers,
                 })

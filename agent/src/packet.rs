@@ -33,14 +33,8 @@ pub fn decrement_ttl(packet: &mut [u8]) -> bool {
             }
             packet[8] -= 1;
             packet[10..12].fill(0);
-            let mut sum: u32 = packet[..ihl]
-                .chunks(2)
-                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-                .sum();
-            while sum > 0xffff {
-                sum = (sum & 0xffff) + (sum >> 16);
-            }
-            packet[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let sum = internet_checksum(&packet[..ihl]);
+            packet[10..12].copy_from_slice(&sum.to_be_bytes());
             true
         }
         Some(6) if packet.len() >= 40 => {
@@ -52,6 +46,19 @@ pub fn decrement_ttl(packet: &mut [u8]) -> bool {
         }
         _ => false,
     }
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`, an odd last byte padded with zero:
+/// write it into a header whose checksum field is zero.
+pub fn internet_checksum(bytes: &[u8]) -> u16 {
+    let mut sum: u32 = bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
 }
 
 fn v4_at(p: &[u8], off: usize) -> Ipv4Addr {

@@ -17,6 +17,7 @@
 //! addresses): a node whose path to X goes through the sender then fails over
 //! without waiting for the controller.
 
+use crate::packet::internet_checksum;
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
@@ -95,7 +96,7 @@ impl Probe {
         p[9] = PROTOCOL;
         p[12..16].copy_from_slice(&src.octets());
         p[16..20].copy_from_slice(&dst.octets());
-        let sum = checksum(&p[..HEADER]);
+        let sum = internet_checksum(&p[..HEADER]);
         p[10..12].copy_from_slice(&sum.to_be_bytes());
         let b = &mut p[HEADER..];
         b[0..2].copy_from_slice(&MAGIC);
@@ -155,19 +156,6 @@ impl Probe {
                 .collect(),
         })
     }
-}
-
-/// The Internet checksum of an IPv4 header (with its checksum field zero).
-fn checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = 0;
-    for pair in header.chunks(2) {
-        let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// What a link's state change means for routing.
@@ -433,7 +421,11 @@ mod tests {
         };
         let mut buf = [0u8; 64];
         assert_eq!(p.encode(A, B, &mut buf), 32);
-        assert_eq!(checksum(&buf[..20]), 0, "valid IPv4 header checksum");
+        assert_eq!(
+            internet_checksum(&buf[..20]),
+            0,
+            "valid IPv4 header checksum"
+        );
         assert_eq!(crate::packet::source(&buf), Some(A.into()));
         assert_eq!(Probe::decode(&buf[..32]), Some(p));
         let q = Probe {

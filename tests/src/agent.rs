@@ -238,33 +238,10 @@ pub struct Status {
     pub controller: Option<ControllerStatus>,
     /// Probe measurements per link.
     #[serde(default)]
-    pub links: Vec<LinkStatus>,
+    pub links: Vec<skymesh_agent::admin::LinkStatusJson>,
     /// The path to each destination.
     #[serde(default)]
-    pub routes: Vec<RouteStatus>,
-}
-
-/// `status --json` → `links[]`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct LinkStatus {
-    pub peer: String,
-    pub up: bool,
-    pub rtt_ms: Option<f64>,
-    pub jitter_ms: f64,
-    pub loss: f64,
-    pub probes_sent: u64,
-    pub probes_received: u64,
-}
-
-/// `status --json` → `routes[]`.
-#[derive(Clone, Debug, Deserialize)]
-pub struct RouteStatus {
-    pub dest: String,
-    pub primary: String,
-    pub backup: Option<String>,
-    pub active: String,
-    pub changes: u64,
-    pub failovers: u64,
+    pub routes: Vec<skymesh_agent::admin::RouteStatusJson>,
 }
 
 /// `status --json` → `controller`.

@@ -5,6 +5,7 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
+use skymesh_agent::packet::internet_checksum;
 use skymesh_tests::lab::build::{default_topology, port_name, with_lab};
 use skymesh_tests::lab::Lab;
 use skymesh_tests::wan::PairShape;
@@ -86,7 +87,7 @@ fn emulated_rtt(lab: &Lab, a: &str, b: &str) -> Result<Duration> {
 fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, marker: &[u8]) -> Vec<u8> {
     let mut icmp = vec![8u8, 0, 0, 0, 0x12, 0x34, 0, 1];
     icmp.extend_from_slice(marker);
-    let sum = checksum(&icmp);
+    let sum = internet_checksum(&icmp);
     icmp[2..4].copy_from_slice(&sum.to_be_bytes());
     let total = 20 + icmp.len();
     let mut p = vec![0u8; 20];
@@ -96,21 +97,10 @@ fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr, marker: &[u8]) -> Vec<u8> {
     p[9] = 1;
     p[12..16].copy_from_slice(&src.octets());
     p[16..20].copy_from_slice(&dst.octets());
-    let sum = checksum(&p);
+    let sum = internet_checksum(&p);
     p[10..12].copy_from_slice(&sum.to_be_bytes());
     p.extend_from_slice(&icmp);
     p
-}
-
-fn checksum(b: &[u8]) -> u16 {
-    let mut sum: u32 = b
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// Sends `packet` (a complete IPv4 packet, any source) from `site`'s gateway
