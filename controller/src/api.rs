@@ -36,6 +36,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub admin_token: String,
     pub control_advertise: Vec<String>,
+    /// The AI gateway, whose `skymesh_ai_*` series /metrics appends.
+    pub gateway: Option<Arc<crate::gateway::Gateway>>,
 }
 
 /// Every route: method, path, summary. The router and the OpenAPI document are
@@ -347,7 +349,14 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        s.metrics.render(&nodes),
+        {
+            let mut text = crate::gateway::metrics::strip_eof(s.metrics.render(&nodes));
+            if let Some(gw) = &s.gateway {
+                text.push_str(&gw.render_metrics());
+            }
+            text.push_str("# EOF\n");
+            text
+        },
     )
         .into_response())
 }

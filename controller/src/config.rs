@@ -20,6 +20,7 @@ struct File {
     network: NetworkFile,
     #[serde(default)]
     paths: PathsFile,
+    ai_gateway: Option<crate::gateway::config::GatewayFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +127,8 @@ pub struct Config {
     pub mtu: u16,
     /// Path selection (`[paths]`).
     pub paths: PathConfig,
+    /// The AI gateway (`[ai_gateway]`); off when the table is absent.
+    pub ai_gateway: Option<crate::gateway::config::GatewayConfig>,
 }
 
 impl Config {
@@ -191,6 +194,7 @@ impl Config {
             );
         }
         let paths = paths_config(&f.paths)?;
+        let ai_gateway = f.ai_gateway.map(|g| g.validate()).transpose()?;
         Ok(Self {
             control_listen,
             control_advertise: f.control.advertise,
@@ -200,6 +204,7 @@ impl Config {
             overlay_pool,
             mtu: f.network.mtu,
             paths,
+            ai_gateway,
         })
     }
 }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod control;
 pub mod fabric;
+pub mod gateway;
 pub mod ipam;
 pub mod metrics;
 pub mod model;

@@ -25,6 +25,32 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// AI gateway client keys.
+    AiKey {
+        #[command(subcommand)]
+        command: AiKeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AiKeyCommand {
+    /// Create a client key: the key goes to --out (mode 0600), the
+    /// `[[ai_gateway.keys]]` entry to paste into the config (only its SHA-256)
+    /// to stdout.
+    Create {
+        /// Name of the application the key is for (shown in the audit log).
+        #[arg(long)]
+        name: String,
+        /// File to write the key to; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+        /// Routes the key may use ("*" for all).
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        routes: Vec<String>,
+        /// Requests per minute.
+        #[arg(long, default_value_t = 600)]
+        rpm: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,8 +78,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
-        Command::Run { config } => {
-            let config = skymesh_controller::config::Config::load(&config)?;
+        Command::AiKey {
+            command:
+                AiKeyCommand::Create {
+                    name,
+                    out,
+                    routes,
+                    rpm,
+                },
+        } => {
+            let entry = skymesh_controller::gateway::config::create_key(&name, &out, &routes, rpm)?;
+            print!("{entry}");
+            eprintln!("key written to {} (mode 0600)", out.display());
+            Ok(())
+        }
+        Command::Run { config: path } => {
+            let config = skymesh_controller::config::Config::load(&path)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -63,12 +103,17 @@ fn run(cli: Cli) -> Result<()> {
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let mut int =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+                let mut hup =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
                 let mut ctl = skymesh_controller::server::start(&config).await?;
                 notify("READY=1");
-                let result = tokio::select! {
-                    _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-                    _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
-                    r = ctl.wait() => r,
+                let result = loop {
+                    tokio::select! {
+                        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break Ok(()) }
+                        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break Ok(()) }
+                        _ = hup.recv() => reload(&ctl, &path),
+                        r = ctl.wait() => break r,
+                    }
                 };
                 notify("STOPPING=1");
                 ctl.shutdown().await;
@@ -76,6 +121,26 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
     }
+}
+
+/// SIGHUP: re-reads the config file and applies its `[ai_gateway]`; a bad file
+/// is reported and the running config stays.
+fn reload(ctl: &skymesh_controller::server::Controller, path: &std::path::Path) {
+    notify("RELOADING=1");
+    match skymesh_controller::config::Config::load(path) {
+        Ok(config) => match ctl.reload_gateway(config.ai_gateway) {
+            Ok(()) => tracing::info!(
+                config = %path.display(),
+                "SIGHUP: [ai_gateway] reloaded (other sections apply at the next restart)"
+            ),
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "SIGHUP: reload refused"),
+        },
+        Err(e) => tracing::error!(
+            error = %format!("{e:#}"),
+            "SIGHUP: the config file is invalid; keeping the running config"
+        ),
+    }
+    notify("READY=1");
 }
 
 /// Tells systemd (Type=notify) about our state, if it is listening.

@@ -21,6 +21,8 @@ pub struct Controller {
     pub api_addr: SocketAddr,
     pub ca_fingerprint: String,
     pub registry: Arc<Registry>,
+    /// The AI gateway, when `[ai_gateway]` is configured.
+    pub gateway: Option<(Arc<crate::gateway::Gateway>, SocketAddr)>,
     endpoint: quinn::Endpoint,
     tasks: tokio::task::JoinSet<Result<()>>,
 }
@@ -32,6 +34,20 @@ impl Controller {
             Some(Ok(r)) => r,
             Some(Err(e)) => bail!("a controller task panicked: {e}"),
             None => Ok(()),
+        }
+    }
+
+    /// Applies a reloaded config's `[ai_gateway]` (SIGHUP). Other sections
+    /// need a restart; the caller says so.
+    pub fn reload_gateway(
+        &self,
+        config: Option<crate::gateway::config::GatewayConfig>,
+    ) -> Result<()> {
+        match (&self.gateway, config) {
+            (Some((gw, _)), Some(c)) => gw.reload(c),
+            (None, None) => Ok(()),
+            (None, Some(_)) => bail!("[ai_gateway] was added: restart the controller to start the gateway"),
+            (Some(_), None) => bail!("[ai_gateway] was removed: restart the controller to stop the gateway; it keeps serving the last config"),
         }
     }
 
@@ -84,6 +100,12 @@ pub async fn start_with(
     let api_addr = api_listener.local_addr()?;
 
     let mut tasks = tokio::task::JoinSet::new();
+    let gateway = match &config.ai_gateway {
+        Some(g) => {
+            Some(crate::gateway::start(g.clone(), registry.clone(), hub.clone(), &mut tasks).await?)
+        }
+        None => None,
+    };
     {
         let ctx = Arc::new(Control {
             registry: registry.clone(),
@@ -105,6 +127,7 @@ pub async fn start_with(
             metrics,
             admin_token,
             control_advertise: config.control_advertise.clone(),
+            gateway: gateway.as_ref().map(|(g, _)| g.clone()),
         });
         let app = api::router(state);
         tasks.spawn(async move {
@@ -125,6 +148,7 @@ pub async fn start_with(
         api_addr,
         ca_fingerprint: ca.fingerprint(),
         registry,
+        gateway,
         endpoint,
         tasks,
     })

@@ -1,0 +1,1020 @@
+//! The gateway's HTTP driver: authenticates the client key, applies its rate
+//! limit, matches a route, asks [`select::choose`] for the upstreams, and relays
+//! the request to them in order until one answers. Request bodies are read
+//! (bounded) so they can be replayed on failover; responses stream through
+//! unbuffered. Failover stops as soon as a response head reaches the client;
+//! after that a broken upstream ends the answer with an explicit error.
+
+use super::config::{BreakerConfig, GatewayConfig, KeyConfig, RouteConfig};
+use super::metrics::{AiMetrics, UpstreamGauge};
+use super::select::{self, Choice, Excluded, Health, RateLimit};
+use super::upstream::{self, Fabric, UpstreamClient};
+use anyhow::Result;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type GwBody = BoxBody<Bytes, BoxError>;
+
+/// The header a client restricts the regions of its request with.
+pub const RESIDENCY_HEADER: &str = "x-skymesh-residency";
+
+/// One upstream as the running gateway holds it.
+pub struct Upstream {
+    pub client: UpstreamClient,
+    /// Carried across reloads by name, so a reload does not close a circuit.
+    pub health: Arc<Mutex<Health>>,
+}
+
+/// One config generation. In-flight requests keep the generation they started
+/// with; a reload swaps in the next.
+pub struct Generation {
+    pub config: GatewayConfig,
+    pub upstreams: Vec<Upstream>,
+    /// SHA-256 of a key → index into `config.keys`.
+    keys: HashMap<[u8; 32], usize>,
+    limits: Vec<Arc<Mutex<RateLimit>>>,
+}
+
+/// The gateway: the current generation, the fabric view, the metrics.
+pub struct Gateway {
+    current: RwLock<Arc<Generation>>,
+    pub fabric: Arc<Fabric>,
+    pub metrics: AiMetrics,
+}
+
+impl Gateway {
+    pub fn new(config: GatewayConfig) -> Result<Self> {
+        let fabric = Arc::new(Fabric::default());
+        let generation = Generation::build(config, &fabric, None)?;
+        Ok(Self {
+            current: RwLock::new(Arc::new(generation)),
+            fabric,
+            metrics: AiMetrics::default(),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Swaps in a new config; circuit, latency and rate-limit state carries over
+    /// by name. Requests in flight finish on the old one.
+    pub fn reload(&self, config: GatewayConfig) -> Result<()> {
+        let old = self.current();
+        let next = Generation::build(config, &self.fabric, Some(&old))?;
+        if next.config.listen != old.config.listen {
+            tracing::warn!(
+                old = %old.config.listen,
+                new = %next.config.listen,
+                "[ai_gateway] listen changed: restart the controller to move the listener"
+            );
+        }
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(next),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
+        }
+        Ok(())
+    }
+
+    /// `skymesh_ai_*` series.
+    pub fn render_metrics(&self) -> String {
+        let g = self.current();
+        let states: Vec<(String, bool, bool)> = g
+            .config
+            .upstreams
+            .iter()
+            .zip(&g.upstreams)
+            .map(|(cfg, u)| {
+                let h = lock(&u.health);
+                (cfg.name.clone(), h.is_up(), h.is_open())
+            })
+            .collect();
+        let gauges: Vec<UpstreamGauge<'_>> = states
+            .iter()
+            .map(|(name, up, open)| UpstreamGauge {
+                name,
+                up: *up,
+                circuit_open: *open,
+            })
+            .collect();
+        self.metrics.render(&gauges)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Generation {
+    fn build(
+        config: GatewayConfig,
+        fabric: &Arc<Fabric>,
+        old: Option<&Generation>,
+    ) -> Result<Self> {
+        let mut upstreams = Vec::new();
+        for u in &config.upstreams {
+            let health = old
+                .and_then(|o| {
+                    o.config
+                        .upstreams
+                        .iter()
+                        .position(|x| x.name == u.name)
+                        .map(|i| o.upstreams[i].health.clone())
+                })
+                .unwrap_or_default();
+            upstreams.push(Upstream {
+                client: upstream::client(u, fabric.clone())?,
+                health,
+            });
+        }
+        let now = Instant::now();
+        let mut keys = HashMap::new();
+        let mut limits = Vec::new();
+        for (i, k) in config.keys.iter().enumerate() {
+            keys.insert(k.sha256, i);
+            let carried = old.and_then(|o| {
+                o.config
+                    .keys
+                    .iter()
+                    .position(|x| x.name == k.name)
+                    .map(|j| o.limits[j].clone())
+            });
+            limits
+                .push(carried.unwrap_or_else(|| Arc::new(Mutex::new(RateLimit::new(k.rpm, now)))));
+        }
+        Ok(Self {
+            config,
+            upstreams,
+            keys,
+            limits,
+        })
+    }
+}
+
+/// An error answer in the OpenAI shape, which every OpenAI client parses.
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<GwBody> {
+    let body =
+        json!({"error": {"message": message.into(), "type": error_type(status), "code": code}});
+    let mut resp = Response::new(full(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        429 => "rate_limit_error",
+        400..=499 => "invalid_request_error",
+        _ => "upstream_error",
+    }
+}
+
+fn full(bytes: Bytes) -> GwBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// The client key from `Authorization: Bearer …` or `api-key:`.
+fn presented_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let v = v.trim();
+        return v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(str::trim);
+    }
+    headers
+        .get("api-key")
+        .or_else(|| headers.get("x-api-key"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// A path a client may send: no dot segments, no empty segments, no encoded
+/// separators, so it cannot climb out of an upstream's base path.
+fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("path {path:?} must start with '/'"));
+    }
+    let lower = path.to_ascii_lowercase();
+    for bad in ["%2e", "%2f", "%5c", "\\", "//"] {
+        if lower.contains(bad) {
+            return Err(format!("path {path:?}: {bad:?} is not allowed in a path"));
+        }
+    }
+    if path.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(format!(
+            "path {path:?}: '.' and '..' segments are not allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// `x-skymesh-residency: cn-shanghai, eastasia` → the set of regions.
+fn residency(headers: &HeaderMap) -> Result<Option<BTreeSet<String>>, String> {
+    let Some(v) = headers.get(RESIDENCY_HEADER) else {
+        return Ok(None);
+    };
+    let text = v
+        .to_str()
+        .map_err(|_| format!("{RESIDENCY_HEADER}: not text"))?;
+    let mut set = BTreeSet::new();
+    for r in text.split(',').map(str::trim) {
+        let ok = !r.is_empty()
+            && r.len() <= 64
+            && r.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            return Err(format!(
+                "{RESIDENCY_HEADER}: {r:?} is not a region; send a comma-separated list such as \"cn-shanghai,eastasia\""
+            ));
+        }
+        set.insert(r.to_string());
+    }
+    Ok(Some(set))
+}
+
+/// Headers a proxy must not forward (RFC 9110 §7.6.1), and the client's own
+/// credentials and gateway controls, which stay here.
+fn strip_request_headers(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::AUTHORIZATION,
+    ] {
+        headers.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "api-key",
+        "x-api-key",
+        RESIDENCY_HEADER,
+    ] {
+        headers.remove(n);
+    }
+}
+
+fn strip_response_headers(headers: &mut HeaderMap) {
+    for n in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TRAILER,
+    ] {
+        headers.remove(n);
+    }
+    headers.remove("keep-alive");
+}
+
+#[derive(serde::Deserialize)]
+struct ModelField {
+    model: Option<String>,
+}
+
+/// Everything one request's audit line and metrics need.
+struct Ledger {
+    metrics: AiMetrics,
+    key: String,
+    route: String,
+    model: String,
+    upstream: String,
+    site: String,
+    region: String,
+    status: u16,
+    attempts: usize,
+    started: Instant,
+    ttfb: Duration,
+}
+
+impl Ledger {
+    /// Writes the audit line and the duration once the answer is over.
+    fn finish(&self, outcome: &str, detail: Option<&str>) {
+        let elapsed = self.started.elapsed();
+        self.metrics
+            .duration(&self.route, &self.upstream, elapsed.as_secs_f64());
+        tracing::info!(
+            target: "skymesh_ai_audit",
+            key = %self.key,
+            route = %self.route,
+            model = %self.model,
+            upstream = %self.upstream,
+            site = %self.site,
+            region = %self.region,
+            status = self.status,
+            attempts = self.attempts,
+            ttfb_ms = self.ttfb.as_millis() as u64,
+            duration_ms = elapsed.as_millis() as u64,
+            outcome,
+            detail = detail.unwrap_or(""),
+            "ai request"
+        );
+    }
+}
+
+/// The upstream's body on its way to the client: unbuffered, with an idle
+/// timeout, and an explicit error at the end if the upstream breaks off.
+struct Relay {
+    inner: Incoming,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// An SSE stream ends with an `event: error` the client's SDK raises on.
+    sse: bool,
+    state: RelayState,
+    ledger: Option<Ledger>,
+    health: Arc<Mutex<Health>>,
+    breaker: BreakerConfig,
+}
+
+enum RelayState {
+    Streaming,
+    /// The error event went out; the stream now ends in error, not cleanly.
+    Failing(String),
+    Done,
+}
+
+impl Relay {
+    fn fail(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(l) = self.ledger.take() {
+            tracing::warn!(upstream = %l.upstream, route = %l.route, reason = %reason, "upstream failed mid-answer");
+            l.finish("upstream_broke_off", Some(&reason));
+        }
+        // Count it against the upstream, but the answer is already committed.
+        lock(&self.health).on_failure(Instant::now(), &self.breaker);
+        if self.sse {
+            let event = json!({"error": {
+                "message": format!("the upstream failed mid-stream: {reason}"),
+                "type": "upstream_error",
+                "code": "upstream_stream_broken",
+            }});
+            self.state = RelayState::Failing(reason);
+            let frame = format!("event: error\ndata: {event}\n\n");
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(frame)))))
+        } else {
+            self.state = RelayState::Done;
+            Poll::Ready(Some(Err(reason.into())))
+        }
+    }
+}
+
+impl Body for Relay {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match &this.state {
+            RelayState::Done => return Poll::Ready(None),
+            RelayState::Failing(reason) => {
+                let reason = reason.clone();
+                this.state = RelayState::Done;
+                return Poll::Ready(Some(Err(reason.into())));
+            }
+            RelayState::Streaming => {}
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let reason = format!("{}: {}", e, upstream::describe(&e));
+                this.fail(reason)
+            }
+            Poll::Ready(None) => {
+                this.state = RelayState::Done;
+                if let Some(l) = this.ledger.take() {
+                    l.finish("complete", None);
+                }
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    let reason = format!("no data from the upstream for {:?}", this.idle);
+                    this.fail(reason)
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, RelayState::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(l) = self.ledger.take() {
+            l.finish("client_gone", None);
+        }
+    }
+}
+
+/// Serves one client request. Never fails: every problem is an HTTP answer.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody> {
+    let started = Instant::now();
+    let g = gw.current();
+    let m = &gw.metrics;
+    let refuse = |route: &str, status: StatusCode, code: &str, msg: String, key: &str| {
+        m.request(route, "none", status.as_u16());
+        tracing::info!(
+            target: "skymesh_ai_audit",
+            key,
+            route,
+            upstream = "none",
+            status = status.as_u16(),
+            outcome = "refused",
+            detail = %msg,
+            "ai request"
+        );
+        error(status, code, msg)
+    };
+
+    // Who is asking.
+    let Some(presented) = presented_key(req.headers()) else {
+        return refuse(
+            "none",
+            StatusCode::UNAUTHORIZED,
+            "missing_api_key",
+            "no API key: send `Authorization: Bearer <key>`".into(),
+            "none",
+        );
+    };
+    let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+    let Some(&ki) = g.keys.get(&digest) else {
+        return refuse(
+            "none",
+            StatusCode::UNAUTHORIZED,
+            "invalid_api_key",
+            "the API key is not valid for this gateway".into(),
+            "unknown",
+        );
+    };
+    let key: &KeyConfig = &g.config.keys[ki];
+    if let Err(wait) = lock(&g.limits[ki]).take(key.rpm, Instant::now()) {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = refuse(
+            "none",
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            format!(
+                "key {} is over its limit of {} requests per minute; retry in {secs} s",
+                key.name, key.rpm
+            ),
+            &key.name,
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
+
+    // What is asked.
+    let path = req.uri().path().to_string();
+    if let Err(msg) = check_path(&path) {
+        return refuse(
+            "none",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            msg,
+            &key.name,
+        );
+    }
+    if req.method() == Method::CONNECT {
+        return refuse(
+            "none",
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "CONNECT is not supported: this is not an open proxy".into(),
+            &key.name,
+        );
+    }
+    if path == "/v1/models" && req.method() == Method::GET {
+        m.request("models", "none", 200);
+        return models(&g, key);
+    }
+    let regions = match residency(req.headers()) {
+        Ok(r) => r,
+        Err(msg) => {
+            return refuse(
+                "none",
+                StatusCode::BAD_REQUEST,
+                "invalid_residency",
+                msg,
+                &key.name,
+            )
+        }
+    };
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, g.config.max_body_bytes).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return refuse(
+                "none",
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!(
+                    "the request body is over the gateway's limit of {} bytes ([ai_gateway] max_body_bytes)",
+                    g.config.max_body_bytes
+                ),
+                &key.name,
+            )
+        }
+        Err(e) => {
+            return refuse(
+                "none",
+                StatusCode::BAD_REQUEST,
+                "body_read_failed",
+                format!("reading the request body: {e}"),
+                &key.name,
+            )
+        }
+    };
+    let model = if body.first() == Some(&b'{') {
+        serde_json::from_slice::<ModelField>(&body)
+            .ok()
+            .and_then(|m| m.model)
+    } else {
+        None
+    };
+    let Some(route) = g
+        .config
+        .routes
+        .iter()
+        .find(|r| r.matches(&path, model.as_deref()))
+    else {
+        return refuse(
+            "none",
+            StatusCode::NOT_FOUND,
+            "no_route",
+            format!(
+                "no route serves {path}{}",
+                model
+                    .as_deref()
+                    .map(|m| format!(" for model {m:?}"))
+                    .unwrap_or_default()
+            ),
+            &key.name,
+        );
+    };
+    if !key.allows(&route.name) {
+        return refuse(
+            &route.name,
+            StatusCode::FORBIDDEN,
+            "route_not_allowed",
+            format!("key {} may not use route {}", key.name, route.name),
+            &key.name,
+        );
+    }
+
+    // Where it may go.
+    let health: Vec<Health> = g
+        .upstreams
+        .iter()
+        .map(|u| lock(&u.health).clone())
+        .collect();
+    let fabric = gw.fabric.get();
+    let rtt = |u: usize| fabric.site_rtt.get(&g.config.upstreams[u].site).copied();
+    let choice = select::choose(
+        &g.config,
+        &health,
+        &select::Request {
+            route,
+            model: model.as_deref(),
+            residency: regions.as_ref(),
+            fabric_rtt: &rtt,
+            draw: rand::random::<f64>(),
+            now: Instant::now(),
+        },
+    );
+    let order = match choice {
+        Choice::Try(order) => order,
+        Choice::Refuse {
+            residency,
+            excluded,
+        } => {
+            let reasons = describe_exclusions(&g.config, &excluded);
+            let (status, code, what) = if residency {
+                (
+                    StatusCode::FORBIDDEN,
+                    "residency_unavailable",
+                    "no upstream is both allowed by the residency rules and healthy",
+                )
+            } else if excluded.iter().all(|(_, e)| *e == Excluded::Model) {
+                (
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    "no upstream of the route serves this model",
+                )
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no_healthy_upstream",
+                    "no upstream of the route is healthy",
+                )
+            };
+            return refuse(
+                &route.name,
+                status,
+                code,
+                format!(
+                    "route {}: {what} ({reasons}); the request was not sent anywhere",
+                    route.name
+                ),
+                &key.name,
+            );
+        }
+    };
+
+    // Try them in order.
+    let mut failures: Vec<String> = Vec::new();
+    let mut last_answer: Option<(usize, Response<Incoming>)> = None;
+    let mut attempts = 0;
+    for &u in order.iter().take(g.config.max_attempts) {
+        let up = &g.config.upstreams[u];
+        if !lock(&g.upstreams[u].health).acquire(Instant::now(), &g.config.breaker) {
+            continue;
+        }
+        if attempts > 0 {
+            m.failover(&route.name);
+        }
+        attempts += 1;
+        let upstream_req = match build_request(&parts, route, up, body.clone()) {
+            Ok(r) => r,
+            Err(msg) => {
+                failures.push(format!("{}: {msg}", up.name));
+                continue;
+            }
+        };
+        let sent = Instant::now();
+        let result = tokio::time::timeout(
+            up.first_byte_timeout,
+            g.upstreams[u].client.request(upstream_req),
+        )
+        .await;
+        let failure = match result {
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    let why = format!("{} answered {}", up.name, status.as_u16());
+                    last_answer = Some((u, resp));
+                    why
+                } else {
+                    lock(&g.upstreams[u].health).on_success(sent.elapsed());
+                    return relay(&gw, &g, key, route, model, u, resp, started, attempts);
+                }
+            }
+            Ok(Err(e)) => {
+                last_answer = None;
+                format!("{}: {}", up.name, upstream::describe(&e))
+            }
+            Err(_) => {
+                last_answer = None;
+                format!(
+                    "{}: no response head within {:?} (first_byte_timeout)",
+                    up.name, up.first_byte_timeout
+                )
+            }
+        };
+        if lock(&g.upstreams[u].health).on_failure(Instant::now(), &g.config.breaker) {
+            tracing::warn!(upstream = %up.name, reason = %failure, "circuit opened");
+        }
+        tracing::debug!(upstream = %up.name, route = %route.name, reason = %failure, "attempt failed");
+        failures.push(failure);
+    }
+    // Every attempt failed. The last upstream's own error answer (a 5xx or a
+    // 429 with its Retry-After) is more useful to the client than ours.
+    if let Some((u, resp)) = last_answer {
+        return relay(&gw, &g, key, route, model, u, resp, started, attempts);
+    }
+    let status = if failures.iter().any(|f| f.contains("first_byte_timeout")) {
+        StatusCode::GATEWAY_TIMEOUT
+    } else {
+        StatusCode::BAD_GATEWAY
+    };
+    refuse(
+        &route.name,
+        status,
+        "upstreams_failed",
+        format!(
+            "route {}: every upstream failed: {}",
+            route.name,
+            if failures.is_empty() {
+                "none could take the request".to_string()
+            } else {
+                failures.join("; ")
+            }
+        ),
+        &key.name,
+    )
+}
+
+fn describe_exclusions(cfg: &GatewayConfig, excluded: &[(usize, Excluded)]) -> String {
+    excluded
+        .iter()
+        .map(|(u, why)| {
+            let up = &cfg.upstreams[*u];
+            let why = match why {
+                Excluded::Region { allowed } => format!(
+                    "region {} is not allowed ({})",
+                    up.region,
+                    allowed.iter().cloned().collect::<Vec<_>>().join(",")
+                ),
+                Excluded::Model => "does not serve the model".to_string(),
+                Excluded::CircuitOpen => format!("circuit open (region {})", up.region),
+            };
+            format!("{}: {why}", up.name)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The upstream request: the configured base URL, the client's path after the
+/// route's prefix and its query; the client's headers without its credentials;
+/// the upstream's credential.
+fn build_request(
+    parts: &http::request::Parts,
+    route: &RouteConfig,
+    up: &super::config::UpstreamConfig,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, String> {
+    let base = &up.base_url;
+    let mut path = base.path().trim_end_matches('/').to_string();
+    path.push_str(route.suffix(parts.uri.path()));
+    if path.is_empty() {
+        path.push('/');
+    }
+    if let Some(q) = parts.uri.query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut uri = Uri::builder();
+    if let Some(s) = base.scheme() {
+        uri = uri.scheme(s.clone());
+    }
+    if let Some(a) = base.authority() {
+        uri = uri.authority(a.clone());
+    }
+    let uri = uri
+        .path_and_query(path)
+        .build()
+        .map_err(|e| format!("building the upstream URL: {e}"))?;
+    let mut headers = parts.headers.clone();
+    strip_request_headers(&mut headers);
+    if let Some((name, secret)) = &up.credential {
+        headers.insert(name.clone(), secret.header_value().clone());
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    Ok(req)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn relay(
+    gw: &Gateway,
+    g: &Generation,
+    key: &KeyConfig,
+    route: &RouteConfig,
+    model: Option<String>,
+    u: usize,
+    resp: Response<Incoming>,
+    started: Instant,
+    attempts: usize,
+) -> Response<GwBody> {
+    let up = &g.config.upstreams[u];
+    let ttfb = started.elapsed();
+    let status = resp.status();
+    gw.metrics.request(&route.name, &up.name, status.as_u16());
+    gw.metrics.ttfb(&route.name, &up.name, ttfb.as_secs_f64());
+    let (mut parts, inner) = resp.into_parts();
+    strip_response_headers(&mut parts.headers);
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    for (name, value) in [
+        ("x-skymesh-upstream", &up.name),
+        ("x-skymesh-region", &up.region),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            parts.headers.insert(name, v);
+        }
+    }
+    let ledger = Ledger {
+        metrics: gw.metrics.clone(),
+        key: key.name.clone(),
+        route: route.name.clone(),
+        model: model.unwrap_or_default(),
+        upstream: up.name.clone(),
+        site: up.site.clone(),
+        region: up.region.clone(),
+        status: status.as_u16(),
+        attempts,
+        started,
+        ttfb,
+    };
+    let body = Relay {
+        inner,
+        idle: up.idle_timeout,
+        timer: Box::pin(tokio::time::sleep(up.idle_timeout)),
+        sse,
+        state: RelayState::Streaming,
+        ledger: Some(ledger),
+        health: g.upstreams[u].health.clone(),
+        breaker: g.config.breaker.clone(),
+    };
+    Response::from_parts(parts, body.boxed())
+}
+
+/// `GET /v1/models`: the models of the upstreams this key can reach.
+fn models(g: &Generation, key: &KeyConfig) -> Response<GwBody> {
+    let mut seen = BTreeSet::new();
+    for r in g.config.routes.iter().filter(|r| key.allows(&r.name)) {
+        if !r.models.is_empty() {
+            seen.extend(r.models.iter().cloned());
+            continue;
+        }
+        for &u in &r.upstreams {
+            seen.extend(g.config.upstreams[u].models.iter().cloned());
+        }
+    }
+    let data: Vec<_> = seen
+        .iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "skymesh"}))
+        .collect();
+    let mut resp = Response::new(full(Bytes::from(
+        json!({"object": "list", "data": data}).to_string(),
+    )));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Accepts clients (HTTP/1.1 or h2) until the task is aborted.
+pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<()> {
+    loop {
+        let (stream, _peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving.
+                tracing::warn!(error = %e, "AI gateway accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let gw = gw.clone();
+                async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
+            });
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "AI gateway connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_cannot_climb_out_of_the_base() {
+        for ok in [
+            "/v1/chat/completions",
+            "/vertex/v1/projects/p/models/m:generateContent",
+        ] {
+            assert!(check_path(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1/..",
+            "//169.254.169.254/latest",
+            "/v1/%2e%2e/x",
+            "/v1/%2F/x",
+            "/v1\\..\\x",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn residency_header_parses_and_rejects_garbage() {
+        let mut h = HeaderMap::new();
+        assert_eq!(residency(&h), Ok(None));
+        h.insert(
+            RESIDENCY_HEADER,
+            HeaderValue::from_static("cn-shanghai, eastasia"),
+        );
+        assert_eq!(
+            residency(&h)
+                .expect("ok")
+                .expect("some")
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec!["cn-shanghai".to_string(), "eastasia".to_string()]
+        );
+        h.insert(RESIDENCY_HEADER, HeaderValue::from_static("eu;drop"));
+        let err = residency(&h).expect_err("bad");
+        assert!(
+            err.contains("\"eu;drop\"") && err.contains(RESIDENCY_HEADER),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn client_credentials_and_hop_headers_stay_here() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("authorization", "Bearer client-key"),
+            ("api-key", "client-key"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "1"),
+            ("host", "169.254.169.254"),
+            (RESIDENCY_HEADER, "eastasia"),
+            ("content-type", "application/json"),
+            ("openai-beta", "assistants=v2"),
+        ] {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        strip_request_headers(&mut h);
+        let left: BTreeSet<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, BTreeSet::from(["content-type", "openai-beta"]));
+    }
+
+    #[test]
+    fn keys_come_from_bearer_or_api_key() {
+        let mut h = HeaderMap::new();
+        assert_eq!(presented_key(&h), None);
+        h.insert("api-key", HeaderValue::from_static("k1"));
+        assert_eq!(presented_key(&h), Some("k1"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k2"));
+        assert_eq!(presented_key(&h), Some("k2"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic abc"));
+        assert_eq!(presented_key(&h), None);
+    }
+}

@@ -1,0 +1,279 @@
+//! Connections to upstreams. Each upstream gets its own HTTP client (a pool,
+//! TLS with rustls, HTTP/1.1 or h2 by ALPN) over a connector that checks every
+//! address it is about to dial: a fabric upstream only inside the VPC prefixes
+//! of its site (so the connection rides the mesh), a public one anywhere but
+//! link-local (the cloud metadata service) and unspecified or multicast
+//! addresses. Requests never pick the address: it comes from `base_url` alone.
+
+use super::config::UpstreamConfig;
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use ipnet::IpNet;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+use tokio::net::TcpStream;
+
+/// What the gateway knows of the fabric, refreshed from the registry and the
+/// path engine every few seconds.
+#[derive(Debug, Default, Clone)]
+pub struct FabricView {
+    /// Site → prefixes the mesh routes to its nodes (accepted VPC prefixes and
+    /// overlay addresses).
+    pub site_prefixes: HashMap<String, Vec<IpNet>>,
+    /// Site → RTT of the current path from this host's node, when measured.
+    pub site_rtt: HashMap<String, Duration>,
+}
+
+/// The view shared by the connectors and the proxy.
+#[derive(Debug, Default)]
+pub struct Fabric(RwLock<Arc<FabricView>>);
+
+impl Fabric {
+    pub fn get(&self) -> Arc<FabricView> {
+        self.0.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn set(&self, view: FabricView) {
+        if let Ok(mut v) = self.0.write() {
+            *v = Arc::new(view);
+        }
+    }
+}
+
+/// Addresses no upstream may be reached at, whatever the config says.
+fn forbidden(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) if v4.is_link_local() => {
+            Some("link-local (169.254.0.0/16 holds the cloud metadata service)")
+        }
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+            Some("unspecified, broadcast or multicast")
+        }
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => Some("link-local (fe80::/10)"),
+        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_multicast() => {
+            Some("unspecified or multicast")
+        }
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().and_then(|v4| forbidden(IpAddr::V4(v4))),
+        _ => None,
+    }
+}
+
+/// Dials an upstream, refusing addresses outside what its config allows.
+#[derive(Clone)]
+pub struct GuardedConnector {
+    upstream: String,
+    /// `None` for a public upstream.
+    site: Option<String>,
+    fabric: Arc<Fabric>,
+    connect_timeout: Duration,
+}
+
+impl GuardedConnector {
+    /// Whether the upstream may be dialled at `ip`; the error says why not.
+    pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        if let Some(why) = forbidden(ip) {
+            return Err(format!(
+                "upstream {}: refusing to connect to {ip}: {why}",
+                self.upstream
+            ));
+        }
+        let Some(site) = &self.site else {
+            return Ok(());
+        };
+        let view = self.fabric.get();
+        let prefixes = view.site_prefixes.get(site);
+        if prefixes.is_some_and(|p| p.iter().any(|n| n.contains(&ip))) {
+            return Ok(());
+        }
+        Err(format!(
+            "upstream {}: {ip} is not on the fabric: site {site} routes {}; fix base_url, or set public = true for an upstream outside the fabric",
+            self.upstream,
+            match prefixes {
+                Some(p) if !p.is_empty() => p.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", "),
+                _ => "nothing (is its node enrolled and its VPC prefix accepted?)".to_string(),
+            }
+        ))
+    }
+}
+
+impl tower_service::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other("no host in the upstream URL"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            });
+            let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+                Ok(ip) => vec![SocketAddr::new(ip, port)],
+                Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                    .await?
+                    .collect(),
+            };
+            let mut refused = None;
+            for addr in addrs {
+                if let Err(why) = this.check(addr.ip()) {
+                    refused = Some(why);
+                    continue;
+                }
+                let stream = tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "connect to {addr} timed out after {:?}",
+                                this.connect_timeout
+                            ),
+                        )
+                    })??;
+                let _ = stream.set_nodelay(true);
+                return Ok(TokioIo::new(stream));
+            }
+            Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                refused.unwrap_or_else(|| format!("{host}: no address")),
+            ))
+        })
+    }
+}
+
+pub type HttpsConnector = hyper_rustls::HttpsConnector<GuardedConnector>;
+pub type UpstreamClient = Client<HttpsConnector, Full<Bytes>>;
+
+/// Builds the client of one upstream.
+pub fn client(cfg: &UpstreamConfig, fabric: Arc<Fabric>) -> Result<UpstreamClient> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &cfg.ca_file {
+        let pem = std::fs::read(path).with_context(|| {
+            format!("upstream {}: reading ca_file {}", cfg.name, path.display())
+        })?;
+        let mut n = 0;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            let cert = cert.with_context(|| {
+                format!("upstream {}: ca_file {}: bad PEM", cfg.name, path.display())
+            })?;
+            roots.add(cert).with_context(|| {
+                format!(
+                    "upstream {}: ca_file {}: not a CA certificate",
+                    cfg.name,
+                    path.display()
+                )
+            })?;
+            n += 1;
+        }
+        if n == 0 {
+            anyhow::bail!(
+                "upstream {}: ca_file {} holds no certificate",
+                cfg.name,
+                path.display()
+            );
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = GuardedConnector {
+        upstream: cfg.name.clone(),
+        site: (!cfg.public).then(|| cfg.site.clone()),
+        fabric,
+        connect_timeout: cfg.connect_timeout,
+    };
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(connector);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(256)
+        .build(https))
+}
+
+/// The first refusal or IO error message in an error's chain, for the reason
+/// a client and the audit log see.
+pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    let mut text = err.to_string();
+    while let Some(e) = cur {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.to_string();
+        }
+        text = e.to_string();
+        cur = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connector(site: Option<&str>, fabric: Arc<Fabric>) -> GuardedConnector {
+        GuardedConnector {
+            upstream: "az".into(),
+            site: site.map(String::from),
+            fabric,
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn fabric_upstreams_stay_inside_their_site() {
+        let fabric = Arc::new(Fabric::default());
+        let mut view = FabricView::default();
+        view.site_prefixes
+            .insert("azure".into(), vec!["10.20.0.0/16".parse().expect("net")]);
+        fabric.set(view);
+        let c = connector(Some("azure"), fabric.clone());
+        assert!(c.check("10.20.0.10".parse().expect("ip")).is_ok());
+        let err = c
+            .check("10.30.0.10".parse().expect("ip"))
+            .expect_err("other site");
+        assert!(
+            err.contains("not on the fabric") && err.contains("10.20.0.0/16"),
+            "{err}"
+        );
+        let err = c
+            .check("169.254.169.254".parse().expect("ip"))
+            .expect_err("metadata");
+        assert!(err.contains("metadata"), "{err}");
+        let public = connector(None, fabric);
+        assert!(public.check("198.51.100.7".parse().expect("ip")).is_ok());
+        assert!(public
+            .check("169.254.169.254".parse().expect("ip"))
+            .is_err());
+        assert!(public
+            .check("::ffff:169.254.169.254".parse().expect("ip"))
+            .is_err());
+        assert!(public.check("fe80::1".parse().expect("ip")).is_err());
+    }
+}
