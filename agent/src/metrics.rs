@@ -187,41 +187,7 @@ pub fn render(status: &Status) -> String {
     if encode(&mut out, &registry).is_err() {
         out.clear();
     }
-    classic_text(&out)
-}
-
-/// The Prometheus text format (0.0.4) from the encoder's OpenMetrics: a counter's
-/// HELP and TYPE name its `_total` series, and there are no `# UNIT` or `# EOF`
-/// lines. Served as `text/plain; version=0.0.4`, this is what Prometheus and
-/// `promtool check metrics` expect.
-fn classic_text(openmetrics: &str) -> String {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "]
-            .into_iter()
-            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
-        match meta {
-            Some((prefix, rest)) => {
-                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                if counters.contains(&name) {
-                    out.push_str(&format!("{prefix}{name}_total {tail}"));
-                } else {
-                    out.push_str(line);
-                }
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
+    skymesh_wire::prom::classic_text(&out)
 }
 
 #[cfg(test)]

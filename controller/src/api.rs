@@ -90,6 +90,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
         "/v1/links/{a}/{b}",
         "Operator override of a link: disable, weight, pin a path",
     ),
+    (
+        "GET",
+        "/v1/ai/upstreams",
+        "The AI gateway's upstreams: site, region, circuit, fabric RTT, time to first byte",
+    ),
 ];
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -106,6 +111,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/ipam/suggest", post(ipam_suggest))
         .route("/v1/links", get(list_links))
         .route("/v1/paths", get(list_paths))
+        .route("/v1/ai/upstreams", get(list_ai_upstreams))
         .route("/v1/links/{a}/{b}", axum::routing::put(put_link))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -350,12 +356,11 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         {
-            let mut text = crate::gateway::metrics::strip_eof(s.metrics.render(&nodes));
+            let mut text = s.metrics.render(&nodes);
             if let Some(gw) = &s.gateway {
                 text.push_str(&gw.render_metrics());
             }
-            text.push_str("# EOF\n");
-            text
+            skymesh_wire::prom::classic_text(&text)
         },
     )
         .into_response())
@@ -598,6 +603,17 @@ async fn list_links(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>,
 async fn list_paths(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
     let snap = s.hub.paths(false).await.map_err(unavailable)?;
     Ok(axum::Json(json!(snap.pairs)))
+}
+
+async fn list_ai_upstreams(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
+    let gw = s.gateway.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "ai_gateway_off",
+            "the AI gateway is not configured: add an [ai_gateway] table to the controller's config".to_string(),
+        )
+    })?;
+    Ok(axum::Json(json!(gw.upstreams_view())))
 }
 
 fn unavailable(e: anyhow::Error) -> ApiError {

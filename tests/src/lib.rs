@@ -7,6 +7,8 @@
 //! must not touch anything outside the namespaces and scratch directories it creates.
 
 pub mod agent;
+pub mod ai;
+pub mod ai_backend;
 pub mod lab;
 pub mod metrics;
 pub mod netns;

@@ -10,6 +10,7 @@ pub mod control;
 pub mod key;
 pub mod netmap;
 pub mod path;
+pub mod prom;
 pub mod token;
 
 pub use key::{KeyError, PublicKey};

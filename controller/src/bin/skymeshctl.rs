@@ -66,6 +66,17 @@ enum Command {
         #[command(subcommand)]
         command: PathsCmd,
     },
+    /// The AI gateway.
+    Ai {
+        #[command(subcommand)]
+        command: AiCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AiCmd {
+    /// Each upstream's site, region, circuit, fabric RTT and time to first byte.
+    Upstreams,
 }
 
 #[derive(Subcommand)]
@@ -300,6 +311,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Paths {
             command: PathsCmd::List,
         } => show(&api.call("GET", "/v1/paths", None)?, &paths_table),
+        Command::Ai {
+            command: AiCmd::Upstreams,
+        } => show(
+            &api.call("GET", "/v1/ai/upstreams", None)?,
+            &ai_upstreams_table,
+        ),
         Command::Ipam { command } => match command {
             IpamCmd::Check { cidr } => {
                 let v = api.call("POST", "/v1/ipam/check", Some(json!({"cidr": cidr})))?;
@@ -416,6 +433,44 @@ fn links_table(v: &Value) -> String {
         .collect();
     table(
         &["LINK", "STATE", "RTT", "JITTER", "LOSS", "COST", "OVERRIDE"],
+        rows,
+    )
+}
+
+fn ai_upstreams_table(v: &Value) -> String {
+    let ms = |x: &Value| {
+        x.as_f64()
+            .map(|m| format!("{m:.1}"))
+            .unwrap_or_else(|| "-".into())
+    };
+    let rows = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|u| {
+                    vec![
+                        u["name"].as_str().unwrap_or("").to_string(),
+                        u["site"].as_str().unwrap_or("").to_string(),
+                        u["region"].as_str().unwrap_or("").to_string(),
+                        u["circuit"].as_str().unwrap_or("").to_string(),
+                        if u["up"].as_bool() == Some(true) {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                        .to_string(),
+                        ms(&u["fabric_rtt_ms"]),
+                        ms(&u["ttfb_ms"]),
+                        u["base_url"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    table(
+        &[
+            "UPSTREAM", "SITE", "REGION", "CIRCUIT", "UP", "RTT_MS", "TTFB_MS", "BASE_URL",
+        ],
         rows,
     )
 }

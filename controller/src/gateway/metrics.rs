@@ -86,7 +86,7 @@ impl AiMetrics {
             .inc();
     }
 
-    /// The exposition (text format, no `# EOF`, so it can follow another).
+    /// The exposition (OpenMetrics, as the encoder writes it).
     pub fn render(&self, upstreams: &[UpstreamGauge<'_>]) -> String {
         let mut registry = Registry::with_prefix("skymesh_ai");
         registry.register(
@@ -129,16 +129,8 @@ impl AiMetrics {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
-        strip_eof(out)
+        out
     }
-}
-
-/// Drops the OpenMetrics `# EOF` line so expositions can be concatenated.
-pub fn strip_eof(mut text: String) -> String {
-    if text.ends_with("# EOF\n") {
-        text.truncate(text.len() - "# EOF\n".len());
-    }
-    text
 }
 
 #[cfg(test)]
@@ -152,11 +144,11 @@ mod tests {
         m.duration("chat", "az", 0.2);
         m.ttfb("chat", "az", 0.05);
         m.failover("chat");
-        let text = m.render(&[UpstreamGauge {
+        let text = skymesh_wire::prom::classic_text(&m.render(&[UpstreamGauge {
             name: "az",
             up: true,
             circuit_open: false,
-        }]);
+        }]));
         for needle in [
             "skymesh_ai_requests_total{route=\"chat\",upstream=\"az\",code=\"200\"} 1",
             "skymesh_ai_request_duration_seconds_bucket{le=\"0.25\",route=\"chat\",upstream=\"az\"} 1",

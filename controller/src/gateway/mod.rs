@@ -6,7 +6,7 @@
 //! - [`select`]: the decisions (strategy, residency, breakers, rate limits), sans-IO.
 //! - [`upstream`]: guarded connections and the per-upstream HTTP clients.
 //! - [`proxy`]: the HTTP driver, streaming relay and failover.
-//! - [`metrics`]: `skymesh_ai_*`.
+//! - [`metrics`]: the `skymesh_ai_*` series.
 //!
 //! It must not touch the store or the netmap: it reads the registry and the
 //! path engine's measurements only, to learn which prefixes each site routes

@@ -38,6 +38,24 @@ pub struct Upstream {
     pub health: Arc<Mutex<Health>>,
 }
 
+/// One upstream as the API shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct UpstreamView {
+    pub name: String,
+    pub site: String,
+    pub region: String,
+    pub base_url: String,
+    pub public: bool,
+    pub models: Vec<String>,
+    /// "closed", "open" or "half-open".
+    pub circuit: &'static str,
+    pub up: bool,
+    /// RTT of the current fabric path from the gateway's node to the site.
+    pub fabric_rtt_ms: Option<f64>,
+    /// Average time to first byte (EWMA).
+    pub ttfb_ms: Option<f64>,
+}
+
 /// One config generation. In-flight requests keep the generation they started
 /// with; a reload swaps in the next.
 pub struct Generation {
@@ -90,6 +108,39 @@ impl Gateway {
             Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
         }
         Ok(())
+    }
+
+    /// What `GET /v1/ai/upstreams` shows: config (never the credential) and state.
+    pub fn upstreams_view(&self) -> Vec<UpstreamView> {
+        let g = self.current();
+        let fabric = self.fabric.get();
+        g.config
+            .upstreams
+            .iter()
+            .zip(&g.upstreams)
+            .map(|(cfg, u)| {
+                let h = lock(&u.health);
+                UpstreamView {
+                    name: cfg.name.clone(),
+                    site: cfg.site.clone(),
+                    region: cfg.region.clone(),
+                    base_url: cfg.base_url.to_string(),
+                    public: cfg.public,
+                    models: cfg.models.clone(),
+                    circuit: match h.circuit() {
+                        select::Circuit::Closed => "closed",
+                        select::Circuit::Open { .. } => "open",
+                        select::Circuit::HalfOpen { .. } => "half-open",
+                    },
+                    up: h.is_up(),
+                    fabric_rtt_ms: fabric
+                        .site_rtt
+                        .get(&cfg.site)
+                        .map(|d| d.as_secs_f64() * 1000.0),
+                    ttfb_ms: h.ttfb().map(|d| d.as_secs_f64() * 1000.0),
+                }
+            })
+            .collect()
     }
 
     /// `skymesh_ai_*` series.
@@ -370,10 +421,15 @@ struct Relay {
 
 enum RelayState {
     Streaming,
-    /// The error event went out; the stream now ends in error, not cleanly.
-    Failing(String),
+    /// The error event is on its way; once it has had time to leave, the
+    /// stream ends in error, not cleanly (an aborted body makes the server drop
+    /// what it has not written yet).
+    Failing(String, Pin<Box<tokio::time::Sleep>>),
     Done,
 }
+
+/// How long the error event gets to reach the client before the abort.
+const ERROR_EVENT_FLUSH: Duration = Duration::from_millis(100);
 
 impl Relay {
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
@@ -389,7 +445,8 @@ impl Relay {
                 "type": "upstream_error",
                 "code": "upstream_stream_broken",
             }});
-            self.state = RelayState::Failing(reason);
+            self.state =
+                RelayState::Failing(reason, Box::pin(tokio::time::sleep(ERROR_EVENT_FLUSH)));
             let frame = format!("event: error\ndata: {event}\n\n");
             Poll::Ready(Some(Ok(Frame::data(Bytes::from(frame)))))
         } else {
@@ -408,10 +465,13 @@ impl Body for Relay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match &this.state {
+        match &mut this.state {
             RelayState::Done => return Poll::Ready(None),
-            RelayState::Failing(reason) => {
-                let reason = reason.clone();
+            RelayState::Failing(reason, flush) => {
+                if flush.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                let reason = std::mem::take(reason);
                 this.state = RelayState::Done;
                 return Poll::Ready(Some(Err(reason.into())));
             }

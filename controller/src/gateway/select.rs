@@ -235,7 +235,7 @@ pub fn choose(cfg: &GatewayConfig, health: &[Health], req: &Request<'_>) -> Choi
                 point -= w as f64;
             }
             let head = ok.remove(first);
-            ok.sort_by(|a, b| b.1.cmp(&a.1));
+            ok.sort_by_key(|&(_, w)| std::cmp::Reverse(w));
             std::iter::once(head.0)
                 .chain(ok.into_iter().map(|(u, _)| u))
                 .collect()

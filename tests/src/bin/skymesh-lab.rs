@@ -68,6 +68,13 @@ enum Cmd {
         #[arg(long)]
         id: Option<String>,
     },
+    /// Print `KEY=VALUE` lines for clients of the lab: OPENAI_BASE_URL and
+    /// OPENAI_API_KEY (the AI gateway, reachable from every VPC host), and more.
+    /// `skymesh-lab exec aws -- env $(skymesh-lab env) python3 app.py`.
+    Env {
+        #[arg(long)]
+        id: Option<String>,
+    },
     /// Run a command in a site's VPC host: `skymesh-lab exec aws -- ping 10.10.0.10`.
     Exec {
         site: String,
@@ -210,6 +217,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             print!("{}", scrape_agent_metrics(&id, &site)?.text);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Env { id } => {
+            let id = pick_lab(id)?;
+            let file = Path::new(RUN_DIR).join(&id).join(LAB_ENV);
+            let text = std::fs::read_to_string(&file).with_context(|| {
+                format!(
+                    "lab {id} has no {} yet (is `skymesh-lab up` running and past its status output?)",
+                    file.display()
+                )
+            })?;
+            print!("{text}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Exec { site, id, command } => {
@@ -440,6 +459,13 @@ fn up(config: &Path, id: Option<String>, static_mode: bool) -> Result<ExitCode> 
         "\nlab {id} is up. Try:\n  skymesh-lab exec aws -- ping -c 3 {}\n  skymesh-lab metrics aws        (its agent's Prometheus metrics; `metrics controller` too)\n  skymesh-lab wan cut aws gcp    |  skymesh-lab wan restore aws gcp\n  skymesh-lab wan set aws gcp --delay 80ms --loss 2%\nCtrl-C (or `skymesh-lab down`) removes it.",
         lab.sites.get(1).map(|s| s.vpc_host_ip.to_string()).unwrap_or_default()
     );
+    if lab.mode == Mode::Controller {
+        println!("  skymesh-lab exec aws -- env $(skymesh-lab env) python3 your_openai_app.py");
+        match ai_report(&lab, &dir) {
+            Ok(t) => print!("{t}"),
+            Err(e) => println!("\n(AI gateway check failed: {e:#})"),
+        }
+    }
     let sig = signals.wait()?;
     println!("\n{sig:?}: removing lab {id}…");
     drop(lab);
@@ -576,6 +602,85 @@ struct PathView {
     backup: Option<String>,
     backup_cost_ms: Option<f64>,
     reason: String,
+}
+
+/// The `KEY=VALUE` file `skymesh-lab env` prints, in the lab's run dir.
+const LAB_ENV: &str = "lab.env";
+
+/// Writes the lab's client environment and sends one chat completion from the
+/// first site's VPC host through the AI gateway; returns what `up` prints.
+fn ai_report(lab: &Lab, dir: &Path) -> Result<String> {
+    let Some(key) = &lab.ai_key else {
+        return Ok(String::new());
+    };
+    let base = lab.ai_base_url()?;
+    let env = format!(
+        "OPENAI_BASE_URL={base}\nOPENAI_API_KEY={key}\nSKYMESH_LAB_ID={}\nSKYMESH_API_TOKEN_FILE={}\n",
+        lab.id,
+        dir.join("admin.token").display()
+    );
+    skymesh_tests::agent::write_secret(&dir.join(LAB_ENV), &env)?;
+    let from = &lab.sites[0].site;
+    let body = serde_json::json!({
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": format!("hello from {}", from.name)}],
+    })
+    .to_string();
+    let url = format!("{base}/chat/completions");
+    let auth = format!("Authorization: Bearer {key}");
+    let mut last = String::new();
+    // The gateway's first fabric view and the first paths may take a moment.
+    for _ in 0..10 {
+        let out = skymesh_tests::proc::output(&mut lab.vpc_command(
+            &from.name,
+            "curl",
+            &[
+                "-sS",
+                "-i",
+                "--max-time",
+                "10",
+                "-H",
+                &auth,
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body,
+                &url,
+            ],
+        )?)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let header = |name: &str| {
+            text.lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                })
+                .unwrap_or_default()
+        };
+        if text.starts_with("HTTP/1.1 200") {
+            let json_start = text.find('{').unwrap_or(text.len());
+            let answer: serde_json::Value =
+                serde_json::from_str(&text[json_start..]).unwrap_or_default();
+            return Ok(format!(
+                "\nAI gateway {base} (from every VPC host; `skymesh-lab env` prints a key):\n  {} VPC host → gateway → {} in {} ({}): {:?}\n",
+                from.name,
+                header("x-skymesh-upstream"),
+                header("x-skymesh-region"),
+                lab.sites
+                    .iter()
+                    .find(|s| s.ai_backend.as_ref().is_some_and(|b| b.name == header("x-skymesh-upstream")))
+                    .map(|s| s.site.name.as_str())
+                    .unwrap_or("?"),
+                answer["choices"][0]["message"]["content"].as_str().unwrap_or("")
+            ));
+        }
+        last = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Ok(format!(
+        "\nAI gateway {base}: the chat completion from {} failed: {last}\n",
+        from.name
+    ))
 }
 
 /// How long `up` waits for the controller's first measurements and paths.

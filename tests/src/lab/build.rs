@@ -48,6 +48,11 @@ pub const CONTROL_PORT: u16 = 7443;
 pub const API_URL: &str = "http://127.0.0.1:7080";
 /// Node name of the controller host's own agent.
 pub const CONTROLLER_NODE: &str = "controller";
+/// The controller's AI gateway, on every address of its namespace.
+pub const AI_GATEWAY_PORT: u16 = 7090;
+/// Where the sample AI backends listen in their VPC hosts.
+pub const AI_BACKEND_PORT: u16 = 8000;
+pub const AI_BACKEND_TLS_PORT: u16 = 8443;
 
 /// Where the netmap comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +86,9 @@ pub struct SiteRuntime {
     pub config: PathBuf,
     pub admin_socket: PathBuf,
     pub agent: Option<Spawned>,
-    // Drop order: agent first, then namespaces.
+    /// The sample AI service in the VPC host, when the topology puts one here.
+    pub ai_backend: Option<crate::ai::Backend>,
+    // Drop order: processes first, then namespaces.
     pub vpc: Netns,
     pub gw: Netns,
     pub nat: Option<Netns>,
@@ -90,6 +97,8 @@ pub struct SiteRuntime {
 pub struct Lab {
     pub id: String,
     pub mode: Mode,
+    /// The AI gateway's client key of the lab (controller mode with AI backends).
+    pub ai_key: Option<String>,
     /// Controller mode only.
     pub controller: Option<ControllerRuntime>,
     pub topology: Topology,
@@ -228,6 +237,7 @@ impl Lab {
         let mut lab = Self {
             id: id.to_string(),
             mode,
+            ai_key: None,
             controller,
             topology,
             dir: dir.to_path_buf(),
@@ -238,6 +248,7 @@ impl Lab {
         match mode {
             Mode::Static => lab.write_agent_configs()?,
             Mode::Controller => {
+                lab.start_ai_backends()?;
                 lab.start_controller()?;
                 lab.join_controller_node()?;
                 lab.write_controller_agent_configs()?;
@@ -259,16 +270,18 @@ impl Lab {
     /// its API answers.
     pub fn start_controller(&mut self) -> Result<()> {
         let dir = self.dir.clone();
+        let ai_gateway_toml = self.ai_gateway_toml()?;
         let ctl = self
             .controller
             .as_mut()
             .context("this lab runs in static mode; it has no controller")?;
         if !ctl.config.exists() {
-            let toml = format!(
+            let mut toml = format!(
                 "[control]\nlisten = \"0.0.0.0:{CONTROL_PORT}\"\nadvertise = [\"{CONTROLLER_IP}:{CONTROL_PORT}\"]\n\n[api]\nlisten = \"127.0.0.1:7080\"\nadmin_token_file = \"{}\"\n\n[state]\ndata_dir = \"{}\"\n",
                 ctl.token_file.display(),
                 dir.join("controller-data").display()
             );
+            toml.push_str(&ai_gateway_toml);
             write_secret(&ctl.config, &toml)?;
         }
         let bin = workspace_bin("skymesh-controller", "SKYMESH_CONTROLLER_BIN")?;
@@ -305,6 +318,98 @@ impl Lab {
         }
         ctl.process = Some(process);
         Ok(())
+    }
+
+    /// Starts the topology's AI backends in their sites' VPC hosts, and makes
+    /// the lab's client key (controller mode).
+    fn start_ai_backends(&mut self) -> Result<()> {
+        if self.topology.ai_backends.is_empty() {
+            return Ok(());
+        }
+        for spec in self.topology.ai_backends.clone() {
+            let i = self.site_index(&spec.site)?;
+            let s = &self.sites[i];
+            let port = if spec.tls {
+                AI_BACKEND_TLS_PORT
+            } else {
+                AI_BACKEND_PORT
+            };
+            let backend = crate::ai::Backend::start(
+                Some(s.vpc.name()),
+                &self.dir,
+                &spec.name,
+                std::net::SocketAddr::from((s.vpc_host_ip, port)),
+                &spec.models.join(","),
+                spec.tls,
+            )?;
+            self.sites[i].ai_backend = Some(backend);
+        }
+        let key = crate::ai::create_key(&self.dir, "lab", "*", 6000)?;
+        self.ai_key = Some(key.key);
+        std::fs::write(self.dir.join("lab.ai-key-entry"), key.entry)?;
+        Ok(())
+    }
+
+    /// `[ai_gateway]` for the controller: one upstream per backend (reached over
+    /// the mesh, never `public`), a lowest-latency `chat` route over all of
+    /// them, a `cn` route held to cn-shanghai, and the lab's key.
+    fn ai_gateway_toml(&self) -> Result<String> {
+        let backends: Vec<(&SiteRuntime, &crate::ai::Backend)> = self
+            .sites
+            .iter()
+            .filter_map(|s| s.ai_backend.as_ref().map(|b| (s, b)))
+            .collect();
+        if backends.is_empty() {
+            return Ok(String::new());
+        }
+        let mut t = format!(
+            "\n[ai_gateway]\nlisten = \"0.0.0.0:{AI_GATEWAY_PORT}\"\nnode = \"{CONTROLLER_NODE}\"\n\n"
+        );
+        let mut names = Vec::new();
+        for (s, b) in &backends {
+            let spec = self
+                .topology
+                .ai_backends
+                .iter()
+                .find(|x| x.name == b.name)
+                .context("backend spec")?;
+            let models: Vec<String> = spec.models.iter().map(|m| format!("{m:?}")).collect();
+            t.push_str(&b.upstream_toml(
+                &s.site.name,
+                &s.site.region,
+                false,
+                &format!("models = [{}]", models.join(", ")),
+            ));
+            names.push(format!("{:?}", b.name));
+        }
+        t.push_str(&format!(
+            "[[ai_gateway.routes]]\nname = \"cn\"\npath_prefix = \"/cn/v1\"\nupstreams = [{}]\nallowed_regions = [\"cn-shanghai\"]\n\n[[ai_gateway.routes]]\nname = \"chat\"\npath_prefix = \"/v1\"\nstrategy = \"lowest-latency\"\nupstreams = [{}]\n\n",
+            names.join(", "),
+            names.join(", ")
+        ));
+        let entry = std::fs::read_to_string(self.dir.join("lab.ai-key-entry"))
+            .context("the lab's AI key entry")?;
+        t.push_str(&entry);
+        Ok(t)
+    }
+
+    /// The AI gateway's OpenAI base URL, on the controller's overlay address
+    /// (reachable from every site's VPC host over the mesh).
+    pub fn ai_base_url(&self) -> Result<String> {
+        let ip = self.node_overlay_ip(CONTROLLER_NODE)?;
+        Ok(format!("http://{ip}:{AI_GATEWAY_PORT}/v1"))
+    }
+
+    /// A node's overlay address, from `skymeshctl nodes list --json`.
+    pub fn node_overlay_ip(&self, node: &str) -> Result<String> {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&self.ctl_exec(&["--json", "nodes", "list"])?)?;
+        nodes
+            .as_array()
+            .and_then(|a| a.iter().find(|n| n["name"] == node))
+            .and_then(|n| n["overlay_ip"].as_str())
+            .map(String::from)
+            .with_context(|| format!("node {node} is not enrolled"))
     }
 
     /// Kills the controller with SIGKILL (a crash or an outage).
@@ -809,6 +914,7 @@ fn build_site(id: &str, i: usize, site: &Site, wan: &Netns, dir: &Path) -> Resul
         config: dir.join(format!("{n}.toml")),
         admin_socket: dir.join(format!("{n}.sock")),
         agent: None,
+        ai_backend: None,
         vpc,
         gw,
         nat,

@@ -16,6 +16,19 @@ struct RawTopology {
     sites: Vec<RawSite>,
     #[serde(default)]
     wan: Vec<RawWan>,
+    #[serde(default)]
+    ai_backends: Vec<RawAiBackend>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAiBackend {
+    site: String,
+    name: String,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    tls: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,12 +74,25 @@ pub struct Site {
     pub transit: bool,
 }
 
+/// A sample AI backend (`skymesh-ai-backend`) in a site's VPC host, standing in
+/// for that cloud's AI service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AiBackendSpec {
+    pub site: String,
+    /// Its upstream name in the gateway.
+    pub name: String,
+    pub models: Vec<String>,
+    /// Serve HTTPS with a certificate from the lab's CA.
+    pub tls: bool,
+}
+
 /// The validated topology.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Topology {
     pub sites: Vec<Site>,
     /// Shape of every listed ordered pair (site names); others are perfect links.
     pub wan: BTreeMap<(String, String), PairShape>,
+    pub ai_backends: Vec<AiBackendSpec>,
 }
 
 impl Topology {
@@ -181,7 +207,45 @@ impl Topology {
                 wan.entry((w.to.clone(), w.from.clone())).or_insert(shape);
             }
         }
-        Ok(Self { sites, wan })
+        let mut ai_backends: Vec<AiBackendSpec> = Vec::new();
+        for (i, b) in raw.ai_backends.iter().enumerate() {
+            if !sites.iter().any(|s| s.name == b.site) {
+                let names: Vec<&str> = sites.iter().map(|s| s.name.as_str()).collect();
+                bail!(
+                    "{f}: ai_backends[{i}].site = {:?}: no such site (sites: {names:?})",
+                    b.site
+                );
+            }
+            if ai_backends.iter().any(|o| o.site == b.site) {
+                bail!(
+                    "{f}: ai_backends[{i}].site = {:?}: one backend per site",
+                    b.site
+                );
+            }
+            let ok = !b.name.is_empty()
+                && b.name.len() <= 32
+                && b.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if !ok || ai_backends.iter().any(|o| o.name == b.name) {
+                bail!("{f}: ai_backends[{i}].name = {:?}: expected a unique name of 1-32 letters, digits or '-'", b.name);
+            }
+            ai_backends.push(AiBackendSpec {
+                site: b.site.clone(),
+                name: b.name.clone(),
+                models: if b.models.is_empty() {
+                    vec!["gpt-4o-mini".into(), "text-embedding-3-small".into()]
+                } else {
+                    b.models.clone()
+                },
+                tls: b.tls,
+            });
+        }
+        Ok(Self {
+            sites,
+            wan,
+            ai_backends,
+        })
     }
 
     pub fn site(&self, name: &str) -> Option<&Site> {
