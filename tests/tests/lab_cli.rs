@@ -81,8 +81,10 @@ fn start_up(id: &str) -> Result<(UpGuard, String)> {
         id: id.to_string(),
     };
     // Mesh, ping matrix, then up to 20 s for the controller's first paths.
-    let up = wait_until(Duration::from_secs(90), || {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("is up"))
+    // `up` ends with one chat completion through the AI gateway.
+    let up = wait_until(Duration::from_secs(120), || {
+        std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("is up") && t.contains("AI gateway http://"))
     });
     let out = std::fs::read_to_string(&log).unwrap_or_default();
     if up.is_none() {
@@ -118,6 +120,44 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
             .starts_with("aws (us-west-2) <-> alibaba (cn-shanghai): via azure (eastasia), ")),
         "`up` printed no path aws <-> alibaba via azure (eastasia):\n{out}"
     );
+
+    // The last status line: a chat completion from aws's VPC host, answered by
+    // a backend in another cloud.
+    let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    ensure!(
+        last.contains("aws VPC host → gateway → ") && last.contains("echo: hello from aws"),
+        "`up` did not end with a chat completion through the gateway:\n{out}"
+    );
+    ensure!(
+        ["(gcp)", "(azure)", "(alibaba)"].iter().any(|c| last.contains(c)),
+        "{last}"
+    );
+
+    // `env` gives any OpenAI client the gateway, from every site's VPC host.
+    let env = lab(&["env", "--id", &id])?;
+    let env_text = String::from_utf8_lossy(&env.stdout).into_owned();
+    let vars: Vec<&str> = env_text.lines().collect();
+    ensure!(
+        env.status.success()
+            && vars.iter().any(|l| l.starts_with("OPENAI_BASE_URL=http://"))
+            && vars.iter().any(|l| l.starts_with("OPENAI_API_KEY=sk-skymesh-")),
+        "`skymesh-lab env`: {env_text}{}",
+        String::from_utf8_lossy(&env.stderr)
+    );
+    let python = skymesh_tests::ai::python()?;
+    for site in ["alibaba", "gcp"] {
+        let mut args = vec!["exec", site, "--id", &id, "--", "env"];
+        args.extend(vars.iter().copied());
+        let script = "from openai import OpenAI\nprint(OpenAI(max_retries=0).chat.completions.create(model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'hi'}]).choices[0].message.content)";
+        args.extend([python.to_str().unwrap_or_default(), "-c", script]);
+        let r = lab(&args)?;
+        ensure!(
+            r.status.success() && String::from_utf8_lossy(&r.stdout).contains("echo: hi"),
+            "openai client in {site}'s VPC via `skymesh-lab env`: {}{}",
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr)
+        );
+    }
 
     // The agent's Prometheus metrics, as a user reads them from the lab.
     let metrics = lab(&["metrics", "aws", "--id", &id])?;
