@@ -247,6 +247,26 @@ mod tests {
     }
 
     #[test]
+    fn example_ai_gateway_block_is_valid() {
+        let text = include_str!("../../configs/controller.example.toml");
+        let start = text.find("# --- ai_gateway example ---").expect("start marker");
+        let end = text.find("# --- end ai_gateway example ---").expect("end marker");
+        let block: String = text[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| l.strip_prefix("# ").unwrap_or(l.trim_start_matches('#')))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let full = format!("[control]\nadvertise = [\"203.0.113.2:7443\"]\n{block}\n");
+        let c = Config::parse(&full).expect("the example [ai_gateway]");
+        let g = c.ai_gateway.expect("gateway");
+        assert_eq!(g.upstreams.len(), 2);
+        assert_eq!(g.routes.len(), 2);
+        assert_eq!(g.keys[0].rpm, 600);
+        assert_eq!(g.listen.port(), 7090);
+    }
+
+    #[test]
     fn minimal_config_takes_defaults() {
         let c = Config::parse("[control]\nadvertise = [\"203.0.113.2:7443\"]\n").expect("minimal");
         assert_eq!(c.mtu, 1420);

@@ -261,6 +261,13 @@ mod histogram {
     //! buckets, so a bucket's midpoint is within 0.4% of any value in it. It spans 1 ns to
     //! 2^36 ns (~68.7 s) in 3840 counters (30 KB) whatever the sample count; larger values fall
     //! into the top bucket, while `max` stays exact. It holds counts only, no time or IO.
+    //!
+    //! Counters are atomics so that all connections record into one histogram: memory stays
+    //! 30 KB per histogram whatever the rate, duration or connection count (a per-connection copy
+    //! would cost 30 KB per connection). Relaxed ordering suffices: it is read once, after every
+    //! recorder has been joined.
+
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
     const SUB_BITS: u32 = 7;
     const SUB: usize = 1 << SUB_BITS;
@@ -270,21 +277,19 @@ mod histogram {
     const LEN: usize = (MAX_BITS - SUB_BITS + 1) as usize * SUB;
 
     pub struct Histogram {
-        counts: Box<[u64]>,
-        count: u64,
-        sum: u128,
-        min: u64,
-        max: u64,
+        counts: Box<[AtomicU64]>,
+        sum: AtomicU64,
+        min: AtomicU64,
+        max: AtomicU64,
     }
 
     impl Default for Histogram {
         fn default() -> Self {
             Histogram {
-                counts: vec![0; LEN].into_boxed_slice(),
-                count: 0,
-                sum: 0,
-                min: u64::MAX,
-                max: 0,
+                counts: (0..LEN).map(|_| AtomicU64::new(0)).collect(),
+                sum: AtomicU64::new(0),
+                min: AtomicU64::new(u64::MAX),
+                max: AtomicU64::new(0),
             }
         }
     }
@@ -310,56 +315,53 @@ mod histogram {
     }
 
     impl Histogram {
-        pub fn record(&mut self, value: u64) {
-            self.counts[index(value)] += 1;
-            self.count += 1;
-            self.sum += u128::from(value);
-            self.min = self.min.min(value);
-            self.max = self.max.max(value);
-        }
-
-        pub fn merge(&mut self, other: &Histogram) {
-            for (mine, theirs) in self.counts.iter_mut().zip(other.counts.iter()) {
-                *mine += theirs;
+        pub fn record(&self, value: u64) {
+            self.counts[index(value)].fetch_add(1, Relaxed);
+            // u64 nanoseconds overflow only after 584 years of summed latency.
+            self.sum.fetch_add(value, Relaxed);
+            // Load first: the extremes rarely change, and a plain load keeps the line shared.
+            if value < self.min.load(Relaxed) {
+                self.min.fetch_min(value, Relaxed);
             }
-            self.count += other.count;
-            self.sum += other.sum;
-            self.min = self.min.min(other.min);
-            self.max = self.max.max(other.max);
+            if value > self.max.load(Relaxed) {
+                self.max.fetch_max(value, Relaxed);
+            }
         }
 
         pub fn count(&self) -> u64 {
-            self.count
+            self.counts.iter().map(|c| c.load(Relaxed)).sum()
         }
 
         pub fn max(&self) -> u64 {
-            self.max
+            self.max.load(Relaxed)
         }
 
         pub fn mean(&self) -> f64 {
-            if self.count == 0 {
-                return 0.0;
+            match self.count() {
+                0 => 0.0,
+                n => self.sum.load(Relaxed) as f64 / n as f64,
             }
-            self.sum as f64 / self.count as f64
         }
 
         /// The value at quantile `q` (0..=1): the smallest recorded value with at least
         /// `ceil(q * count)` values at or below it, given as its bucket's midpoint clamped to the
         /// observed min and max. 0 when empty.
         pub fn quantile(&self, q: f64) -> u64 {
-            if self.count == 0 {
+            let count = self.count();
+            if count == 0 {
                 return 0;
             }
-            let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).clamp(1, self.count);
+            let (min, max) = (self.min.load(Relaxed), self.max());
+            let rank = ((q.clamp(0.0, 1.0) * count as f64).ceil() as u64).clamp(1, count);
             let mut seen = 0;
-            for (idx, &n) in self.counts.iter().enumerate() {
-                seen += n;
+            for (idx, n) in self.counts.iter().enumerate() {
+                seen += n.load(Relaxed);
                 if seen >= rank {
                     let (low, high) = bounds(idx);
-                    return (low + (high - low) / 2).clamp(self.min, self.max);
+                    return (low + (high - low) / 2).clamp(min, max);
                 }
             }
-            self.max
+            max
         }
     }
 
@@ -388,7 +390,7 @@ mod histogram {
         fn uniform_percentiles_within_one_percent() {
             // 1 µs .. 100 ms in 1 µs steps.
             let values: Vec<u64> = (1..=100_000).map(|i| i * 1_000).collect();
-            let mut h = Histogram::default();
+            let h = Histogram::default();
             values.iter().for_each(|&v| h.record(v));
             assert_within_1pct(&h, &values);
             assert_eq!(h.count(), 100_000);
@@ -409,28 +411,28 @@ mod histogram {
                     (1_000.0 * (60e9_f64 / 1_000.0).powf(unit)) as u64
                 })
                 .collect();
-            let mut h = Histogram::default();
+            let h = Histogram::default();
             values.iter().for_each(|&v| h.record(v));
             values.sort_unstable();
             assert_within_1pct(&h, &values);
         }
 
         #[test]
-        fn merge_equals_recording_into_one() {
-            let (mut a, mut b, mut all) = (
-                Histogram::default(),
-                Histogram::default(),
-                Histogram::default(),
-            );
-            for v in (1..50_000u64).map(|i| i * 7_919) {
-                if v % 3 == 0 { &mut a } else { &mut b }.record(v);
-                all.record(v);
+        fn concurrent_recording_equals_sequential() {
+            let (shared, single) = (Histogram::default(), Histogram::default());
+            let values: Vec<u64> = (1..200_000u64).map(|i| i * 7_919).collect();
+            std::thread::scope(|scope| {
+                for chunk in values.chunks(values.len() / 4 + 1) {
+                    let shared = &shared;
+                    scope.spawn(move || chunk.iter().for_each(|&v| shared.record(v)));
+                }
+            });
+            values.iter().for_each(|&v| single.record(v));
+            for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+                assert_eq!(shared.quantile(q), single.quantile(q));
             }
-            a.merge(&b);
-            for q in [0.5, 0.9, 0.99, 1.0] {
-                assert_eq!(a.quantile(q), all.quantile(q));
-            }
-            assert_eq!(a.count(), all.count());
+            assert_eq!(shared.count(), single.count());
+            assert_eq!(shared.mean(), single.mean());
         }
 
         #[test]
@@ -451,7 +453,7 @@ mod histogram {
 
         #[test]
         fn values_beyond_the_range_keep_an_exact_max() {
-            let mut h = Histogram::default();
+            let h = Histogram::default();
             h.record(100 * 1_000_000_000);
             assert_eq!(h.quantile(0.5), 100 * 1_000_000_000);
             assert_eq!(h.max(), 100 * 1_000_000_000);
@@ -578,10 +580,8 @@ struct Stats {
     unexpected_status: u64,
     errors: ErrorCounts,
     first_error: Option<String>,
-    /// Due (or send) time to end of body, ns, ok responses only.
-    latency: Histogram,
-    /// Open loop: how late the generator sent requests a connection was idle and waiting for.
-    pacing_lag: Histogram,
+    /// When the last recorded request was sent (an open-loop backlog drains past the window).
+    last_send: Option<Instant>,
 }
 
 impl Stats {
@@ -605,8 +605,7 @@ impl Stats {
         self.errors.io += other.errors.io;
         self.errors.timeout += other.errors.timeout;
         self.first_error = self.first_error.take().or(other.first_error);
-        self.latency.merge(&other.latency);
-        self.pacing_lag.merge(&other.pacing_lag);
+        self.last_send = self.last_send.max(other.last_send);
     }
 }
 
@@ -642,6 +641,10 @@ struct Shared {
     mode: Mode,
     /// Set `timeout` after `end`: no new requests, whatever is still queued is missed.
     stop: AtomicBool,
+    /// Due (or send) time to end of body, ns, recorded ok responses only.
+    latency: Histogram,
+    /// Open loop: how late the generator sent requests a connection was idle and waiting for.
+    pacing_lag: Histogram,
 }
 
 impl Shared {
@@ -770,7 +773,7 @@ async fn run_connection(shared: Arc<Shared>) -> Stats {
                 Some(due) => {
                     if job.recorded {
                         let lag = send_at.saturating_duration_since(due);
-                        stats.pacing_lag.record(lag.as_nanos() as u64);
+                        shared.pacing_lag.record(lag.as_nanos() as u64);
                     }
                     send_at
                 }
@@ -778,6 +781,7 @@ async fn run_connection(shared: Arc<Shared>) -> Stats {
             };
             if job.recorded {
                 stats.sent += 1;
+                stats.last_send = Some(send_at);
             }
             let mut conn_done = false;
             let outcome = {
@@ -797,7 +801,7 @@ async fn run_connection(shared: Arc<Shared>) -> Stats {
                 Ok(Ok(status)) if status == shared.expect => {
                     if job.recorded {
                         stats.ok += 1;
-                        stats.latency.record((done - base).as_nanos() as u64);
+                        shared.latency.record((done - base).as_nanos() as u64);
                     }
                 }
                 Ok(Ok(_)) => {
@@ -896,7 +900,8 @@ struct Report {
     /// Open loop: requests due in the measured window that were never sent (the backlog left
     /// when the drain grace ran out). Non-zero means the target rate was not sustained.
     missed: u64,
-    /// Complete responses (any status) per second of measured duration.
+    /// Complete responses (any status) per second, over the measured duration or, if an
+    /// open-loop backlog was still draining after it, until the last send.
     achieved_rps: f64,
     latency_us: Option<LatencySummary>,
     /// Open loop: generator wake-up lag for requests a connection was idle and waiting for.
@@ -936,6 +941,8 @@ async fn run(config: Config) -> Result<Report> {
         end,
         mode,
         stop: AtomicBool::new(false),
+        latency: Histogram::default(),
+        pacing_lag: Histogram::default(),
     });
 
     let pacer = match &shared.mode {
@@ -981,6 +988,10 @@ async fn run(config: Config) -> Result<Report> {
         Mode::Closed => 0,
     };
     let duration_s = config.duration.as_secs_f64();
+    // Over the window, or longer if requests were still being sent while a backlog drained.
+    let elapsed_s = stats
+        .last_send
+        .map_or(duration_s, |t| (t - warm_end).as_secs_f64().max(duration_s));
     Ok(Report {
         url: config.url.to_string(),
         rate_target: config.rate,
@@ -993,11 +1004,11 @@ async fn run(config: Config) -> Result<Report> {
         errors: stats.errors.total(),
         unexpected_status: stats.unexpected_status,
         missed,
-        achieved_rps: ((stats.ok + stats.unexpected_status) as f64 / duration_s * 10.0).round()
+        achieved_rps: ((stats.ok + stats.unexpected_status) as f64 / elapsed_s * 10.0).round()
             / 10.0,
-        latency_us: LatencySummary::of(&stats.latency),
+        latency_us: LatencySummary::of(&shared.latency),
         pacing_lag_us: matches!(shared.mode, Mode::Open { .. })
-            .then(|| LatencySummary::of(&stats.pacing_lag))
+            .then(|| LatencySummary::of(&shared.pacing_lag))
             .flatten(),
         error_kinds: stats.errors,
         first_error: stats.first_error,
@@ -1065,6 +1076,13 @@ fn run_and_report(config: Config) -> Result<ExitCode> {
         serde_json::to_string(&report).context("serialize the report")?
     );
     eprintln!("{}", summary_line(&report));
+    if report.rate_target > 0.0 && report.achieved_rps < 0.99 * report.rate_target {
+        eprintln!(
+            "skymesh-loadgen: warning: achieved {} of the {} req/s target; requests queued in the \
+             generator and their latency includes that wait",
+            report.achieved_rps, report.rate_target
+        );
+    }
     if report.missed > 0 {
         eprintln!(
             "skymesh-loadgen: warning: {} requests due in the window were never sent; the target \
