@@ -249,8 +249,12 @@ mod tests {
     #[test]
     fn example_ai_gateway_block_is_valid() {
         let text = include_str!("../../configs/controller.example.toml");
-        let start = text.find("# --- ai_gateway example ---").expect("start marker");
-        let end = text.find("# --- end ai_gateway example ---").expect("end marker");
+        let start = text
+            .find("# --- ai_gateway example ---")
+            .expect("start marker");
+        let end = text
+            .find("# --- end ai_gateway example ---")
+            .expect("end marker");
         let block: String = text[start..end]
             .lines()
             .skip(1)

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::RwLock;
 
 type Labels = Vec<(String, String)>;
 
@@ -47,6 +48,54 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
+/// Handles on the series of one (route, upstream) pair; they share their
+/// values with the families, so bumping them is what [`AiMetrics::request`],
+/// [`AiMetrics::ttfb`] and [`AiMetrics::duration`] do, without the lookups.
+pub struct PairSeries {
+    route: String,
+    upstream: String,
+    requests: Family<Labels, Counter>,
+    /// Status code → its counter, filled as codes are first seen (a handful).
+    by_code: RwLock<Vec<(u16, Counter)>>,
+    duration: Histogram,
+    ttfb: Histogram,
+}
+
+impl PairSeries {
+    /// A request answered by this pair's upstream with `code`.
+    pub fn request(&self, code: u16) {
+        if let Ok(v) = self.by_code.read() {
+            if let Some((_, n)) = v.iter().find(|(c, _)| *c == code) {
+                n.inc();
+                return;
+            }
+        }
+        let n = self
+            .requests
+            .get_or_create(&labels(&[
+                ("route", &self.route),
+                ("upstream", &self.upstream),
+                ("code", &code.to_string()),
+            ]))
+            .clone();
+        n.inc();
+        if let Ok(mut v) = self.by_code.write() {
+            if !v.iter().any(|(c, _)| *c == code) {
+                v.push((code, n));
+            }
+        }
+    }
+
+    /// The duration histogram, kept by a request until its answer is over.
+    pub fn duration(&self) -> &Histogram {
+        &self.duration
+    }
+
+    pub fn ttfb(&self, seconds: f64) {
+        self.ttfb.observe(seconds);
+    }
+}
+
 /// One upstream's state for the gauges.
 pub struct UpstreamGauge<'a> {
     pub name: &'a str,
@@ -78,6 +127,21 @@ impl AiMetrics {
         self.ttfb
             .get_or_create(&labels(&[("route", route), ("upstream", upstream)]))
             .observe(seconds);
+    }
+
+    /// The series of one (route, upstream) pair, looked up once so that a
+    /// request bumps them without building label sets. The duration and TTFB
+    /// series appear in the exposition from here on.
+    pub fn pair(&self, route: &str, upstream: &str) -> PairSeries {
+        let l = labels(&[("route", route), ("upstream", upstream)]);
+        PairSeries {
+            route: route.to_string(),
+            upstream: upstream.to_string(),
+            requests: self.requests.clone(),
+            by_code: RwLock::new(Vec::new()),
+            duration: self.duration.get_or_create(&l).clone(),
+            ttfb: self.ttfb.get_or_create(&l).clone(),
+        }
     }
 
     pub fn failover(&self, route: &str) {
@@ -160,5 +224,27 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
         assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn pair_handles_bump_the_same_series_as_the_family_calls() {
+        let m = AiMetrics::default();
+        let p = m.pair("chat", "az");
+        p.request(200);
+        p.request(200);
+        m.request("chat", "az", 200);
+        p.request(503);
+        p.ttfb(0.05);
+        m.ttfb("chat", "az", 0.05);
+        p.duration().observe(0.2);
+        let text = skymesh_wire::prom::classic_text(&m.render(&[]));
+        for needle in [
+            "skymesh_ai_requests_total{route=\"chat\",upstream=\"az\",code=\"200\"} 3",
+            "skymesh_ai_requests_total{route=\"chat\",upstream=\"az\",code=\"503\"} 1",
+            "skymesh_ai_ttfb_seconds_count{route=\"chat\",upstream=\"az\"} 2",
+            "skymesh_ai_request_duration_seconds_count{route=\"chat\",upstream=\"az\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from\n{text}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`select`]: the decisions (strategy, residency, breakers, rate limits), sans-IO.
 //! - [`upstream`]: guarded connections and the per-upstream HTTP clients.
 //! - [`proxy`]: the HTTP driver, streaming relay and failover.
+//! - [`shard`]: the serving threads, one single-threaded runtime per core.
 //! - [`metrics`]: the `skymesh_ai_*` series.
 //!
 //! It must not touch the store or the netmap: it reads the registry and the
@@ -16,6 +17,7 @@ pub mod config;
 pub mod metrics;
 pub mod proxy;
 pub mod select;
+pub mod shard;
 pub mod upstream;
 
 use crate::control::Hub;
@@ -51,7 +53,7 @@ pub async fn start(
     refresh_fabric(&gw, &registry, &hub).await;
     {
         let gw = gw.clone();
-        tasks.spawn(async move { proxy::serve(listener, gw).await });
+        tasks.spawn(shard::run(listener, gw));
     }
     {
         let gw = gw.clone();

@@ -5,9 +5,10 @@
 //! unbuffered. Failover stops as soon as a response head reaches the client;
 //! after that a broken upstream ends the answer with an explicit error.
 
-use super::config::{BreakerConfig, GatewayConfig, KeyConfig, RouteConfig};
-use super::metrics::{AiMetrics, UpstreamGauge};
+use super::config::{GatewayConfig, KeyConfig, RouteConfig};
+use super::metrics::{AiMetrics, PairSeries, UpstreamGauge};
 use super::select::{self, Choice, Excluded, Health, RateLimit};
+use super::shard;
 use super::upstream::{self, Fabric, UpstreamClient};
 use anyhow::Result;
 use bytes::Bytes;
@@ -16,12 +17,13 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -33,9 +35,21 @@ pub const RESIDENCY_HEADER: &str = "x-skymesh-residency";
 
 /// One upstream as the running gateway holds it.
 pub struct Upstream {
-    pub client: UpstreamClient,
+    /// One per shard: [`Upstream::client`] picks the calling shard's.
+    clients: Vec<UpstreamClient>,
     /// Carried across reloads by name, so a reload does not close a circuit.
     pub health: Arc<Mutex<Health>>,
+    /// `x-skymesh-upstream` and `x-skymesh-region` of its answers (none for a
+    /// name that is not a valid header value).
+    name_header: Option<HeaderValue>,
+    region_header: Option<HeaderValue>,
+}
+
+impl Upstream {
+    /// The client (connection pool) of the calling thread's shard.
+    pub fn client(&self) -> &UpstreamClient {
+        &self.clients[shard::current() % self.clients.len()]
+    }
 }
 
 /// One upstream as the API shows it.
@@ -64,11 +78,16 @@ pub struct Generation {
     /// SHA-256 of a key → index into `config.keys`.
     keys: HashMap<[u8; 32], usize>,
     limits: Vec<Arc<Mutex<RateLimit>>>,
+    /// Per (route, upstream): the metric handles, made at the pair's first
+    /// answer. Indexed `route * upstreams.len() + upstream`.
+    series: Vec<OnceLock<PairSeries>>,
 }
 
 /// The gateway: the current generation, the fabric view, the metrics.
 pub struct Gateway {
     current: RwLock<Arc<Generation>>,
+    /// Serving threads, each with its own upstream connection pools.
+    shards: usize,
     pub fabric: Arc<Fabric>,
     pub metrics: AiMetrics,
 }
@@ -76,12 +95,18 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self> {
         let fabric = Arc::new(Fabric::default());
-        let generation = Generation::build(config, &fabric, None)?;
+        let shards = shard::count();
+        let generation = Generation::build(config, &fabric, None, shards)?;
         Ok(Self {
             current: RwLock::new(Arc::new(generation)),
+            shards,
             fabric,
             metrics: AiMetrics::default(),
         })
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
     }
 
     pub fn current(&self) -> Arc<Generation> {
@@ -95,7 +120,7 @@ impl Gateway {
     /// by name. Requests in flight finish on the old one.
     pub fn reload(&self, config: GatewayConfig) -> Result<()> {
         let old = self.current();
-        let next = Generation::build(config, &self.fabric, Some(&old))?;
+        let next = Generation::build(config, &self.fabric, Some(&old), self.shards)?;
         if next.config.listen != old.config.listen {
             tracing::warn!(
                 old = %old.config.listen,
@@ -180,6 +205,7 @@ impl Generation {
         config: GatewayConfig,
         fabric: &Arc<Fabric>,
         old: Option<&Generation>,
+        shards: usize,
     ) -> Result<Self> {
         let mut upstreams = Vec::new();
         for u in &config.upstreams {
@@ -193,8 +219,10 @@ impl Generation {
                 })
                 .unwrap_or_default();
             upstreams.push(Upstream {
-                client: upstream::client(u, fabric.clone())?,
+                clients: upstream::clients(u, fabric.clone(), shards)?,
                 health,
+                name_header: HeaderValue::from_str(&u.name).ok(),
+                region_header: HeaderValue::from_str(&u.region).ok(),
             });
         }
         let now = Instant::now();
@@ -212,11 +240,25 @@ impl Generation {
             limits
                 .push(carried.unwrap_or_else(|| Arc::new(Mutex::new(RateLimit::new(k.rpm, now)))));
         }
+        let series = (0..config.routes.len() * config.upstreams.len())
+            .map(|_| OnceLock::new())
+            .collect();
         Ok(Self {
             config,
             upstreams,
             keys,
             limits,
+            series,
+        })
+    }
+
+    /// The metric handles of a (route, upstream) pair.
+    fn series(&self, metrics: &AiMetrics, route: usize, u: usize) -> &PairSeries {
+        self.series[route * self.upstreams.len() + u].get_or_init(|| {
+            metrics.pair(
+                &self.config.routes[route].name,
+                &self.config.upstreams[u].name,
+            )
         })
     }
 }
@@ -273,10 +315,13 @@ fn check_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err(format!("path {path:?} must start with '/'"));
     }
-    let lower = path.to_ascii_lowercase();
-    for bad in ["%2e", "%2f", "%5c", "\\", "//"] {
-        if lower.contains(bad) {
-            return Err(format!("path {path:?}: {bad:?} is not allowed in a path"));
+    // Most paths hold none of the characters the patterns start with.
+    if path.bytes().any(|b| b == b'%' || b == b'\\') || path.contains("//") {
+        let lower = path.to_ascii_lowercase();
+        for bad in ["%2e", "%2f", "%5c", "\\", "//"] {
+            if lower.contains(bad) {
+                return Err(format!("path {path:?}: {bad:?} is not allowed in a path"));
+            }
         }
     }
     if path.split('/').any(|seg| seg == "." || seg == "..") {
@@ -314,39 +359,42 @@ fn residency(headers: &HeaderMap) -> Result<Option<BTreeSet<String>>, String> {
 /// Headers a proxy must not forward (RFC 9110 §7.6.1), and the client's own
 /// credentials and gateway controls, which stay here.
 fn strip_request_headers(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
+    // Found by one pass over the (few) names present rather than a lookup of
+    // every name that must go.
+    let mut doomed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in listed {
-        headers.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::HOST,
-        header::CONTENT_LENGTH,
-        header::AUTHORIZATION,
-    ] {
-        headers.remove(n);
-    }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "api-key",
-        "x-api-key",
-        RESIDENCY_HEADER,
-    ] {
+    doomed.extend(
+        headers
+            .keys()
+            .filter(|n| NOT_FORWARDED.contains(n))
+            .cloned(),
+    );
+    for n in doomed {
         headers.remove(n);
     }
 }
+
+const NOT_FORWARDED: [HeaderName; 14] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::HOST,
+    header::CONTENT_LENGTH,
+    header::AUTHORIZATION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("api-key"),
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static(RESIDENCY_HEADER),
+];
 
 fn strip_response_headers(headers: &mut HeaderMap) {
     for n in [
@@ -365,35 +413,33 @@ struct ModelField {
     model: Option<String>,
 }
 
-/// Everything one request's audit line and metrics need.
+/// Everything one request's audit line and metrics need besides its
+/// generation: indexes into it, not copies of its names.
 struct Ledger {
-    metrics: AiMetrics,
-    key: String,
-    route: String,
-    model: String,
-    upstream: String,
-    site: String,
-    region: String,
+    key: usize,
+    route: usize,
+    model: Option<String>,
     status: u16,
     attempts: usize,
     started: Instant,
     ttfb: Duration,
+    duration: Histogram,
 }
 
 impl Ledger {
     /// Writes the audit line and the duration once the answer is over.
-    fn finish(&self, outcome: &str, detail: Option<&str>) {
+    fn finish(&self, g: &Generation, u: usize, outcome: &str, detail: Option<&str>) {
         let elapsed = self.started.elapsed();
-        self.metrics
-            .duration(&self.route, &self.upstream, elapsed.as_secs_f64());
+        self.duration.observe(elapsed.as_secs_f64());
+        let up = &g.config.upstreams[u];
         tracing::info!(
             target: "skymesh_ai_audit",
-            key = %self.key,
-            route = %self.route,
-            model = %self.model,
-            upstream = %self.upstream,
-            site = %self.site,
-            region = %self.region,
+            key = %g.config.keys[self.key].name,
+            route = %g.config.routes[self.route].name,
+            model = %self.model.as_deref().unwrap_or_default(),
+            upstream = %up.name,
+            site = %up.site,
+            region = %up.region,
             status = self.status,
             attempts = self.attempts,
             ttfb_ms = self.ttfb.as_millis() as u64,
@@ -407,16 +453,22 @@ impl Ledger {
 
 /// The upstream's body on its way to the client: unbuffered, with an idle
 /// timeout, and an explicit error at the end if the upstream breaks off.
-struct Relay {
-    inner: Incoming,
+struct Relay<B = Incoming> {
+    inner: B,
+    /// The generation the request started with, and the upstream answering.
+    generation: Arc<Generation>,
+    upstream: usize,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    /// When the upstream last sent something (or its response head came).
+    last_data: tokio::time::Instant,
+    /// Armed the first time the upstream makes the client wait, and moved only
+    /// when it fires early (data came since it was armed): a frame costs a
+    /// clock read, not a timer-wheel update.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// An SSE stream ends with an `event: error` the client's SDK raises on.
     sse: bool,
     state: RelayState,
     ledger: Option<Ledger>,
-    health: Arc<Mutex<Health>>,
-    breaker: BreakerConfig,
 }
 
 enum RelayState {
@@ -431,14 +483,21 @@ enum RelayState {
 /// How long the error event gets to reach the client before the abort.
 const ERROR_EVENT_FLUSH: Duration = Duration::from_millis(100);
 
-impl Relay {
+impl<B> Relay<B> {
     fn fail(&mut self, reason: String) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let g = &*self.generation;
+        let u = self.upstream;
         if let Some(l) = self.ledger.take() {
-            tracing::warn!(upstream = %l.upstream, route = %l.route, reason = %reason, "upstream failed mid-answer");
-            l.finish("upstream_broke_off", Some(&reason));
+            tracing::warn!(
+                upstream = %g.config.upstreams[u].name,
+                route = %g.config.routes[l.route].name,
+                reason = %reason,
+                "upstream failed mid-answer"
+            );
+            l.finish(g, u, "upstream_broke_off", Some(&reason));
         }
         // Count it against the upstream, but the answer is already committed.
-        lock(&self.health).on_failure(Instant::now(), &self.breaker);
+        lock(&g.upstreams[u].health).on_failure(Instant::now(), &g.config.breaker);
         if self.sse {
             let event = json!({"error": {
                 "message": format!("the upstream failed mid-stream: {reason}"),
@@ -454,9 +513,39 @@ impl Relay {
             Poll::Ready(Some(Err(reason.into())))
         }
     }
+
+    fn complete(&mut self) {
+        self.state = RelayState::Done;
+        if let Some(l) = self.ledger.take() {
+            l.finish(&self.generation, self.upstream, "complete", None);
+        }
+    }
+
+    /// Whether the upstream has now been silent for `idle`; otherwise the
+    /// timer is armed to wake the task when it will have been.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = self.last_data + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if timer.deadline() >= deadline {
+                return true;
+            }
+            // Data came after it was armed: wait for the rest of the period.
+            timer.as_mut().reset(deadline);
+        }
+    }
 }
 
-impl Body for Relay {
+impl<B> Body for Relay<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -479,8 +568,12 @@ impl Body for Relay {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.last_data = tokio::time::Instant::now();
+                // A body of known length is over with its last byte: the
+                // server stops polling then, so this is where it completes.
+                if this.inner.is_end_stream() {
+                    this.complete();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -488,14 +581,11 @@ impl Body for Relay {
                 this.fail(reason)
             }
             Poll::Ready(None) => {
-                this.state = RelayState::Done;
-                if let Some(l) = this.ledger.take() {
-                    l.finish("complete", None);
-                }
+                this.complete();
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                if this.timer.as_mut().poll(cx).is_ready() {
+                if this.idle_expired(cx) {
                     let reason = format!("no data from the upstream for {:?}", this.idle);
                     this.fail(reason)
                 } else {
@@ -514,10 +604,10 @@ impl Body for Relay {
     }
 }
 
-impl Drop for Relay {
+impl<B> Drop for Relay<B> {
     fn drop(&mut self) {
         if let Some(l) = self.ledger.take() {
-            l.finish("client_gone", None);
+            l.finish(&self.generation, self.upstream, "client_gone", None);
         }
     }
 }
@@ -541,9 +631,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         );
         error(status, code, msg)
     };
+    let (mut parts, body) = req.into_parts();
 
     // Who is asking.
-    let Some(presented) = presented_key(req.headers()) else {
+    let Some(presented) = presented_key(&parts.headers) else {
         return refuse(
             "none",
             StatusCode::UNAUTHORIZED,
@@ -563,7 +654,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         );
     };
     let key: &KeyConfig = &g.config.keys[ki];
-    if let Err(wait) = lock(&g.limits[ki]).take(key.rpm, Instant::now()) {
+    if let Err(wait) = lock(&g.limits[ki]).take(key.rpm, started) {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
         let mut resp = refuse(
             "none",
@@ -581,8 +672,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     }
 
     // What is asked.
-    let path = req.uri().path().to_string();
-    if let Err(msg) = check_path(&path) {
+    let path = parts.uri.path();
+    if let Err(msg) = check_path(path) {
         return refuse(
             "none",
             StatusCode::BAD_REQUEST,
@@ -591,7 +682,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             &key.name,
         );
     }
-    if req.method() == Method::CONNECT {
+    if parts.method == Method::CONNECT {
         return refuse(
             "none",
             StatusCode::METHOD_NOT_ALLOWED,
@@ -600,11 +691,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             &key.name,
         );
     }
-    if path == "/v1/models" && req.method() == Method::GET {
+    if path == "/v1/models" && parts.method == Method::GET {
         m.request("models", "none", 200);
         return models(&g, key);
     }
-    let regions = match residency(req.headers()) {
+    let regions = match residency(&parts.headers) {
         Ok(r) => r,
         Err(msg) => {
             return refuse(
@@ -616,7 +707,6 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             )
         }
     };
-    let (parts, body) = req.into_parts();
     let body = match Limited::new(body, g.config.max_body_bytes).collect().await {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
@@ -648,11 +738,11 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     } else {
         None
     };
-    let Some(route) = g
+    let Some(ri) = g
         .config
         .routes
         .iter()
-        .find(|r| r.matches(&path, model.as_deref()))
+        .position(|r| r.matches(path, model.as_deref()))
     else {
         return refuse(
             "none",
@@ -668,6 +758,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             &key.name,
         );
     };
+    let route = &g.config.routes[ri];
     if !key.allows(&route.name) {
         return refuse(
             &route.name,
@@ -737,30 +828,46 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         }
     };
 
-    // Try them in order.
+    // Try them in order. The client's headers are stripped once; each attempt
+    // but the last sends a copy.
+    strip_request_headers(&mut parts.headers);
+    let tries = &order[..order.len().min(g.config.max_attempts)];
+    let mut headers = Some(parts.headers);
     let mut failures: Vec<String> = Vec::new();
     let mut last_answer: Option<(usize, Response<Incoming>)> = None;
     let mut attempts = 0;
-    for &u in order.iter().take(g.config.max_attempts) {
+    for (i, &u) in tries.iter().enumerate() {
         let up = &g.config.upstreams[u];
-        if !lock(&g.upstreams[u].health).acquire(Instant::now(), &g.config.breaker) {
+        let sent = Instant::now();
+        if !lock(&g.upstreams[u].health).acquire(sent, &g.config.breaker) {
             continue;
         }
         if attempts > 0 {
             m.failover(&route.name);
         }
         attempts += 1;
-        let upstream_req = match build_request(&parts, route, up, body.clone()) {
+        let attempt_headers = if i + 1 == tries.len() {
+            headers.take().unwrap_or_default()
+        } else {
+            headers.clone().unwrap_or_default()
+        };
+        let upstream_req = match build_request(
+            &parts.method,
+            &parts.uri,
+            attempt_headers,
+            route,
+            up,
+            body.clone(),
+        ) {
             Ok(r) => r,
             Err(msg) => {
                 failures.push(format!("{}: {msg}", up.name));
                 continue;
             }
         };
-        let sent = Instant::now();
         let result = tokio::time::timeout(
             up.first_byte_timeout,
-            g.upstreams[u].client.request(upstream_req),
+            g.upstreams[u].client().request(upstream_req),
         )
         .await;
         let failure = match result {
@@ -772,7 +879,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
                     why
                 } else {
                     lock(&g.upstreams[u].health).on_success(sent.elapsed());
-                    return relay(&gw, &g, key, route, model, u, resp, started, attempts);
+                    return relay(&gw, &g, ki, ri, model, u, resp, started, attempts);
                 }
             }
             Ok(Err(e)) => {
@@ -796,7 +903,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     // Every attempt failed. The last upstream's own error answer (a 5xx or a
     // 429 with its Retry-After) is more useful to the client than ours.
     if let Some((u, resp)) = last_answer {
-        return relay(&gw, &g, key, route, model, u, resp, started, attempts);
+        return relay(&gw, &g, ki, ri, model, u, resp, started, attempts);
     }
     let status = if failures.iter().any(|f| f.contains("first_byte_timeout")) {
         StatusCode::GATEWAY_TIMEOUT
@@ -841,21 +948,28 @@ fn describe_exclusions(cfg: &GatewayConfig, excluded: &[(usize, Excluded)]) -> S
 }
 
 /// The upstream request: the configured base URL, the client's path after the
-/// route's prefix and its query; the client's headers without its credentials;
-/// the upstream's credential.
+/// route's prefix and its query; the client's headers (already stripped of its
+/// credentials and hop-by-hop headers); the upstream's credential.
 fn build_request(
-    parts: &http::request::Parts,
+    method: &Method,
+    client_uri: &Uri,
+    mut headers: HeaderMap,
     route: &RouteConfig,
     up: &super::config::UpstreamConfig,
     body: Bytes,
 ) -> Result<Request<Full<Bytes>>, String> {
     let base = &up.base_url;
-    let mut path = base.path().trim_end_matches('/').to_string();
-    path.push_str(route.suffix(parts.uri.path()));
+    let prefix = base.path().trim_end_matches('/');
+    let suffix = route.suffix(client_uri.path());
+    let query = client_uri.query();
+    let mut path =
+        String::with_capacity(prefix.len() + suffix.len() + query.map_or(0, |q| q.len() + 1) + 1);
+    path.push_str(prefix);
+    path.push_str(suffix);
     if path.is_empty() {
         path.push('/');
     }
-    if let Some(q) = parts.uri.query() {
+    if let Some(q) = query {
         path.push('?');
         path.push_str(q);
     }
@@ -870,24 +984,25 @@ fn build_request(
         .path_and_query(path)
         .build()
         .map_err(|e| format!("building the upstream URL: {e}"))?;
-    let mut headers = parts.headers.clone();
-    strip_request_headers(&mut headers);
     if let Some((name, secret)) = &up.credential {
         headers.insert(name.clone(), secret.header_value().clone());
     }
     let mut req = Request::new(Full::new(body));
-    *req.method_mut() = parts.method.clone();
+    *req.method_mut() = method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = headers;
     Ok(req)
 }
 
+const UPSTREAM_HEADER: HeaderName = HeaderName::from_static("x-skymesh-upstream");
+const REGION_HEADER: HeaderName = HeaderName::from_static("x-skymesh-region");
+
 #[allow(clippy::too_many_arguments)]
 fn relay(
     gw: &Gateway,
-    g: &Generation,
-    key: &KeyConfig,
-    route: &RouteConfig,
+    g: &Arc<Generation>,
+    key: usize,
+    route: usize,
     model: Option<String>,
     u: usize,
     resp: Response<Incoming>,
@@ -897,8 +1012,9 @@ fn relay(
     let up = &g.config.upstreams[u];
     let ttfb = started.elapsed();
     let status = resp.status();
-    gw.metrics.request(&route.name, &up.name, status.as_u16());
-    gw.metrics.ttfb(&route.name, &up.name, ttfb.as_secs_f64());
+    let series = g.series(&gw.metrics, route, u);
+    series.request(status.as_u16());
+    series.ttfb(ttfb.as_secs_f64());
     let (mut parts, inner) = resp.into_parts();
     strip_response_headers(&mut parts.headers);
     let sse = parts
@@ -906,36 +1022,35 @@ fn relay(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let tags = &g.upstreams[u];
     for (name, value) in [
-        ("x-skymesh-upstream", &up.name),
-        ("x-skymesh-region", &up.region),
+        (UPSTREAM_HEADER, &tags.name_header),
+        (REGION_HEADER, &tags.region_header),
     ] {
-        if let Ok(v) = HeaderValue::from_str(value) {
-            parts.headers.insert(name, v);
+        if let Some(v) = value {
+            parts.headers.insert(name, v.clone());
         }
     }
     let ledger = Ledger {
-        metrics: gw.metrics.clone(),
-        key: key.name.clone(),
-        route: route.name.clone(),
-        model: model.unwrap_or_default(),
-        upstream: up.name.clone(),
-        site: up.site.clone(),
-        region: up.region.clone(),
+        key,
+        route,
+        model,
         status: status.as_u16(),
         attempts,
         started,
         ttfb,
+        duration: series.duration().clone(),
     };
     let body = Relay {
         inner,
+        generation: g.clone(),
+        upstream: u,
         idle: up.idle_timeout,
-        timer: Box::pin(tokio::time::sleep(up.idle_timeout)),
+        last_data: tokio::time::Instant::now(),
+        timer: None,
         sse,
         state: RelayState::Streaming,
         ledger: Some(ledger),
-        health: g.upstreams[u].health.clone(),
-        breaker: g.config.breaker.clone(),
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -966,7 +1081,8 @@ fn models(g: &Generation, key: &KeyConfig) -> Response<GwBody> {
     resp
 }
 
-/// Accepts clients (HTTP/1.1 or h2) until the task is aborted.
+/// Accepts clients (HTTP/1.1 or h2) until the task is aborted; run by each
+/// [`shard`] on its thread.
 pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<()> {
     loop {
         let (stream, _peer) = match listener.accept().await {
@@ -1058,12 +1174,209 @@ mod tests {
             (RESIDENCY_HEADER, "eastasia"),
             ("content-type", "application/json"),
             ("openai-beta", "assistants=v2"),
+            ("x-api-key", "k1"),
+            ("x-api-key", "k2"),
+            ("proxy-authorization", "Basic abc"),
+            ("proxy-connection", "keep-alive"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("trailer", "x-checksum"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("content-length", "12"),
         ] {
-            h.insert(HeaderName::from_static(n), HeaderValue::from_static(v));
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
         }
         strip_request_headers(&mut h);
         let left: BTreeSet<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, BTreeSet::from(["content-type", "openai-beta"]));
+    }
+
+    /// A gateway config with one upstream, for driving a [`Relay`].
+    fn one_upstream(idle: Duration) -> GatewayConfig {
+        use super::super::config::{BreakerConfig, Kind, Strategy, UpstreamConfig};
+        GatewayConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            node: None,
+            max_body_bytes: 1 << 20,
+            max_attempts: 3,
+            breaker: BreakerConfig {
+                failures: 3,
+                open_for: Duration::from_secs(10),
+            },
+            upstreams: vec![UpstreamConfig {
+                name: "az".into(),
+                kind: Kind::OpenAi,
+                site: "az".into(),
+                region: "eastasia".into(),
+                base_url: "http://10.0.0.1/v1".parse().expect("uri"),
+                public: false,
+                credential: None,
+                models: vec![],
+                connect_timeout: Duration::from_secs(1),
+                first_byte_timeout: Duration::from_secs(1),
+                idle_timeout: idle,
+                ca_file: None,
+            }],
+            routes: vec![RouteConfig {
+                name: "chat".into(),
+                path_prefix: "/v1".into(),
+                models: vec![],
+                strategy: Strategy::Priority,
+                upstreams: vec![0],
+                weights: vec![],
+                allowed_regions: None,
+            }],
+            keys: vec![],
+        }
+    }
+
+    /// An upstream body fed by the test: each message is a data frame; the
+    /// end of the channel is the end of the body.
+    struct Fed(tokio::sync::mpsc::Receiver<&'static str>);
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::io::Error;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|m| m.map(|s| Ok(Frame::data(Bytes::from_static(s.as_bytes())))))
+        }
+    }
+
+    /// A relay of `inner` with a ledger whose duration histogram is returned.
+    fn relay_over<B>(inner: B, idle: Duration, sse: bool) -> (Relay<B>, Histogram) {
+        let generation =
+            Generation::build(one_upstream(idle), &Arc::new(Fabric::default()), None, 1)
+                .expect("generation");
+        let duration = Histogram::new([1.0]);
+        let relay = Relay {
+            inner,
+            generation: Arc::new(generation),
+            upstream: 0,
+            idle,
+            last_data: tokio::time::Instant::now(),
+            timer: None,
+            sse,
+            state: RelayState::Streaming,
+            ledger: Some(Ledger {
+                key: 0,
+                route: 0,
+                model: None,
+                status: 200,
+                attempts: 1,
+                started: Instant::now(),
+                ttfb: Duration::ZERO,
+                duration: duration.clone(),
+            }),
+        };
+        (relay, duration)
+    }
+
+    fn relay_of(
+        rx: tokio::sync::mpsc::Receiver<&'static str>,
+        idle: Duration,
+        sse: bool,
+    ) -> Relay<Fed> {
+        relay_over(Fed(rx), idle, sse).0
+    }
+
+    /// How many requests a duration histogram has seen.
+    fn observed(h: &Histogram) -> u64 {
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("d", "d", h.clone());
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text.lines()
+            .find_map(|l| l.strip_prefix("d_count "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("d_count")
+    }
+
+    #[tokio::test]
+    async fn a_body_of_known_length_completes_with_its_last_byte() {
+        // The server stops polling a body once its length is written, so the
+        // answer must be complete (audit line, duration) by then.
+        let (mut relay, duration) = relay_over(
+            Full::new(Bytes::from_static(b"{}")),
+            Duration::from_secs(5),
+            false,
+        );
+        assert!(relay.ledger.is_some());
+        relay.frame().await.expect("frame").expect("data");
+        assert!(relay.is_end_stream());
+        assert!(
+            relay.ledger.is_none(),
+            "finished as complete, not client_gone"
+        );
+        assert_eq!(observed(&duration), 1);
+        drop(relay);
+        assert_eq!(observed(&duration), 1, "finished once");
+    }
+
+    // Real time, short periods: the controller's tokio has no `test-util`
+    // (paused time). The bounds leave a scheduling margin.
+    #[tokio::test]
+    async fn the_idle_timeout_counts_from_the_last_frame() {
+        let ms = Duration::from_millis;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut relay = relay_of(rx, ms(400), false);
+        let start = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(ms(250)).await;
+                tx.send("chunk").await.expect("send");
+            }
+            tokio::time::sleep(ms(5000)).await;
+        });
+        for _ in 0..3 {
+            let frame = relay.frame().await.expect("frame").expect("data");
+            assert_eq!(frame.into_data().expect("data"), "chunk");
+        }
+        let last = start.elapsed();
+        assert!(last >= ms(750), "{last:?}");
+        // Each gap was under the timeout; the silence after the last frame is not.
+        let err = relay.frame().await.expect("end").expect_err("idle");
+        let silent = start.elapsed() - last;
+        assert!(silent >= ms(400) && silent < ms(700), "{silent:?}");
+        assert!(
+            err.to_string()
+                .contains("no data from the upstream for 400ms"),
+            "{err}"
+        );
+        assert!(relay.frame().await.is_none());
+        assert!(!lock(&relay.generation.upstreams[0].health).is_up());
+    }
+
+    #[tokio::test]
+    async fn an_idle_sse_stream_ends_with_an_error_event_then_an_error() {
+        let ms = Duration::from_millis;
+        let (_tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut relay = relay_of(rx, ms(200), true);
+        let start = tokio::time::Instant::now();
+        let event = relay.frame().await.expect("event").expect("data");
+        assert!(start.elapsed() >= ms(200));
+        let text = event.into_data().expect("data");
+        assert!(text.starts_with(b"event: error\ndata: "), "{text:?}");
+        relay.frame().await.expect("end").expect_err("abort");
+        assert!(start.elapsed() >= ms(200) + ERROR_EVENT_FLUSH);
+        assert!(relay.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_complete_body_ends_cleanly() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (relay, duration) = relay_over(Fed(rx), Duration::from_secs(5), false);
+        tx.send("all").await.expect("send");
+        drop(tx);
+        let body = relay.collect().await.expect("body").to_bytes();
+        assert_eq!(body, "all");
+        assert_eq!(observed(&duration), 1);
     }
 
     #[test]

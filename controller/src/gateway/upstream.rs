@@ -1,5 +1,5 @@
-//! Connections to upstreams. Each upstream gets its own HTTP client (a pool,
-//! TLS with rustls, HTTP/1.1 or h2 by ALPN) over a connector that checks every
+//! Connections to upstreams. Each upstream gets its own HTTP clients (a pool per
+//! gateway shard, TLS with rustls, HTTP/1.1 or h2 by ALPN) over a connector that checks every
 //! address it is about to dial: a fabric upstream only inside the VPC prefixes
 //! of its site (so the connection rides the mesh), a public one anywhere but
 //! link-local (the cloud metadata service) and unspecified or multicast
@@ -68,8 +68,11 @@ fn forbidden(ip: IpAddr) -> Option<&'static str> {
 }
 
 /// Dials an upstream, refusing addresses outside what its config allows.
+/// The client clones it for every request, so it is one `Arc`.
 #[derive(Clone)]
-pub struct GuardedConnector {
+pub struct GuardedConnector(Arc<Guard>);
+
+struct Guard {
     upstream: String,
     /// `None` for a public upstream.
     site: Option<String>,
@@ -80,6 +83,12 @@ pub struct GuardedConnector {
 impl GuardedConnector {
     /// Whether the upstream may be dialled at `ip`; the error says why not.
     pub fn check(&self, ip: IpAddr) -> Result<(), String> {
+        self.0.check(ip)
+    }
+}
+
+impl Guard {
+    fn check(&self, ip: IpAddr) -> Result<(), String> {
         if let Some(why) = forbidden(ip) {
             return Err(format!(
                 "upstream {}: refusing to connect to {ip}: {why}",
@@ -139,14 +148,14 @@ impl tower_service::Service<Uri> for GuardedConnector {
                     refused = Some(why);
                     continue;
                 }
-                let stream = tokio::time::timeout(this.connect_timeout, TcpStream::connect(addr))
+                let stream = tokio::time::timeout(this.0.connect_timeout, TcpStream::connect(addr))
                     .await
                     .map_err(|_| {
                         std::io::Error::new(
                             std::io::ErrorKind::TimedOut,
                             format!(
                                 "connect to {addr} timed out after {:?}",
-                                this.connect_timeout
+                                this.0.connect_timeout
                             ),
                         )
                     })??;
@@ -164,8 +173,10 @@ impl tower_service::Service<Uri> for GuardedConnector {
 pub type HttpsConnector = hyper_rustls::HttpsConnector<GuardedConnector>;
 pub type UpstreamClient = Client<HttpsConnector, Full<Bytes>>;
 
-/// Builds the client of one upstream.
-pub fn client(cfg: &UpstreamConfig, fabric: Arc<Fabric>) -> Result<UpstreamClient> {
+/// Builds `n` clients of one upstream (one per gateway shard): the same
+/// connector and TLS config, each with its own connection pool, so a shard's
+/// requests use connections whose tasks run on that shard's thread.
+pub fn clients(cfg: &UpstreamConfig, fabric: Arc<Fabric>, n: usize) -> Result<Vec<UpstreamClient>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &cfg.ca_file {
@@ -201,21 +212,25 @@ pub fn client(cfg: &UpstreamConfig, fabric: Arc<Fabric>) -> Result<UpstreamClien
     .context("TLS versions")?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let connector = GuardedConnector {
+    let connector = GuardedConnector(Arc::new(Guard {
         upstream: cfg.name.clone(),
         site: (!cfg.public).then(|| cfg.site.clone()),
         fabric,
         connect_timeout: cfg.connect_timeout,
-    };
+    }));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(connector);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(256)
-        .build(https))
+    Ok((0..n.max(1))
+        .map(|_| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(256)
+                .build(https.clone())
+        })
+        .collect())
 }
 
 /// The first refusal or IO error message in an error's chain, for the reason
@@ -238,12 +253,12 @@ mod tests {
     use super::*;
 
     fn connector(site: Option<&str>, fabric: Arc<Fabric>) -> GuardedConnector {
-        GuardedConnector {
+        GuardedConnector(Arc::new(Guard {
             upstream: "az".into(),
             site: site.map(String::from),
             fabric,
             connect_timeout: Duration::from_secs(1),
-        }
+        }))
     }
 
     #[test]
