@@ -123,13 +123,19 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
 
     // The last status line: a chat completion from aws's VPC host, answered by
     // a backend in another cloud.
-    let last = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     ensure!(
         last.contains("aws VPC host → gateway → ") && last.contains("echo: hello from aws"),
         "`up` did not end with a chat completion through the gateway:\n{out}"
     );
     ensure!(
-        ["(gcp)", "(azure)", "(alibaba)"].iter().any(|c| last.contains(c)),
+        ["(gcp)", "(azure)", "(alibaba)"]
+            .iter()
+            .any(|c| last.contains(c)),
         "{last}"
     );
 
@@ -139,8 +145,12 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
     let vars: Vec<&str> = env_text.lines().collect();
     ensure!(
         env.status.success()
-            && vars.iter().any(|l| l.starts_with("OPENAI_BASE_URL=http://"))
-            && vars.iter().any(|l| l.starts_with("OPENAI_API_KEY=sk-skymesh-")),
+            && vars
+                .iter()
+                .any(|l| l.starts_with("OPENAI_BASE_URL=http://"))
+            && vars
+                .iter()
+                .any(|l| l.starts_with("OPENAI_API_KEY=sk-skymesh-")),
         "`skymesh-lab env`: {env_text}{}",
         String::from_utf8_lossy(&env.stderr)
     );

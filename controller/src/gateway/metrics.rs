@@ -48,9 +48,9 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
-/// Handles on the series of one (route, upstream) pair; they share their
-/// values with the families, so bumping them is what [`AiMetrics::request`],
-/// [`AiMetrics::ttfb`] and [`AiMetrics::duration`] do, without the lookups.
+/// Handles on the series of one (route, upstream) pair. They share their
+/// values with the families: a bump is a bump of the labelled series, without
+/// building and hashing its labels.
 pub struct PairSeries {
     route: String,
     upstream: String,
@@ -86,11 +86,13 @@ impl PairSeries {
         }
     }
 
-    /// The duration histogram, kept by a request until its answer is over.
+    /// From the request's arrival to the last byte of the answer (or its
+    /// failure): kept by a request until its answer is over.
     pub fn duration(&self) -> &Histogram {
         &self.duration
     }
 
+    /// From the request's arrival to the response head, failovers included.
     pub fn ttfb(&self, seconds: f64) {
         self.ttfb.observe(seconds);
     }
@@ -113,20 +115,6 @@ impl AiMetrics {
                 ("code", &code.to_string()),
             ]))
             .inc();
-    }
-
-    /// From the request's arrival to the last byte of the answer (or its failure).
-    pub fn duration(&self, route: &str, upstream: &str, seconds: f64) {
-        self.duration
-            .get_or_create(&labels(&[("route", route), ("upstream", upstream)]))
-            .observe(seconds);
-    }
-
-    /// From the request's arrival to the response head, failovers included.
-    pub fn ttfb(&self, route: &str, upstream: &str, seconds: f64) {
-        self.ttfb
-            .get_or_create(&labels(&[("route", route), ("upstream", upstream)]))
-            .observe(seconds);
     }
 
     /// The series of one (route, upstream) pair, looked up once so that a
@@ -204,9 +192,10 @@ mod tests {
     #[test]
     fn series_are_named_as_the_issue_lists_them() {
         let m = AiMetrics::default();
-        m.request("chat", "az", 200);
-        m.duration("chat", "az", 0.2);
-        m.ttfb("chat", "az", 0.05);
+        let p = m.pair("chat", "az");
+        p.request(200);
+        p.duration().observe(0.2);
+        p.ttfb(0.05);
         m.failover("chat");
         let text = skymesh_wire::prom::classic_text(&m.render(&[UpstreamGauge {
             name: "az",
@@ -227,7 +216,7 @@ mod tests {
     }
 
     #[test]
-    fn pair_handles_bump_the_same_series_as_the_family_calls() {
+    fn pair_handles_bump_the_labelled_series() {
         let m = AiMetrics::default();
         let p = m.pair("chat", "az");
         p.request(200);
@@ -235,7 +224,8 @@ mod tests {
         m.request("chat", "az", 200);
         p.request(503);
         p.ttfb(0.05);
-        m.ttfb("chat", "az", 0.05);
+        // Another handle on the same pair (a reload's) shares the values.
+        m.pair("chat", "az").ttfb(0.05);
         p.duration().observe(0.2);
         let text = skymesh_wire::prom::classic_text(&m.render(&[]));
         for needle in [

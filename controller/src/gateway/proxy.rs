@@ -105,6 +105,7 @@ impl Gateway {
         })
     }
 
+    /// How many threads serve clients ([`shard`]).
     pub fn shards(&self) -> usize {
         self.shards
     }
