@@ -73,6 +73,24 @@ pub fn run_python(ns: Option<&str>, script: &str, env: &[(&str, &str)]) -> Resul
     Ok(value)
 }
 
+/// The status of the last response head in `curl -i` output (after any
+/// interim `100 Continue`).
+pub fn http_status(text: &str) -> Option<u16> {
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("HTTP/"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+}
+
+/// A response header's value in `curl -i` output.
+pub fn http_header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
 /// curl with `args`; returns the whole output whatever the exit code.
 pub fn curl(ns: Option<&str>, args: &[&str]) -> Result<Output> {
     let mut full = vec!["-sS", "--max-time", "30"];

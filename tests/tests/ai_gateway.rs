@@ -285,19 +285,11 @@ upstreams = ["metadata"]
 
 /// The status of the last response head in `curl -i` output.
 fn status_of(text: &str) -> Result<u16> {
-    text.lines()
-        .rev()
-        .find(|l| l.starts_with("HTTP/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("no HTTP status in {text:?}"))
+    ai::http_status(text).with_context(|| format!("no HTTP status in {text:?}"))
 }
 
 fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-    text.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case(name).then(|| v.trim())
-    })
+    ai::http_header(text, name)
 }
 
 /// A sample of `metric{labels}` in an exposition, 0 when absent.

@@ -58,21 +58,8 @@ fn chat(
     args.push(&url);
     let out = skymesh_tests::proc::output(&mut lab.vpc_command(site, "curl", &args)?)?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let status = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("HTTP/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let header = |name: &str| {
-        text.lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-            })
-            .unwrap_or_default()
-    };
+    let status = ai::http_status(&text).unwrap_or(0);
+    let header = |name: &str| ai::http_header(&text, name).unwrap_or_default().to_string();
     let body = text.split("\r\n\r\n").last().unwrap_or("").to_string();
     Ok((
         status,

@@ -650,14 +650,11 @@ fn ai_report(lab: &Lab, dir: &Path) -> Result<String> {
         )?)?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let header = |name: &str| {
-            text.lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-                })
+            skymesh_tests::ai::http_header(&text, name)
                 .unwrap_or_default()
+                .to_string()
         };
-        if text.starts_with("HTTP/1.1 200") {
+        if skymesh_tests::ai::http_status(&text) == Some(200) {
             let json_start = text.find('{').unwrap_or(text.len());
             let answer: serde_json::Value =
                 serde_json::from_str(&text[json_start..]).unwrap_or_default();
