@@ -121,7 +121,11 @@ stop_all() {
 
 measure_throughput() { # name -> appends "tput name gbps" to results
   local name=$1
-  ip netns exec "$NA" ping -c 5 -i 0.05 -W 1 "$TARGET" > /dev/null || { echo "$name: tunnel did not come up" >&2; return 1; }
+  ip netns exec "$NA" ping -c 1 -w 5 "$TARGET" > /dev/null || {
+    echo "$name: tunnel did not come up; logs:" >&2
+    tail -n 20 "$WORK"/*.log >&2 || true
+    return 1
+  }
   ip netns exec "$NB" iperf3 -s -1 -D -I "$WORK/iperf.pid" > /dev/null; sleep 0.2
   local gbps
   gbps=$(ip netns exec "$NA" iperf3 -c "$TARGET" -t "$SECS" -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')
@@ -151,7 +155,7 @@ done
 echo "== ping RTT, interleaved" >&2
 start_skymesh; start_userspace_wg wggo; start_userspace_wg boringtun
 for t in 192.0.2.2 100.96.0.2 100.97.0.2 100.98.0.2; do
-  ip netns exec "$NA" ping -c 5 -i 0.05 -W 1 "$t" > /dev/null || { echo "tunnel to $t did not come up" >&2; exit 1; }
+  ip netns exec "$NA" ping -c 1 -w 5 "$t" > /dev/null || { echo "tunnel to $t did not come up; logs:" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1; }
 done
 for cycle in $(seq $((ROUNDS * 4))); do
   for pair in raw-veth:192.0.2.2 skymesh-agent:100.96.0.2 wireguard-go:100.97.0.2 boringtun-cli:100.98.0.2; do
