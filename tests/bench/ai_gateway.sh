@@ -97,6 +97,7 @@ http {
 EOF
 nginx -c "$WORK/nginx.conf" -g 'daemon off;' &
 PIDS+=($!)
+NGINX_PID=$!
 
 # The gateway (skymesh-controller with [ai_gateway]), one route, one key.
 CLIENT_ENTRY=$("$BIN/skymesh-controller" ai-key create --name bench --out "$WORK/client.key" --rpm 1000000)
@@ -133,6 +134,7 @@ $CLIENT_ENTRY
 EOF
 SKYMESH_LOG=${GATEWAY_LOG:-warn} "$BIN/skymesh-controller" run --config "$WORK/controller.toml" >"$WORK/controller.log" 2>&1 &
 PIDS+=($!)
+GATEWAY_PID=$!
 
 wait_port $BACKEND_PORT
 wait_port $NGINX_PORT
@@ -142,15 +144,31 @@ BODY='{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello from th
 # Time the hypervisor gave other guests (steal) and all time, in USER_HZ ticks
 # summed over the CPUs, from /proc/stat.
 cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t }' /proc/stat; }
+# CPU time (user + system ticks, all threads) of a proxy: nginx's master and
+# workers, or the controller; 0 for direct.
+proxy_ticks() {
+  local pids=""
+  case $1 in
+    nginx) pids="$NGINX_PID $(pgrep -P "$NGINX_PID" | tr '\n' ' ')" ;;
+    gateway) pids=$GATEWAY_PID ;;
+  esac
+  local t=0 p
+  for p in $pids; do
+    t=$((t + $(sed 's/^.*) //' "/proc/$p/stat" | awk '{ print $12 + $13 }')))
+  done
+  echo "$t"
+}
 run() { # name url key rate conns round
-  local before after
+  local before after p0 p1
   before=$(cpu_ticks)
+  p0=$(proxy_ticks "$1")
   "$BIN/skymesh-loadgen" --url "$2/v1/chat/completions" --method POST \
     --header "authorization: Bearer $3" --header "content-type: application/json" \
     --body "$BODY" --rate "$4" --connections "$5" --duration "${SECS}s" --warmup 2s \
     >"$WORK/$1-$4-$6.json"
   after=$(cpu_ticks)
-  echo "$before $after" >"$WORK/$1-$4-$6.steal"
+  p1=$(proxy_ticks "$1")
+  echo "$before $after $p0 $p1" >"$WORK/$1-$4-$6.steal"
 }
 targets=("direct http://127.0.0.1:$BACKEND_PORT $UPSTREAM_KEY"
   "nginx http://127.0.0.1:$NGINX_PORT $UPSTREAM_KEY"
@@ -186,8 +204,12 @@ def load(name, rate, rnd):
     with open(os.path.join(work, f"{name}-{rate}-{rnd}.json")) as f:
         r = json.load(f)
     with open(os.path.join(work, f"{name}-{rate}-{rnd}.steal")) as f:
-        s0, t0, s1, t1 = map(int, f.read().split())
+        s0, t0, s1, t1, p0, p1 = map(int, f.read().split())
     r["steal"] = (s1 - s0) / max(t1 - t0, 1)
+    # Proxy CPU per request, in µs (ticks are 10 ms); warmup requests
+    # included in both, so the ratio holds.
+    total = r["achieved_rps"] * (float(secs) + 2)
+    r["cpu_us"] = (p1 - p0) * 10_000 / max(total, 1)
     return r
 loads = rates + [0]
 runs = {(n, rate): [load(n, rate, k) for k in range(1, rounds + 1)] for n in names for rate in loads}
@@ -214,6 +236,9 @@ ratios = [g["achieved_rps"] / x["achieved_rps"] for g, x in zip(runs[("gateway",
 print(f"\nmax throughput (median): direct {rps('direct', 0):.0f}, nginx {rps('nginx', 0):.0f}, gateway {rps('gateway', 0):.0f} req/s;"
       f" gateway/nginx = {rps('gateway', 0) / rps('nginx', 0):.2f}"
       f" (rounds: {', '.join(f'{x:.2f}' for x in ratios)}; target >= 0.8)")
+cpu = {n: med(r["cpu_us"] for r in runs[(n, 0)]) for n in ("nginx", "gateway")}
+print(f"proxy CPU per request at saturation (median): nginx {cpu['nginx']:.1f} us, gateway {cpu['gateway']:.1f} us;"
+      f" gateway/nginx = {cpu['gateway'] / cpu['nginx']:.2f}")
 if 1000 in rates:
     per = [(g["latency_us"]["p99"] - d["latency_us"]["p99"]) / 1000
            for g, d in zip(runs[("gateway", 1000)], runs[("direct", 1000)])]

@@ -260,8 +260,19 @@ impl Backend {
 
     /// Requests it served (its `/_lab/stats`).
     pub fn requests(&self) -> Result<u64> {
+        self.stat("requests")
+    }
+
+    /// Connections it accepted, this call's own included (its `/_lab/stats`).
+    pub fn connections(&self) -> Result<u64> {
+        self.stat("connections")
+    }
+
+    fn stat(&self, name: &str) -> Result<u64> {
         let v: Value = serde_json::from_str(&self.lab_call("GET", "/_lab/stats", None)?)?;
-        v["requests"].as_u64().context("stats without requests")
+        v[name]
+            .as_u64()
+            .with_context(|| format!("stats without {name}: {v}"))
     }
 
     /// The `[[ai_gateway.upstreams]]` entry for this backend.

@@ -211,6 +211,7 @@ pub struct LabState {
     by_path: BTreeMap<String, u64>,
     requests: u64,
     faults_applied: u64,
+    connections: u64,
 }
 
 /// The body of `GET /_lab/stats`.
@@ -220,6 +221,9 @@ pub struct Stats<'a> {
     pub requests: u64,
     pub by_path: &'a BTreeMap<String, u64>,
     pub faults_applied: u64,
+    /// Connections accepted since the start (a client that reuses its
+    /// connections keeps this low).
+    pub connections: u64,
 }
 
 impl LabState {
@@ -259,6 +263,7 @@ impl LabState {
             requests: self.requests,
             by_path: &self.by_path,
             faults_applied: self.faults_applied,
+            connections: self.connections,
         }
     }
 }
@@ -1134,6 +1139,7 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        backend.lab().connections += 1;
         let (builder, backend, tls) = (builder.clone(), backend.clone(), tls.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {

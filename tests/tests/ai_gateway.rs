@@ -655,6 +655,44 @@ fn residency_refuses_rather_than_sending_data_elsewhere() -> Result<()> {
 }
 
 #[test]
+fn upstream_connections_are_pooled_and_reused() -> Result<()> {
+    e2e("ai-pool", |env| {
+        let f = Fixture::start(env)?;
+        // The gateway serves on one thread per core, each with its own pools.
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get().min(8)) as u64;
+        let (east0, shanghai0) = (f.east.connections()?, f.shanghai.connections()?);
+        for i in 0..30 {
+            // east over HTTP/1.1, shanghai (the cn route) over TLS with h2;
+            // every third request streams.
+            let path = if i % 2 == 0 {
+                "/v1/chat/completions"
+            } else {
+                "/cn/v1/chat/completions"
+            };
+            let stream = i % 3 == 0;
+            let body = Fixture::chat_body(&format!("pool {i}"), stream);
+            let (status, text) = f.post(&f.app.key, path, &body, &[])?;
+            let whole = if stream {
+                text.contains("data: [DONE]")
+            } else {
+                text.contains(&format!("pool {i}"))
+            };
+            ensure!(status == 200 && whole, "request {i} to {path}: {text}");
+        }
+        // Each stats call is a connection of its own; the second one counts.
+        let east = f.east.connections()? - east0 - 1;
+        let shanghai = f.shanghai.connections()? - shanghai0 - 1;
+        ensure!(
+            (1..=shards).contains(&east) && (1..=shards).contains(&shanghai),
+            "30 requests over {shards} shard(s) opened {east} connection(s) to east and {shanghai} to shanghai; \
+             expected 1 to {shards} each (one pool per shard)"
+        );
+        eprintln!("30 requests: {east} connection(s) to east (HTTP/1.1), {shanghai} to shanghai (h2), {shards} shard(s)");
+        Ok(())
+    })
+}
+
+#[test]
 fn keys_are_checked_limited_and_scoped() -> Result<()> {
     e2e("ai-keys", |env| {
         let f = Fixture::start(env)?;

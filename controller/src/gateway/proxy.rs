@@ -9,7 +9,7 @@ use super::config::{GatewayConfig, KeyConfig, RouteConfig};
 use super::metrics::{AiMetrics, PairSeries, UpstreamGauge};
 use super::select::{self, Choice, Excluded, Health, RateLimit};
 use super::shard;
-use super::upstream::{self, Fabric, UpstreamClient};
+use super::upstream::{self, Fabric, Lease, Pool};
 use anyhow::Result;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -35,8 +35,8 @@ pub const RESIDENCY_HEADER: &str = "x-skymesh-residency";
 
 /// One upstream as the running gateway holds it.
 pub struct Upstream {
-    /// One per shard: [`Upstream::client`] picks the calling shard's.
-    clients: Vec<UpstreamClient>,
+    /// One per shard: [`Upstream::pool`] picks the calling shard's.
+    pools: Vec<Pool>,
     /// Carried across reloads by name, so a reload does not close a circuit.
     pub health: Arc<Mutex<Health>>,
     /// `x-skymesh-upstream` and `x-skymesh-region` of its answers (none for a
@@ -46,9 +46,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// The client (connection pool) of the calling thread's shard.
-    pub fn client(&self) -> &UpstreamClient {
-        &self.clients[shard::current() % self.clients.len()]
+    /// The connection pool of the calling thread's shard.
+    pub fn pool(&self) -> &Pool {
+        &self.pools[shard::current() % self.pools.len()]
     }
 }
 
@@ -220,7 +220,7 @@ impl Generation {
                 })
                 .unwrap_or_default();
             upstreams.push(Upstream {
-                clients: upstream::clients(u, fabric.clone(), shards)?,
+                pools: upstream::pools(u, fabric.clone(), shards)?,
                 health,
                 name_header: HeaderValue::from_str(&u.name).ok(),
                 region_header: HeaderValue::from_str(&u.region).ok(),
@@ -470,6 +470,9 @@ struct Relay<B = Incoming> {
     sse: bool,
     state: RelayState,
     ledger: Option<Ledger>,
+    /// The upstream connection, back to its pool once the answer is read to
+    /// its end; closed with the relay otherwise.
+    lease: Option<Lease>,
 }
 
 enum RelayState {
@@ -517,6 +520,9 @@ impl<B> Relay<B> {
 
     fn complete(&mut self) {
         self.state = RelayState::Done;
+        if let Some(lease) = self.lease.take() {
+            lease.release();
+        }
         if let Some(l) = self.ledger.take() {
             l.finish(&self.generation, self.upstream, "complete", None);
         }
@@ -835,7 +841,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     let tries = &order[..order.len().min(g.config.max_attempts)];
     let mut headers = Some(parts.headers);
     let mut failures: Vec<String> = Vec::new();
-    let mut last_answer: Option<(usize, Response<Incoming>)> = None;
+    let mut last_answer: Option<(usize, Response<Incoming>, Option<Lease>)> = None;
     let mut attempts = 0;
     for (i, &u) in tries.iter().enumerate() {
         let up = &g.config.upstreams[u];
@@ -868,24 +874,24 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         };
         let result = tokio::time::timeout(
             up.first_byte_timeout,
-            g.upstreams[u].client().request(upstream_req),
+            g.upstreams[u].pool().send(upstream_req),
         )
         .await;
         let failure = match result {
-            Ok(Ok(resp)) => {
+            Ok(Ok((resp, lease))) => {
                 let status = resp.status();
                 if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
                     let why = format!("{} answered {}", up.name, status.as_u16());
-                    last_answer = Some((u, resp));
+                    last_answer = Some((u, resp, lease));
                     why
                 } else {
                     lock(&g.upstreams[u].health).on_success(sent.elapsed());
-                    return relay(&gw, &g, ki, ri, model, u, resp, started, attempts);
+                    return relay(&gw, &g, ki, ri, model, u, resp, lease, started, attempts);
                 }
             }
             Ok(Err(e)) => {
                 last_answer = None;
-                format!("{}: {}", up.name, upstream::describe(&e))
+                format!("{}: {}", up.name, upstream::describe(&*e))
             }
             Err(_) => {
                 last_answer = None;
@@ -903,8 +909,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     }
     // Every attempt failed. The last upstream's own error answer (a 5xx or a
     // 429 with its Retry-After) is more useful to the client than ours.
-    if let Some((u, resp)) = last_answer {
-        return relay(&gw, &g, ki, ri, model, u, resp, started, attempts);
+    if let Some((u, resp, lease)) = last_answer {
+        return relay(&gw, &g, ki, ri, model, u, resp, lease, started, attempts);
     }
     let status = if failures.iter().any(|f| f.contains("first_byte_timeout")) {
         StatusCode::GATEWAY_TIMEOUT
@@ -1007,6 +1013,7 @@ fn relay(
     model: Option<String>,
     u: usize,
     resp: Response<Incoming>,
+    lease: Option<Lease>,
     started: Instant,
     attempts: usize,
 ) -> Response<GwBody> {
@@ -1052,6 +1059,7 @@ fn relay(
         sse,
         state: RelayState::Streaming,
         ledger: Some(ledger),
+        lease,
     };
     Response::from_parts(parts, body.boxed())
 }
@@ -1275,6 +1283,7 @@ mod tests {
                 ttfb: Duration::ZERO,
                 duration: duration.clone(),
             }),
+            lease: None,
         };
         (relay, duration)
     }

@@ -1,26 +1,30 @@
-//! Connections to upstreams. Each upstream gets its own HTTP clients (a pool per
-//! gateway shard, TLS with rustls, HTTP/1.1 or h2 by ALPN) over a connector that checks every
+//! Connections to upstreams. Each upstream gets a connection pool per gateway
+//! shard (TLS with rustls, HTTP/1.1 or h2 by ALPN) over a connector that checks every
 //! address it is about to dial: a fabric upstream only inside the VPC prefixes
 //! of its site (so the connection rides the mesh), a public one anywhere but
 //! link-local (the cloud metadata service) and unspecified or multicast
 //! addresses. Requests never pick the address: it comes from `base_url` alone.
 
 use super::config::UpstreamConfig;
+use super::proxy::BoxError;
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use http::Uri;
+use http::{header, HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ipnet::IpNet;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
+use tower_service::Service;
 
 /// What the gateway knows of the fabric, refreshed from the registry and the
 /// path engine every few seconds.
@@ -114,7 +118,7 @@ impl Guard {
     }
 }
 
-impl tower_service::Service<Uri> for GuardedConnector {
+impl Service<Uri> for GuardedConnector {
     type Response = TokioIo<TcpStream>;
     type Error = std::io::Error;
     type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
@@ -171,12 +175,174 @@ impl tower_service::Service<Uri> for GuardedConnector {
 }
 
 pub type HttpsConnector = hyper_rustls::HttpsConnector<GuardedConnector>;
-pub type UpstreamClient = Client<HttpsConnector, Full<Bytes>>;
+type Stream = hyper_rustls::MaybeHttpsStream<TokioIo<TcpStream>>;
+type H1 = http1::SendRequest<Full<Bytes>>;
+type H2 = http2::SendRequest<Full<Bytes>>;
 
-/// Builds `n` clients of one upstream (one per gateway shard): the same
-/// connector and TLS config, each with its own connection pool, so a shard's
-/// requests use connections whose tasks run on that shard's thread.
-pub fn clients(cfg: &UpstreamConfig, fabric: Arc<Fabric>, n: usize) -> Result<Vec<UpstreamClient>> {
+/// Idle HTTP/1.1 connections a pool keeps at most; more are closed.
+const MAX_IDLE: usize = 256;
+/// An idle connection older than this is closed instead of reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The connections of one upstream on one gateway shard: idle HTTP/1.1
+/// connections (most recently used first) and at most one HTTP/2 connection,
+/// which every request of the shard shares. A shard is one thread, so the
+/// locks here are never contended; each connection's task runs on the shard
+/// that opened it.
+pub struct Pool(Arc<PoolInner>);
+
+struct PoolInner {
+    connector: HttpsConnector,
+    /// `scheme://authority` of the upstream's base URL: where to connect, and
+    /// the absolute form HTTP/2 requests take.
+    origin: Uri,
+    /// The `Host` of HTTP/1.1 requests: the authority without a default port.
+    host: HeaderValue,
+    idle: Mutex<Vec<(H1, Instant)>>,
+    h2: Mutex<Option<H2>>,
+}
+
+/// An HTTP/1.1 connection lent to one request: [`Lease::release`] gives it
+/// back once the answer has been read to its end; dropped instead, it closes.
+pub struct Lease {
+    sender: H1,
+    pool: Arc<PoolInner>,
+}
+
+impl Lease {
+    pub fn release(self) {
+        let mut idle = lock(&self.pool.idle);
+        if idle.len() < MAX_IDLE {
+            idle.push((self.sender, Instant::now()));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Pool {
+    /// Sends a request (origin-form URI, as [`Pool::host`] expects) and returns
+    /// the response head, with the connection's lease for HTTP/1.1. An idle
+    /// connection that turns out closed before the request left is skipped;
+    /// when none is left, a new connection is dialled through the guard.
+    pub async fn send(
+        &self,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), BoxError> {
+        let p = &self.0;
+        // The cold paths (HTTP/2, dialling) are boxed: the hot path's future,
+        // which every request moves around, stays small.
+        let h2 = lock(&p.h2).clone();
+        if let Some(h2) = h2 {
+            if !h2.is_closed() {
+                return Box::pin(Self::send_h2(p, h2, req)).await.map(|r| (r, None));
+            }
+        }
+        req.headers_mut().insert(header::HOST, p.host.clone());
+        loop {
+            let next = {
+                let mut idle = lock(&p.idle);
+                let mut found = None;
+                while let Some((sender, since)) = idle.pop() {
+                    if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                        found = Some(sender);
+                        break;
+                    }
+                }
+                found
+            };
+            let Some(mut sender) = next else { break };
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok((
+                        resp,
+                        Some(Lease {
+                            sender,
+                            pool: p.clone(),
+                        }),
+                    ))
+                }
+                Err(mut e) => match e.take_message() {
+                    // Closed before the request left: it can go elsewhere.
+                    Some(back) => req = back,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        Box::pin(Self::dial_and_send(p, req)).await
+    }
+
+    /// Opens a new connection (HTTP/2 when TLS negotiates it) and sends on it.
+    async fn dial_and_send(
+        p: &Arc<PoolInner>,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Option<Lease>), BoxError> {
+        let io = p.connector.clone().call(p.origin.clone()).await?;
+        if io.connected().is_negotiated_h2() {
+            let (h2, conn) = http2::Builder::new(TokioExecutor::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream h2 connection ended");
+                }
+            });
+            *lock(&p.h2) = Some(h2.clone());
+            req.headers_mut().remove(header::HOST);
+            return Self::send_h2(p, h2, req).await.map(|r| (r, None));
+        }
+        let (mut sender, conn) = http1::handshake::<Stream, Full<Bytes>>(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        let resp = sender.send_request(req).await?;
+        Ok((
+            resp,
+            Some(Lease {
+                sender,
+                pool: p.clone(),
+            }),
+        ))
+    }
+
+    async fn send_h2(
+        p: &PoolInner,
+        mut h2: H2,
+        mut req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        // HTTP/2 carries the scheme and authority in the request itself.
+        let mut parts = p.origin.clone().into_parts();
+        parts.path_and_query = req.uri().path_and_query().cloned();
+        *req.uri_mut() = Uri::from_parts(parts)?;
+        h2.ready().await?;
+        Ok(h2.send_request(req).await?)
+    }
+}
+
+/// The `Host` header for an authority: without the scheme's default port.
+fn host_header(origin: &Uri) -> Result<HeaderValue> {
+    let authority = origin.authority().context("no host in base_url")?;
+    let default = match origin.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    let text = match authority.port_u16() {
+        Some(p) if p == default => authority.host(),
+        _ => authority.as_str(),
+    };
+    HeaderValue::from_str(text).context("base_url's host is not a valid Host header")
+}
+
+/// Builds `n` pools of one upstream (one per gateway shard) over one guarded
+/// connector and TLS config.
+pub fn pools(cfg: &UpstreamConfig, fabric: Arc<Fabric>, n: usize) -> Result<Vec<Pool>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &cfg.ca_file {
@@ -223,12 +389,24 @@ pub fn clients(cfg: &UpstreamConfig, fabric: Arc<Fabric>, n: usize) -> Result<Ve
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(connector);
+    let origin = {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = cfg.base_url.scheme().cloned();
+        parts.authority = cfg.base_url.authority().cloned();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        Uri::from_parts(parts)
+            .with_context(|| format!("upstream {}: base_url has no scheme or host", cfg.name))?
+    };
+    let host = host_header(&origin).with_context(|| format!("upstream {}", cfg.name))?;
     Ok((0..n.max(1))
         .map(|_| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(256)
-                .build(https.clone())
+            Pool(Arc::new(PoolInner {
+                connector: https.clone(),
+                origin: origin.clone(),
+                host: host.clone(),
+                idle: Mutex::new(Vec::new()),
+                h2: Mutex::new(None),
+            }))
         })
         .collect())
 }
