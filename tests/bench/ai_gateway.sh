@@ -12,16 +12,18 @@
 # Targets: gateway p99 overhead < 1 ms at 1,000 req/s; throughput >= 0.8x nginx.
 #
 # Usage: tests/bench/ai_gateway.sh [SECONDS_PER_RUN]     (default 10)
-#   ROUNDS=3 RATES="500 1000 2000" CONNS=32 SAT_CONNS=64 GATEWAY_LOG=warn tests/bench/ai_gateway.sh
+#   ROUNDS=3 RATES="500 1000 2000" CONNS=32 SAT_CONNS=64 ACCESS_LOG=0 tests/bench/ai_gateway.sh
 # Every cell (target x load) runs ROUNDS times, interleaved; the report gives
-# medians and the hypervisor's steal time in each cell. GATEWAY_LOG=info keeps
-# the gateway's audit line per request (to a file here, as to the journal).
+# medians and the hypervisor's steal time in each cell. ACCESS_LOG=1 turns on a
+# line per request in both proxies: nginx's access log and the gateway's audit
+# line (SKYMESH_LOG=info), each to a file.
 # Needs: cargo, nginx (installed with apt-get if missing), python3. No root
 # needed except for that install. Honours CARGO_TARGET_DIR.
 set -euo pipefail
 
 SECS=${1:-10}
 ROUNDS=${ROUNDS:-3}
+if [ "${ACCESS_LOG:-0}" = 1 ]; then GATEWAY_LOG=info; else GATEWAY_LOG=warn; fi
 RATES=${RATES:-"500 1000 2000"}
 CONNS=${CONNS:-32}
 SAT_CONNS=${SAT_CONNS:-64}
@@ -44,6 +46,8 @@ echo "== building the controller, the sample backend and the load generator (rel
 BIN=$TARGET/release
 
 WORK=$(mktemp -d /tmp/skymesh-ai-bench.XXXXXX)
+NGINX_ACCESS_LOG=off
+[ "$GATEWAY_LOG" = info ] && NGINX_ACCESS_LOG=$WORK/nginx-access.log
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -77,7 +81,7 @@ pid $WORK/nginx.pid;
 error_log $WORK/nginx-error.log warn;
 events { worker_connections 4096; }
 http {
-  access_log off;
+  access_log $NGINX_ACCESS_LOG;
   client_body_temp_path $WORK/nginx;
   proxy_temp_path $WORK/nginx;
   fastcgi_temp_path $WORK/nginx;
@@ -132,7 +136,7 @@ upstreams = ["bench"]
 
 $CLIENT_ENTRY
 EOF
-SKYMESH_LOG=${GATEWAY_LOG:-warn} "$BIN/skymesh-controller" run --config "$WORK/controller.toml" >"$WORK/controller.log" 2>&1 &
+SKYMESH_LOG=$GATEWAY_LOG "$BIN/skymesh-controller" run --config "$WORK/controller.toml" >"$WORK/controller.log" 2>&1 &
 PIDS+=($!)
 GATEWAY_PID=$!
 
@@ -219,7 +223,7 @@ def rps(n, rate):
 def q(n, rate, pct):
     return med(r["latency_us"][pct] for r in runs[(n, rate)]) / 1000
 print(f"\nAI gateway overhead on loopback: {rounds} interleaved round(s) of {secs} s per cell, medians;"
-      " 2 cores shared by load generator, proxy and backend\n")
+      f" 2 cores shared by load generator, proxy and backend; a log line per request: {os.environ.get('ACCESS_LOG', '0') == '1'}\n")
 print("| load | target | achieved req/s | errors | p50 ms | p99 ms | added p50 ms | added p99 ms | max steal |")
 print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 for rate in loads:
