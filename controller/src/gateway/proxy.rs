@@ -980,14 +980,9 @@ fn build_request(
         path.push('?');
         path.push_str(q);
     }
-    let mut uri = Uri::builder();
-    if let Some(s) = base.scheme() {
-        uri = uri.scheme(s.clone());
-    }
-    if let Some(a) = base.authority() {
-        uri = uri.authority(a.clone());
-    }
-    let uri = uri
+    // Origin form: the pool sends `Host` with HTTP/1.1 and puts the scheme
+    // and authority back for HTTP/2.
+    let uri = Uri::builder()
         .path_and_query(path)
         .build()
         .map_err(|e| format!("building the upstream URL: {e}"))?;
@@ -1145,6 +1140,27 @@ mod tests {
         ] {
             assert!(check_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn upstream_requests_take_the_base_path_in_origin_form() {
+        let cfg = one_upstream(Duration::from_secs(1));
+        let mut up = cfg.upstreams[0].clone();
+        up.base_url = "https://api.example.test:8443/openai/v1"
+            .parse()
+            .expect("url");
+        let client: Uri = "/v1/chat/completions?x=1".parse().expect("uri");
+        let req = build_request(
+            &Method::POST,
+            &client,
+            HeaderMap::new(),
+            &cfg.routes[0],
+            &up,
+            Bytes::new(),
+        )
+        .expect("request");
+        assert_eq!(req.uri().to_string(), "/openai/v1/chat/completions?x=1");
+        assert!(req.uri().scheme().is_none() && req.uri().authority().is_none());
     }
 
     #[test]

@@ -223,8 +223,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Pool {
-    /// Sends a request (origin-form URI, as [`Pool::host`] expects) and returns
-    /// the response head, with the connection's lease for HTTP/1.1. An idle
+    /// Sends a request (origin-form URI; the pool adds `Host`, or the scheme
+    /// and authority for HTTP/2) and returns the response head, with the
+    /// connection's lease for HTTP/1.1. An idle
     /// connection that turns out closed before the request left is skipped;
     /// when none is left, a new connection is dialled through the guard.
     pub async fn send(
