@@ -6,7 +6,7 @@
 //! addresses. Requests never pick the address: it comes from `base_url` alone.
 
 use super::config::UpstreamConfig;
-use super::proxy::BoxError;
+use super::proxy::{lock, BoxError};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, Uri};
@@ -216,10 +216,6 @@ impl Lease {
             idle.push((self.sender, Instant::now()));
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Pool {
