@@ -11,6 +11,7 @@ use skymesh_tests::agent::workspace_bin;
 use skymesh_tests::ai::{self, Backend, ClientKey};
 use skymesh_tests::proc::Spawned;
 use skymesh_tests::{e2e, wait_until, TestEnv};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
@@ -688,6 +689,85 @@ fn upstream_connections_are_pooled_and_reused() -> Result<()> {
              expected 1 to {shards} each (one pool per shard)"
         );
         eprintln!("30 requests: {east} connection(s) to east (HTTP/1.1), {shanghai} to shanghai (h2), {shards} shard(s)");
+        Ok(())
+    })
+}
+
+/// The open client connections of each gateway shard, from the gauge.
+fn shard_connections(metrics: &str) -> Vec<f64> {
+    (0..)
+        .map(|i| format!("skymesh_ai_client_connections{{shard=\"{i}\"}}"))
+        .map_while(|series| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .and_then(|r| r.trim().parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn client_connections_are_spread_over_the_shards() -> Result<()> {
+    e2e("ai-shards", |env| {
+        let f = Fixture::start(env)?;
+        let shards = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        // One connection after another, each kept open after its answer, as a
+        // pool of keep-alive clients holds them. Whichever shard wakes first
+        // accepts; the balancer must still give every shard its share.
+        let n = 4 * shards;
+        let addr: SocketAddr = f.url.trim_start_matches("http://").parse()?;
+        let mut open = Vec::new();
+        for i in 0..n {
+            let mut c = std::net::TcpStream::connect(addr)?;
+            c.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                c,
+                "GET /v1/models HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {}\r\n\r\n",
+                f.app.key
+            )?;
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&got).contains("gpt-4o-mini") {
+                let k = c.read(&mut buf)?;
+                ensure!(
+                    k > 0,
+                    "connection {i} closed before its answer: {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&buf[..k]);
+            }
+            ensure!(
+                got.starts_with(b"HTTP/1.1 200"),
+                "connection {i}: {}",
+                String::from_utf8_lossy(&got)
+            );
+            open.push(c);
+        }
+        let per_shard = shard_connections(&f.metrics()?);
+        eprintln!("{n} keep-alive connections over {shards} shard(s): {per_shard:?}");
+        ensure!(
+            per_shard.len() == shards,
+            "expected the gauge for {shards} shard(s), got {per_shard:?}"
+        );
+        let (lo, hi) = per_shard
+            .iter()
+            .fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        ensure!(
+            per_shard.iter().sum::<f64>() == n as f64 && hi - lo <= 1.0,
+            "{n} connections should be spread evenly over {shards} shard(s), got {per_shard:?}"
+        );
+        // Closed connections leave the count.
+        drop(open);
+        let drained = wait_until(Duration::from_secs(10), || {
+            f.metrics()
+                .ok()
+                .map(|m| shard_connections(&m))
+                .is_some_and(|v| v.iter().all(|&x| x == 0.0))
+        });
+        ensure!(
+            drained.is_some(),
+            "the gauge did not return to 0 after the clients left"
+        );
         Ok(())
     })
 }

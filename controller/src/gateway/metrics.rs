@@ -139,7 +139,8 @@ impl AiMetrics {
     }
 
     /// The exposition (OpenMetrics, as the encoder writes it).
-    pub fn render(&self, upstreams: &[UpstreamGauge<'_>]) -> String {
+    /// `connections` holds the open client connections of each shard.
+    pub fn render(&self, upstreams: &[UpstreamGauge<'_>], connections: &[usize]) -> String {
         let mut registry = Registry::with_prefix("skymesh_ai");
         registry.register(
             "requests",
@@ -178,6 +179,17 @@ impl AiMetrics {
             "1 while the upstream's circuit breaker is open or half-open",
             open,
         );
+        let conns = Family::<Labels, Gauge>::default();
+        for (shard, n) in connections.iter().enumerate() {
+            conns
+                .get_or_create(&labels(&[("shard", &shard.to_string())]))
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        registry.register(
+            "client_connections",
+            "Client connections open on each serving thread (shard) of the gateway",
+            conns,
+        );
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
@@ -197,11 +209,14 @@ mod tests {
         p.duration().observe(0.2);
         p.ttfb(0.05);
         m.failover("chat");
-        let text = skymesh_wire::prom::classic_text(&m.render(&[UpstreamGauge {
-            name: "az",
-            up: true,
-            circuit_open: false,
-        }]));
+        let text = skymesh_wire::prom::classic_text(&m.render(
+            &[UpstreamGauge {
+                name: "az",
+                up: true,
+                circuit_open: false,
+            }],
+            &[3, 4],
+        ));
         for needle in [
             "skymesh_ai_requests_total{route=\"chat\",upstream=\"az\",code=\"200\"} 1",
             "skymesh_ai_request_duration_seconds_bucket{le=\"0.25\",route=\"chat\",upstream=\"az\"} 1",
@@ -209,6 +224,7 @@ mod tests {
             "skymesh_ai_failovers_total{route=\"chat\"} 1",
             "skymesh_ai_upstream_up{upstream=\"az\"} 1",
             "skymesh_ai_circuit_open{upstream=\"az\"} 0",
+            "skymesh_ai_client_connections{shard=\"1\"} 4",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
@@ -227,7 +243,7 @@ mod tests {
         // Another handle on the same pair (a reload's) shares the values.
         m.pair("chat", "az").ttfb(0.05);
         p.duration().observe(0.2);
-        let text = skymesh_wire::prom::classic_text(&m.render(&[]));
+        let text = skymesh_wire::prom::classic_text(&m.render(&[], &[]));
         for needle in [
             "skymesh_ai_requests_total{route=\"chat\",upstream=\"az\",code=\"200\"} 3",
             "skymesh_ai_requests_total{route=\"chat\",upstream=\"az\",code=\"503\"} 1",

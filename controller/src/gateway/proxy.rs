@@ -88,6 +88,8 @@ pub struct Gateway {
     current: RwLock<Arc<Generation>>,
     /// Serving threads, each with its own upstream connection pools.
     shards: usize,
+    /// Client connections open on each shard.
+    load: shard::Load,
     pub fabric: Arc<Fabric>,
     pub metrics: AiMetrics,
 }
@@ -100,6 +102,7 @@ impl Gateway {
         Ok(Self {
             current: RwLock::new(Arc::new(generation)),
             shards,
+            load: shard::Load::new(shards),
             fabric,
             metrics: AiMetrics::default(),
         })
@@ -108,6 +111,11 @@ impl Gateway {
     /// How many threads serve clients ([`shard`]).
     pub fn shards(&self) -> usize {
         self.shards
+    }
+
+    /// Client connections per shard.
+    pub fn load(&self) -> &shard::Load {
+        &self.load
     }
 
     pub fn current(&self) -> Arc<Generation> {
@@ -190,7 +198,7 @@ impl Gateway {
                 circuit_open: *open,
             })
             .collect();
-        self.metrics.render(&gauges)
+        self.metrics.render(&gauges, &self.load.snapshot())
     }
 }
 
@@ -1087,35 +1095,21 @@ fn models(g: &Generation, key: &KeyConfig) -> Response<GwBody> {
     resp
 }
 
-/// Accepts clients (HTTP/1.1 or h2) until the task is aborted; run by each
+/// Serves one client connection (HTTP/1.1 or h2) until it closes; run by a
 /// [`shard`] on its thread.
-pub async fn serve(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<()> {
-    loop {
-        let (stream, _peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of file descriptors and the like: keep serving.
-                tracing::warn!(error = %e, "AI gateway accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+pub async fn serve_connection(stream: tokio::net::TcpStream, gw: Arc<Gateway>) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |req| {
         let gw = gw.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let gw = gw.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
-            });
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "AI gateway connection ended with an error");
-            }
-        });
+        async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
+    });
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    if let Err(e) = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(error = %e, "AI gateway connection ended with an error");
     }
 }
 
