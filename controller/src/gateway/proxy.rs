@@ -113,6 +113,15 @@ impl Gateway {
         self.shards
     }
 
+    /// Closes the calling shard's idle upstream connections that timed out
+    /// or whose upstream hung up.
+    pub fn sweep_idle(&self) {
+        let now = Instant::now();
+        for u in &self.current().upstreams {
+            u.pool().sweep(now);
+        }
+    }
+
     /// Client connections per shard.
     pub fn load(&self) -> &shard::Load {
         &self.load

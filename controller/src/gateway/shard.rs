@@ -70,6 +70,9 @@ pub async fn run(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<
             .name(format!("skymesh-ai-{i}"))
             .spawn(move || {
                 CURRENT.set(i);
+                // Reports the shard's end, a panic included (the others keep
+                // `done` open, so a silent death would go unnoticed).
+                let mut report = Report(i, done_tx, None);
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -78,12 +81,13 @@ pub async fn run(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<
                         rt.block_on(async move {
                             let listener = tokio::net::TcpListener::from_std(listener)?;
                             tokio::select! {
-                                r = serve(i, listener, gw, peers, inbox) => r,
+                                r = serve(i, listener, gw.clone(), peers, inbox) => r,
+                                r = housekeeping(&gw) => r,
                                 _ = stopped.changed() => Ok(()),
                             }
                         })
                     });
-                let _ = done_tx.send((i, result));
+                report.2 = Some(result);
             })
             .context("starting an AI gateway shard thread")?;
     }
@@ -91,12 +95,47 @@ pub async fn run(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<
     match done.recv().await {
         Some((i, Err(e))) => Err(e.context(format!("AI gateway shard {i}"))),
         Some((i, Ok(()))) => bail!("AI gateway shard {i} stopped"),
-        None => bail!("an AI gateway shard panicked"),
+        None => bail!("every AI gateway shard is gone"),
     }
 }
 
-/// A client connection on its way to another shard.
-type Inbox = mpsc::UnboundedSender<std::net::TcpStream>;
+/// A shard's end, sent when its thread finishes or unwinds.
+struct Report(
+    usize,
+    mpsc::UnboundedSender<(usize, Result<()>)>,
+    Option<Result<()>>,
+);
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        let result = self
+            .2
+            .take()
+            .unwrap_or_else(|| Err(anyhow::anyhow!("the shard's thread panicked")));
+        let _ = self.1.send((self.0, result));
+    }
+}
+
+/// How often a shard sweeps its idle upstream connections.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Every [`SWEEP_EVERY`], closes the shard's pooled upstream connections that
+/// idled too long or that the upstream closed. Its timer also keeps one
+/// deadline within a second in the runtime's timer wheel: tokio wakes its
+/// driver (an eventfd write, one syscall) whenever a timer is armed earlier
+/// than every other, which each request's timeouts (seconds) otherwise would
+/// be on a shard with nothing in flight.
+async fn housekeeping(gw: &Gateway) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        gw.sweep_idle();
+    }
+}
+
+/// A client connection on its way to another shard, counted there.
+type Inbox = mpsc::UnboundedSender<(std::net::TcpStream, Counted)>;
 
 /// Client connections open on each shard.
 pub struct Load(Box<[AtomicUsize]>);
@@ -111,41 +150,52 @@ impl Load {
         self.0.iter().map(|n| n.load(Ordering::Relaxed)).collect()
     }
 
-    /// The shard that serves a connection shard `me` accepted, counted there:
-    /// the one with the fewest connections, `me` when it is among them (no
-    /// move). Shards accepting at once may both pick the same one; the counts
-    /// stay right and the next connections even it out.
-    pub fn assign(&self, me: usize) -> usize {
-        let mine = self.0[me].load(Ordering::Relaxed);
-        let (to, least) = self
+    /// The shard that serves a connection shard `me` accepted: the one with
+    /// the fewest connections, `me` on a tie (no move). It is counted there
+    /// until the returned guard drops. Shards accepting at once may pick the
+    /// same one; the counts stay right and the next connections even it out.
+    fn assign(&self, me: usize) -> usize {
+        let to = self
             .0
             .iter()
             .map(|n| n.load(Ordering::Relaxed))
             .enumerate()
-            .min_by_key(|&(_, n)| n)
-            .unwrap_or((me, mine));
-        let to = if least == mine { me } else { to };
+            .min_by_key(|&(i, n)| (n, i != me))
+            .map_or(me, |(i, _)| i);
         self.add(to);
         to
     }
 
-    /// Counts a connection on shard `shard`.
-    pub fn add(&self, shard: usize) {
+    fn add(&self, shard: usize) {
         self.0[shard].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A connection of shard `shard` closed.
-    pub fn release(&self, shard: usize) {
+    fn release(&self, shard: usize) {
         self.0[shard].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Counts a connection against its shard while it is open.
-struct Counted<'a>(&'a Load, usize);
+/// One connection counted on a shard; dropped with the connection (its task
+/// ending, panicking or never running, or a hand-over that never arrived).
+struct Counted(Arc<Gateway>, usize);
 
-impl Drop for Counted<'_> {
+impl Counted {
+    /// Counted on the shard [`Load::assign`] picks for shard `me`.
+    fn new(gw: &Arc<Gateway>, me: usize) -> Self {
+        let to = gw.load().assign(me);
+        Self(gw.clone(), to)
+    }
+
+    /// Counted on shard `shard`.
+    fn on(gw: &Arc<Gateway>, shard: usize) -> Self {
+        gw.load().add(shard);
+        Self(gw.clone(), shard)
+    }
+}
+
+impl Drop for Counted {
     fn drop(&mut self) {
-        self.0.release(self.1);
+        self.0.load().release(self.1);
     }
 }
 
@@ -156,26 +206,22 @@ async fn serve(
     listener: tokio::net::TcpListener,
     gw: Arc<Gateway>,
     peers: Arc<[Inbox]>,
-    mut inbox: mpsc::UnboundedReceiver<std::net::TcpStream>,
+    mut inbox: mpsc::UnboundedReceiver<(std::net::TcpStream, Counted)>,
 ) -> anyhow::Result<()> {
     loop {
-        let stream = tokio::select! {
+        let (stream, counted) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    let to = gw.load().assign(me);
-                    if to == me {
-                        stream
+                    let counted = Counted::new(&gw, me);
+                    if counted.1 == me {
+                        (stream, counted)
                     } else {
-                        match hand_over(stream, &peers[to]) {
+                        let to = counted.1;
+                        match hand_over(stream, counted, &peers[to]) {
                             Ok(None) => continue,
-                            Ok(Some(back)) => {
-                                // That shard is gone: serve it here.
-                                gw.load().release(to);
-                                gw.load().add(me);
-                                back
-                            }
+                            // That shard is gone: serve it here.
+                            Ok(Some(stream)) => (stream, Counted::on(&gw, me)),
                             Err(e) => {
-                                gw.load().release(to);
                                 tracing::warn!(error = %e, "AI gateway: moving a client connection to another shard failed");
                                 continue;
                             }
@@ -189,10 +235,9 @@ async fn serve(
                     continue;
                 }
             },
-            Some(moved) = inbox.recv() => match TcpStream::from_std(moved) {
-                Ok(stream) => stream,
+            Some((moved, counted)) = inbox.recv() => match TcpStream::from_std(moved) {
+                Ok(stream) => (stream, counted),
                 Err(e) => {
-                    gw.load().release(me);
                     tracing::warn!(error = %e, "AI gateway: taking over a client connection failed");
                     continue;
                 }
@@ -200,18 +245,27 @@ async fn serve(
         };
         let gw = gw.clone();
         tokio::spawn(async move {
-            let _counted = Counted(gw.load(), me);
-            proxy::serve_connection(stream, gw.clone()).await;
+            let _counted = counted;
+            proxy::serve_connection(stream, gw).await;
         });
     }
 }
 
 /// Moves a connection to another shard's runtime; `Some` gives it back,
-/// registered here again, when that shard takes none any more.
-fn hand_over(stream: TcpStream, to: &Inbox) -> std::io::Result<Option<TcpStream>> {
-    match to.send(stream.into_std()?) {
+/// registered here again, when that shard takes none any more (its count
+/// there is dropped).
+fn hand_over(
+    stream: TcpStream,
+    counted: Counted,
+    to: &Inbox,
+) -> std::io::Result<Option<TcpStream>> {
+    match to.send((stream.into_std()?, counted)) {
         Ok(()) => Ok(None),
-        Err(back) => TcpStream::from_std(back.0).map(Some),
+        Err(back) => {
+            let (stream, counted) = back.0;
+            drop(counted);
+            TcpStream::from_std(stream).map(Some)
+        }
     }
 }
 

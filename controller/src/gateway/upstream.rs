@@ -274,6 +274,25 @@ impl Pool {
         Box::pin(Self::dial_and_send(p, req)).await
     }
 
+    /// Closes the idle HTTP/1.1 connections that are closed already or have
+    /// idled [`IDLE_TIMEOUT`] by `now`, and forgets a closed h2 connection;
+    /// returns how many idle connections are left.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let p = &self.0;
+        {
+            let mut h2 = lock(&p.h2);
+            if h2.as_ref().is_some_and(|c| c.is_closed()) {
+                *h2 = None;
+            }
+        }
+        let mut idle = lock(&p.idle);
+        // Dropping a sender ends its connection's task, which closes it.
+        idle.retain(|(sender, since)| {
+            !sender.is_closed() && now.saturating_duration_since(*since) < IDLE_TIMEOUT
+        });
+        idle.len()
+    }
+
     /// Opens a new connection (HTTP/2 when TLS negotiates it) and sends on it.
     async fn dial_and_send(
         p: &Arc<PoolInner>,
@@ -434,6 +453,56 @@ mod tests {
             fabric,
             connect_timeout: Duration::from_secs(1),
         }))
+    }
+
+    #[tokio::test]
+    async fn sweeping_closes_connections_idle_too_long_or_closed() -> Result<()> {
+        use super::super::config::Kind;
+        let cfg = UpstreamConfig {
+            name: "az".into(),
+            kind: Kind::OpenAi,
+            site: "az".into(),
+            region: "eastasia".into(),
+            base_url: "http://10.0.0.1/v1".parse()?,
+            public: false,
+            credential: None,
+            models: vec![],
+            connect_timeout: Duration::from_secs(1),
+            first_byte_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(1),
+            ca_file: None,
+        };
+        let pool = pools(&cfg, Arc::new(Fabric::default()), 1)?.remove(0);
+        let now = Instant::now();
+        let mut peers = Vec::new();
+        for age in [
+            IDLE_TIMEOUT + Duration::from_secs(1),
+            Duration::from_secs(1),
+        ] {
+            // An HTTP/1.1 connection over an in-memory pipe.
+            let (ours, theirs) = tokio::io::duplex(1024);
+            let (sender, conn) = http1::handshake::<_, Full<Bytes>>(TokioIo::new(ours)).await?;
+            tokio::spawn(conn);
+            peers.push(theirs);
+            lock(&pool.0.idle).push((sender, now - age));
+        }
+        assert_eq!(
+            pool.sweep(now),
+            1,
+            "the connection idle past the timeout goes"
+        );
+        // The other one goes once its peer hangs up.
+        peers.clear();
+        let mut left = 1;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            left = pool.sweep(now);
+            if left == 0 {
+                break;
+            }
+        }
+        assert_eq!(left, 0, "a connection its peer closed stays pooled");
+        Ok(())
     }
 
     #[test]
