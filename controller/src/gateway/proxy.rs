@@ -86,9 +86,8 @@ pub struct Generation {
 /// The gateway: the current generation, the fabric view, the metrics.
 pub struct Gateway {
     current: RwLock<Arc<Generation>>,
-    /// Serving threads, each with its own upstream connection pools.
-    shards: usize,
-    /// Client connections open on each shard.
+    /// Client connections open on each serving thread (shard); one entry
+    /// per shard, each with its own upstream connection pools.
     load: shard::Load,
     pub fabric: Arc<Fabric>,
     pub metrics: AiMetrics,
@@ -101,7 +100,6 @@ impl Gateway {
         let generation = Generation::build(config, &fabric, None, shards)?;
         Ok(Self {
             current: RwLock::new(Arc::new(generation)),
-            shards,
             load: shard::Load::new(shards),
             fabric,
             metrics: AiMetrics::default(),
@@ -110,7 +108,7 @@ impl Gateway {
 
     /// How many threads serve clients ([`shard`]).
     pub fn shards(&self) -> usize {
-        self.shards
+        self.load.shards()
     }
 
     /// Closes the calling shard's idle upstream connections that timed out
@@ -138,7 +136,7 @@ impl Gateway {
     /// by name. Requests in flight finish on the old one.
     pub fn reload(&self, config: GatewayConfig) -> Result<()> {
         let old = self.current();
-        let next = Generation::build(config, &self.fabric, Some(&old), self.shards)?;
+        let next = Generation::build(config, &self.fabric, Some(&old), self.shards())?;
         if next.config.listen != old.config.listen {
             tracing::warn!(
                 old = %old.config.listen,

@@ -72,7 +72,11 @@ pub async fn run(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<
                 CURRENT.set(i);
                 // Reports the shard's end, a panic included (the others keep
                 // `done` open, so a silent death would go unnoticed).
-                let mut report = Report(i, done_tx, None);
+                let mut report = Report {
+                    shard: i,
+                    to: done_tx,
+                    result: None,
+                };
                 let result = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -87,7 +91,7 @@ pub async fn run(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<
                             }
                         })
                     });
-                report.2 = Some(result);
+                report.result = Some(result);
             })
             .context("starting an AI gateway shard thread")?;
     }
@@ -100,19 +104,20 @@ pub async fn run(listener: tokio::net::TcpListener, gw: Arc<Gateway>) -> Result<
 }
 
 /// A shard's end, sent when its thread finishes or unwinds.
-struct Report(
-    usize,
-    mpsc::UnboundedSender<(usize, Result<()>)>,
-    Option<Result<()>>,
-);
+struct Report {
+    shard: usize,
+    to: mpsc::UnboundedSender<(usize, Result<()>)>,
+    /// Set when the shard returns; still `None` while unwinding.
+    result: Option<Result<()>>,
+}
 
 impl Drop for Report {
     fn drop(&mut self) {
         let result = self
-            .2
+            .result
             .take()
             .unwrap_or_else(|| Err(anyhow::anyhow!("the shard's thread panicked")));
-        let _ = self.1.send((self.0, result));
+        let _ = self.to.send((self.shard, result));
     }
 }
 
@@ -143,6 +148,11 @@ pub struct Load(Box<[AtomicUsize]>);
 impl Load {
     pub fn new(shards: usize) -> Self {
         Self((0..shards.max(1)).map(|_| AtomicUsize::new(0)).collect())
+    }
+
+    /// How many shards there are.
+    pub fn shards(&self) -> usize {
+        self.0.len()
     }
 
     /// Open client connections per shard.

@@ -243,7 +243,7 @@ impl Pool {
                 let mut idle = lock(&p.idle);
                 let mut found = None;
                 while let Some((sender, since)) = idle.pop() {
-                    if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                    if reusable(&sender, since, Instant::now()) {
                         found = Some(sender);
                         break;
                     }
@@ -287,9 +287,7 @@ impl Pool {
         }
         let mut idle = lock(&p.idle);
         // Dropping a sender ends its connection's task, which closes it.
-        idle.retain(|(sender, since)| {
-            !sender.is_closed() && now.saturating_duration_since(*since) < IDLE_TIMEOUT
-        });
+        idle.retain(|(sender, since)| reusable(sender, *since, now));
         idle.len()
     }
 
@@ -340,6 +338,12 @@ impl Pool {
         h2.ready().await?;
         Ok(h2.send_request(req).await?)
     }
+}
+
+/// Whether an idle HTTP/1.1 connection, pooled since `since`, may take
+/// another request at `now`: still open and not idle for [`IDLE_TIMEOUT`].
+fn reusable(sender: &H1, since: Instant, now: Instant) -> bool {
+    !sender.is_closed() && now.saturating_duration_since(since) < IDLE_TIMEOUT
 }
 
 /// The `Host` header for an authority: without the scheme's default port.
