@@ -27,6 +27,9 @@ def main() -> None:
     if len(sys.argv) < 3 or not sys.argv[1].isdigit():
         sys.exit(__doc__)
     rounds = int(sys.argv[1])
+    bad = [arg for arg in sys.argv[2:] if "=" not in arg]
+    if bad:
+        sys.exit(f"target {bad[0]!r}: expected name=addr, e.g. skymesh=100.96.0.2")
     targets = [arg.split("=", 1) for arg in sys.argv[2:]]
     socks = {}
     for name, addr in targets:
