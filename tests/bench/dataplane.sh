@@ -2,6 +2,9 @@
 # Data-plane benchmark: single-stream TCP throughput (iperf3) and ping RTT through
 # skymesh-agent, wireguard-go and boringtun-cli, on one pair of network namespaces,
 # alternating implementations round by round so they share the machine's state.
+# boringtun-cli runs twice: as installed (a connected UDP socket per peer besides
+# the listening one) and with --disable-connected-udp, the one-socket design that
+# skymesh-agent and wireguard-go share, for a like-for-like RTT comparison.
 # Also measures skymesh-agent's RSS with 10 peers under traffic.
 #
 # Usage: sudo tests/bench/dataplane.sh [ROUNDS] [SECONDS]      (defaults: 5 rounds, 5 s)
@@ -18,7 +21,7 @@ NB=$ID-b
 AGENT=$ROOT/target/release/skymesh-agent
 BTCLI=${BORINGTUN_CLI:-$WORK/boringtun/bin/boringtun-cli}
 
-for tool in iperf3 wireguard-go wg ip ping python3; do
+for tool in iperf3 wireguard-go wg ip ping python3 shuf; do
   command -v "$tool" >/dev/null || { echo "missing tool: $tool (apt-get install -y --no-install-recommends iperf3 wireguard-go wireguard-tools iproute2 iputils-ping)" >&2; exit 1; }
 done
 
@@ -87,21 +90,28 @@ T
 start_skymesh() { # [with_extra_peers]
   agent_conf a a.key b "$PB" 100.96.0.1 100.96.0.2 192.0.2.2:51820 "${1:-}" > "$WORK/a.toml"
   agent_conf b b.key a "$PA" 100.96.0.2 100.96.0.1 "" > "$WORK/b.toml"
-  ip netns exec "$NA" "$AGENT" run --config "$WORK/a.toml" 2> "$WORK/a.log" & echo $! > "$WORK/a.pid"
+  # The responder first: a handshake the initiator sends before the responder's
+  # socket exists is lost, and WireGuard retries only after 5 s.
   ip netns exec "$NB" "$AGENT" run --config "$WORK/b.toml" 2> "$WORK/b.log" & echo $! > "$WORK/b.pid"
-  for _ in $(seq 100); do [ -S "$WORK/a.sock" ] && [ -S "$WORK/b.sock" ] && break; sleep 0.05; done
+  for _ in $(seq 100); do [ -S "$WORK/b.sock" ] && break; sleep 0.05; done
+  ip netns exec "$NA" "$AGENT" run --config "$WORK/a.toml" 2> "$WORK/a.log" & echo $! > "$WORK/a.pid"
+  for _ in $(seq 100); do [ -S "$WORK/a.sock" ] && break; sleep 0.05; done
   TARGET=100.96.0.2
 }
 
-start_userspace_wg() { # wggo|boringtun — each kind has its own names, port and overlay
-  local bin=$1 tag port net
-  if [ "$bin" = wggo ]; then tag=g; port=51821; net=100.97.0; else tag=t; port=51822; net=100.98.0; fi
+start_userspace_wg() { # wggo|boringtun|boringtun1 — each kind has its own names, port and overlay
+  local bin=$1 tag port net flags=()
+  case $bin in
+    wggo) tag=g; port=51821; net=100.97.0 ;;
+    boringtun) tag=t; port=51822; net=100.98.0 ;;
+    boringtun1) tag=u; port=51823; net=100.99.0; flags=(--disable-connected-udp) ;;
+  esac
   for side in a b; do
     local ns=$NA; [ $side = b ] && ns=$NB
     if [ "$bin" = wggo ]; then
       ip netns exec "$ns" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "${ID}$tag$side" > "$WORK/$tag$side.log" 2>&1 &
     else
-      ip netns exec "$ns" env WG_SUDO=1 "$BTCLI" -f --disable-drop-privileges "${ID}$tag$side" > "$WORK/$tag$side.log" 2>&1 &
+      ip netns exec "$ns" env WG_SUDO=1 "$BTCLI" -f --disable-drop-privileges "${flags[@]}" "${ID}$tag$side" > "$WORK/$tag$side.log" 2>&1 &
     fi
     echo $! > "$WORK/$tag$side.pid"
   done
@@ -139,26 +149,30 @@ run_one() {
     skymesh) start_skymesh; measure_throughput "skymesh-agent"; stop_all ;;
     wggo) start_userspace_wg wggo; measure_throughput "wireguard-go"; stop_all ;;
     boringtun) start_userspace_wg boringtun; measure_throughput "boringtun-cli"; stop_all ;;
+    boringtun1) start_userspace_wg boringtun1; measure_throughput "boringtun-cli-1sock"; stop_all ;;
   esac
 }
 
-ORDER=(raw skymesh wggo boringtun)
+ORDER=(raw skymesh wggo boringtun boringtun1)
 for r in $(seq "$ROUNDS"); do
   echo "== throughput round $r/$ROUNDS" >&2
   # One implementation at a time (each saturates the CPUs); the order rotates
   # each round so none always runs first or last.
-  for i in 0 1 2 3; do run_one "${ORDER[$(( (i + r) % 4 ))]}"; done
+  for i in "${!ORDER[@]}"; do run_one "${ORDER[$(( (i + r) % ${#ORDER[@]} ))]}"; done
 done
 
-# RTT: all three tunnels up at once on a quiet machine, pinged in interleaved
-# blocks of 25 so that each sees the same conditions; per-packet RTTs are pooled.
+# RTT: all tunnels up at once on a quiet machine, pinged in interleaved blocks
+# of 25 so that each sees the same conditions; per-packet RTTs are pooled.
+# (tests/bench/interleaved_ping.py interleaves single pings instead, for finer
+# A/B comparisons.)
 echo "== ping RTT, interleaved" >&2
-start_skymesh; start_userspace_wg wggo; start_userspace_wg boringtun
-for t in 192.0.2.2 100.96.0.2 100.97.0.2 100.98.0.2; do
+start_skymesh; start_userspace_wg wggo; start_userspace_wg boringtun; start_userspace_wg boringtun1
+for t in 192.0.2.2 100.96.0.2 100.97.0.2 100.98.0.2 100.99.0.2; do
   ip netns exec "$NA" ping -c 1 -w 5 "$t" > /dev/null || { echo "tunnel to $t did not come up; logs:" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1; }
 done
 for cycle in $(seq $((ROUNDS * 4))); do
-  for pair in raw-veth:192.0.2.2 skymesh-agent:100.96.0.2 wireguard-go:100.97.0.2 boringtun-cli:100.98.0.2; do
+  # A fresh random order every cycle: no path always follows the same one.
+  for pair in $(shuf -e raw-veth:192.0.2.2 skymesh-agent:100.96.0.2 wireguard-go:100.97.0.2 boringtun-cli:100.98.0.2 boringtun-cli-1sock:100.99.0.2); do
     ip netns exec "$NA" ping -c 25 -i 0.01 "${pair#*:}" | sed -n "s/.*time=\([0-9.]*\) ms/rtt ${pair%%:*} \1/p" >> "$WORK/results"
   done
 done
@@ -179,7 +193,7 @@ rows = [l.split() for l in open(sys.argv[1])]
 tput = [r[1:] for r in rows if r[0] == "tput"]
 rtts = [r[1:] for r in rows if r[0] == "rtt"]
 rss_kb, peers, rounds, secs = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-order = ["raw-veth", "skymesh-agent", "wireguard-go", "boringtun-cli"]
+order = ["raw-veth", "skymesh-agent", "wireguard-go", "boringtun-cli", "boringtun-cli-1sock"]
 med = {n: (statistics.median(float(r[1]) for r in tput if r[0] == n),
            statistics.median(float(r[1]) for r in rtts if r[0] == n)) for n in order}
 count = {n: sum(1 for r in rtts if r[0] == n) for n in order}
@@ -189,9 +203,10 @@ print("| path | throughput | ping RTT |")
 print("|---|---|---|")
 for n in order:
     print(f"| {n} | {med[n][0]:.2f} Gbit/s | {med[n][1]:.3f} ms |")
-sk, wg, bt = med["skymesh-agent"], med["wireguard-go"], med["boringtun-cli"]
+sk, wg, bt, bt1 = (med[n] for n in order[1:])
 print(f"\nthroughput skymesh / wireguard-go  = {sk[0]/wg[0]:.2f}x   (target >= 1.5x)")
 print(f"throughput skymesh / boringtun-cli = {sk[0]/bt[0]:.2f}x")
-print(f"RTT skymesh / boringtun-cli        = {sk[1]/bt[1]:.2f}   (target <= 1.00)")
+print(f"RTT skymesh / boringtun-cli        = {sk[1]/bt[1]:.3f}   (target <= 1.00)")
+print(f"RTT skymesh / boringtun-cli-1sock  = {sk[1]/bt1[1]:.3f}   (same one-socket design)")
 print(f"skymesh-agent peak RSS with {peers} peers = {rss_kb/1024:.1f} MiB   (target <= 40 MB)")
 PY
