@@ -240,10 +240,11 @@ impl Pool {
         req.headers_mut().insert(header::HOST, p.host.clone());
         loop {
             let next = {
+                let now = Instant::now();
                 let mut idle = lock(&p.idle);
                 let mut found = None;
                 while let Some((sender, since)) = idle.pop() {
-                    if reusable(&sender, since, Instant::now()) {
+                    if reusable(&sender, since, now) {
                         found = Some(sender);
                         break;
                     }
