@@ -17,6 +17,10 @@ pub struct Status {
     /// Dropped packets by reason (every reason, zeros included).
     pub drops: BTreeMap<String, u64>,
     pub handshake_cookie_replies: u64,
+    /// Link checks that ran more than 50 ms late (the agent was not scheduled)
+    /// and therefore declared no link down.
+    #[serde(default)]
+    pub link_check_stalls: u64,
     /// Controller mode only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller: Option<ControllerStatus>,
@@ -315,6 +319,7 @@ mod tests {
             }],
             drops: BTreeMap::from([("replay".to_string(), 2), ("malformed".to_string(), 0)]),
             handshake_cookie_replies: 0,
+            link_check_stalls: 0,
             controller: None,
             links: vec![LinkStatusJson {
                 peer: "gcp-gw".into(),

@@ -85,6 +85,14 @@ pub fn render(status: &Status) -> String {
         cookies,
     );
 
+    let stalls = Counter::<u64>::default();
+    stalls.inc_by(status.link_check_stalls);
+    registry.register(
+        "link_check_stalls",
+        "Link checks that ran over 50 ms late (the agent was not scheduled: CPU starvation, a paused VM) and so declared no link down",
+        stalls,
+    );
+
     let rtt = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let jitter = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let loss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
@@ -220,6 +228,7 @@ mod tests {
             }],
             drops: BTreeMap::from([("replay".to_string(), 3)]),
             handshake_cookie_replies: 4,
+            link_check_stalls: 5,
             controller: Some(crate::admin::ControllerStatus {
                 node: "aws-gw".into(),
                 connected: Some("203.0.113.2:7443".into()),
@@ -255,6 +264,7 @@ mod tests {
             "skymesh_peer_last_handshake_timestamp_seconds{peer=\"gcp-gw\"} 1700000000",
             "skymesh_dropped_packets_total{reason=\"replay\"} 3",
             "skymesh_handshake_cookie_replies_total 4",
+            "skymesh_link_check_stalls_total 5",
             "skymesh_build_info{version=\"",
             "skymesh_controller_connected 1",
             "skymesh_advertised_prefix_rejected{prefix=\"10.0.5.0/24\"} 1",

@@ -10,7 +10,7 @@
 use crate::batch::{Transmits, TunWrites};
 use crate::keys::PrivateKey;
 use crate::packet;
-use crate::probe::{Link, Probe, ProbeConfig, Transition};
+use crate::probe::{DownCause, Link, Probe, ProbeConfig, Transition};
 use crate::routing::RoutingTable;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -38,6 +38,9 @@ const MSG_DATA: u8 = 4;
 /// Sessions older than this are about to be rejected (WireGuard's 180 s);
 /// probes then wait for the new handshake instead of queueing behind it.
 const SESSION_FRESH: Duration = Duration::from_secs(170);
+/// A link check this late means the agent was not running: silence before it
+/// does not count.
+pub const STALL: Duration = Duration::from_millis(50);
 
 /// Why a packet was dropped. The label is the `reason` of the drop metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -151,9 +154,17 @@ pub enum Event {
     /// The link to a peer failed (probes lost) or recovered.
     LinkDown {
         peer: String,
+        cause: DownCause,
     },
     LinkUp {
         peer: String,
+    },
+    /// The link check ran this much after its time: the agent was not scheduled
+    /// (CPU starvation, a paused VM), so the silences it sees may be its own
+    /// backlog. Links are declared down only after a full detection time of
+    /// silence from now.
+    Stalled {
+        late: Duration,
     },
     /// Traffic to `dest` now takes another path.
     PathChanged {
@@ -329,6 +340,10 @@ pub struct Node {
     next_check: Instant,
     /// The last non-empty path list applied (an empty one keeps it).
     path_specs: Vec<skymesh_wire::PathSpec>,
+    /// Link checks that ran more than [`STALL`] late.
+    stalls: u64,
+    /// Whether a link check ran yet.
+    checked: bool,
 }
 
 impl Node {
@@ -357,6 +372,8 @@ impl Node {
             probe: ProbeConfig::default(),
             next_probe: now,
             next_check: now,
+            stalls: 0,
+            checked: false,
             path_specs: Vec::new(),
         }
     }
@@ -930,7 +947,17 @@ impl Node {
             self.next_probe = (self.next_probe + self.probe.interval).max(now);
         }
         if now >= self.next_check {
+            // Late against the schedule of a previous check (the first has none).
+            let late = now.saturating_duration_since(self.next_check);
+            if self.checked && late > STALL {
+                self.stalls += 1;
+                self.events.push_back(Event::Stalled { late });
+                for peer in self.peers.iter_mut().flatten() {
+                    peer.link.resume(now);
+                }
+            }
             self.check_links(now);
+            self.checked = true;
             self.next_check = now + (self.probe.interval / 4).min(Duration::from_millis(25));
         }
         for id in std::mem::take(&mut self.pending_initiation) {
@@ -1016,12 +1043,24 @@ impl Node {
         }
     }
 
+    /// Whether the link check due at `now` would declare a link down: the
+    /// caller may first read what waits in its socket (see the daemon's timers).
+    pub fn link_check_would_fail(&self, now: Instant) -> bool {
+        now >= self.next_check
+            && self
+                .peers
+                .iter()
+                .flatten()
+                .any(|p| p.link.failing(&self.probe, now).is_some())
+    }
+
     /// Declares links down whose probes stopped, and fails over around them.
     fn check_links(&mut self, now: Instant) {
         for peer in self.peers.iter_mut().flatten() {
-            if peer.link.check(&self.probe, now) == Some(Transition::Down) {
+            if let Some(Transition::Down(cause)) = peer.link.check(&self.probe, now) {
                 self.events.push_back(Event::LinkDown {
                     peer: peer.spec.name.clone(),
+                    cause,
                 });
             }
         }
@@ -1112,6 +1151,11 @@ impl Node {
 
     pub fn cookie_replies(&self) -> u64 {
         self.cookie_replies
+    }
+
+    /// Link checks that ran more than [`STALL`] late and declared nothing.
+    pub fn stalls(&self) -> u64 {
+        self.stalls
     }
 
     pub fn address(&self) -> Option<IpNet> {
@@ -1632,6 +1676,8 @@ mod tests {
             queue: BinaryHeap<Reverse<InFlight>>,
             seq: u64,
             pub tun: Vec<Vec<Vec<u8>>>,
+            /// Node i does not run before this (a stalled process).
+            asleep_until: Vec<Instant>,
         }
 
         pub fn underlay(i: usize) -> SocketAddr {
@@ -1666,6 +1712,7 @@ mod tests {
                     queue: BinaryHeap::new(),
                     seq: 0,
                     tun: vec![Vec::new(); names.len()],
+                    asleep_until: vec![now; names.len()],
                 }
             }
 
@@ -1728,9 +1775,15 @@ mod tests {
                         continue;
                     }
                     let delay = self.delay.get(&(from, to)).copied().unwrap_or_default();
+                    let wake = self.asleep_until[to] + Duration::from_micros(1);
+                    let at = if self.now + delay < self.asleep_until[to] {
+                        wake
+                    } else {
+                        self.now + delay
+                    };
                     self.seq += 1;
                     self.queue
-                        .push(Reverse((self.now + delay, self.seq, from, to, d.to_vec())));
+                        .push(Reverse((at, self.seq, from, to, d.to_vec())));
                 }
             }
 
@@ -1742,6 +1795,13 @@ mod tests {
                 self.send(i, &out);
             }
 
+            /// Node `i` is not scheduled for `d` from now: its timers wait, and
+            /// so do packets for it. When it wakes, its overdue timers run before
+            /// it reads what queued up (the worse order for link checks).
+            pub fn stall(&mut self, i: usize, d: Duration) {
+                self.asleep_until[i] = self.now + d;
+            }
+
             /// Runs the network for `d` of simulated time.
             pub fn run(&mut self, d: Duration) {
                 let end = self.now + d;
@@ -1750,7 +1810,7 @@ mod tests {
                         .nodes
                         .iter()
                         .enumerate()
-                        .map(|(i, n)| (n.poll_timeout(), i))
+                        .map(|(i, n)| (n.poll_timeout().max(self.asleep_until[i]), i))
                         .min()
                         .expect("nodes");
                     let packet = self.queue.peek().map(|Reverse(e)| e.0);
@@ -1915,6 +1975,64 @@ mod tests {
         net.run(ms(200));
         assert!(net.tun[1].iter().any(|p| p.ends_with(b"no-transit")));
         assert!(net.tun[2].iter().all(|p| !p.ends_with(b"no-transit")));
+    }
+
+    #[test]
+    fn a_stalled_agent_reads_its_backlog_before_it_declares_links_down() {
+        let mut net = transit_net();
+        net.nodes[0].events.clear();
+        // aws is not scheduled for 1 s; its peers' probes wait in its socket.
+        net.stall(0, ms(1_000));
+        net.run(ms(1_100));
+        let events: Vec<Event> = std::iter::from_fn(|| net.nodes[0].poll_event()).collect();
+        assert!(
+            matches!(events.first(), Some(Event::Stalled { late }) if *late >= ms(900)),
+            "{events:?}"
+        );
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::LinkDown { .. })),
+            "{events:?}"
+        );
+        assert!(net.link(0, "azure").up && net.link(0, "alibaba").up);
+        assert_eq!(net.route(0, "alibaba").failovers, 0);
+        assert_eq!(net.nodes[0].stalls, 1);
+        // A link that really died during the stall goes down a detection time
+        // after the agent resumed.
+        net.set_cut(0, 1, true);
+        net.stall(0, ms(1_000));
+        net.run(ms(1_000 + 340));
+        assert!(
+            net.link(0, "azure").up,
+            "silence is counted from the resume"
+        );
+        net.run(ms(40));
+        assert!(!net.link(0, "azure").up);
+        let events: Vec<Event> = std::iter::from_fn(|| net.nodes[0].poll_event()).collect();
+        assert!(
+            events.iter().any(|e| matches!(
+                e,
+                Event::LinkDown { peer, cause: DownCause::Silent(d) }
+                    if peer == "azure" && *d > ms(350) && *d < ms(400)
+            )),
+            "{events:?}"
+        );
+        assert!(net.link(0, "alibaba").up, "alibaba's probes were waiting");
+        assert_eq!(net.route(0, "alibaba").active, Via::Direct);
+    }
+
+    #[test]
+    fn asking_whether_a_link_check_would_fail_changes_nothing() {
+        let mut net = transit_net();
+        let now = net.now;
+        assert!(!net.nodes[0].link_check_would_fail(now + ms(30)));
+        // aws's timers do not run while azure's probes stop coming.
+        net.set_cut(0, 1, true);
+        net.stall(0, ms(500));
+        net.run(ms(450));
+        let now = net.now;
+        assert!(net.nodes[0].link_check_would_fail(now));
+        assert!(net.link(0, "azure").up, "only the check itself declares it");
+        assert_eq!(net.route(0, "alibaba").failovers, 0);
     }
 
     #[test]

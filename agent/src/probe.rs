@@ -162,7 +162,32 @@ impl Probe {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
     Up,
-    Down,
+    Down(DownCause),
+}
+
+/// Why a link was declared down, with how long the condition had lasted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownCause {
+    /// No probe from the peer for this long.
+    Silent(Duration),
+    /// The peer's probes arrive but have echoed none of ours for this long (a
+    /// one-way cut).
+    Unanswered(Duration),
+}
+
+impl std::fmt::Display for DownCause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Silent(d) => write!(f, "no probe from the peer for {} ms", d.as_millis()),
+            Self::Unanswered(d) => {
+                write!(
+                    f,
+                    "the peer echoed none of our probes for {} ms",
+                    d.as_millis()
+                )
+            }
+        }
+    }
 }
 
 /// The measured state of one link (this node to one peer).
@@ -194,6 +219,8 @@ pub struct Link {
     peer_down: Vec<Ipv4Addr>,
     /// History kept for loss.
     window: Duration,
+    /// When the agent last resumed after a stall: silence before it does not count.
+    resumed: Instant,
 }
 
 impl Link {
@@ -216,6 +243,7 @@ impl Link {
             flapped: false,
             peer_down: Vec::new(),
             window,
+            resumed: now,
         }
     }
 
@@ -294,25 +322,40 @@ impl Link {
 
     /// Checks the timers; returns `Some(Down)` when the link just failed.
     pub fn check(&mut self, config: &ProbeConfig, now: Instant) -> Option<Transition> {
+        let cause = self.failing(config, now)?;
+        self.up = false;
+        self.flapped = true;
+        self.changed = now;
+        Some(Transition::Down(cause))
+    }
+
+    /// The agent resumes at `now` after not running for a while (see
+    /// `Node::handle_timeout`): the peer's probes of that time may be waiting
+    /// unread or, if the whole machine stood still, were never sent. The link is
+    /// declared down only after a full detection time of silence from now.
+    pub fn resume(&mut self, now: Instant) {
+        self.resumed = self.resumed.max(now);
+    }
+
+    /// Why [`check`](Self::check) would declare this link down at `now`, if it would.
+    pub fn failing(&self, config: &ProbeConfig, now: Instant) -> Option<DownCause> {
         if !self.up {
             return None;
         }
         let detect = config.detect_time();
-        let silent = self
-            .last_rx
-            .is_none_or(|(_, at)| now.saturating_duration_since(at) > detect);
+        // Time before the agent last resumed from a stall is not silence.
+        let since = |at: Instant| now.saturating_duration_since(at.max(self.resumed));
+        let silent = self.last_rx.map(|(_, at)| since(at));
         // Our probes stopped getting through (a one-way cut): the newest echo is
         // older than the detection time plus the round trip.
-        let unacked = self.last_ack.is_some_and(|(_, at)| {
-            now.saturating_duration_since(at) > detect + self.srtt.unwrap_or_default()
-        });
-        if silent || unacked {
-            self.up = false;
-            self.flapped = true;
-            self.changed = now;
-            return Some(Transition::Down);
-        }
-        None
+        let unanswered = self.last_ack.map(|(_, at)| since(at));
+        let cause = match (silent, unanswered) {
+            (None, _) => DownCause::Silent(since(self.changed)),
+            (Some(s), _) if s > detect => DownCause::Silent(s),
+            (_, Some(u)) if u > detect + self.srtt.unwrap_or_default() => DownCause::Unanswered(u),
+            _ => return None,
+        };
+        Some(cause)
     }
 
     pub fn up(&self) -> bool {
@@ -568,7 +611,10 @@ mod tests {
         let now = exchange(&mut a, &mut b, t, 20, ms(100), |_| ms(10), |_, _| false);
         let last = now - ms(50) + ms(10); // b's last probe arrived here
         assert_eq!(a.check(&config, last + ms(340)), None);
-        assert_eq!(a.check(&config, last + ms(351)), Some(Transition::Down));
+        assert_eq!(
+            a.check(&config, last + ms(351)),
+            Some(Transition::Down(DownCause::Silent(ms(351))))
+        );
         assert!(!a.up());
         assert_eq!(a.loss(), 1.0);
         assert_eq!(a.check(&config, last + ms(400)), None, "reported once");
@@ -597,8 +643,15 @@ mod tests {
             |_| ms(10),
             |_, dir| dir == 0,
         );
-        assert_eq!(a.check(&config, end), Some(Transition::Down));
-        assert_eq!(b.check(&config, end), Some(Transition::Down));
+        // a hears b but gets no echo of its own probes; b hears nothing.
+        assert!(matches!(
+            a.check(&config, end),
+            Some(Transition::Down(DownCause::Unanswered(d))) if d > config.detect_time()
+        ));
+        assert!(matches!(
+            b.check(&config, end),
+            Some(Transition::Down(DownCause::Silent(d))) if d > config.detect_time()
+        ));
     }
 
     #[test]

@@ -233,6 +233,8 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Dropped packets by reason.
     pub drops: BTreeMap<String, u64>,
+    /// Link checks that ran late and declared nothing down.
+    pub link_check_stalls: u64,
     /// Controller mode only.
     #[serde(default)]
     pub controller: Option<ControllerStatus>,

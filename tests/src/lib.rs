@@ -154,6 +154,12 @@ pub fn tail(path: &Path, lines: usize) -> String {
     }
 }
 
+/// Whether a passing test keeps its scratch directory too (`SKYMESH_KEEP_SCRATCH=1`),
+/// to read the logs of a run that passed.
+fn keep_scratch() -> bool {
+    std::env::var("SKYMESH_KEEP_SCRATCH").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
 /// Runs one end-to-end test body with a [`TestEnv`]; keeps the evidence if it fails.
 ///
 /// Guards created inside `body` (namespaces, processes) are dropped before this returns,
@@ -162,6 +168,13 @@ pub fn e2e(name: &str, body: impl FnOnce(&TestEnv) -> Result<()>) -> Result<()> 
     let env = TestEnv::new(name)?;
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&env)));
     match outcome {
+        Ok(Ok(())) if keep_scratch() => {
+            eprintln!(
+                "kept scratch dir {} (SKYMESH_KEEP_SCRATCH)",
+                env.dir.display()
+            );
+            Ok(())
+        }
         Ok(Ok(())) => {
             let _ = std::fs::remove_dir_all(&env.dir);
             Ok(())

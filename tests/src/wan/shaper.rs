@@ -108,7 +108,21 @@ pub struct Shaper {
     queue: BinaryHeap<Reverse<Pending>>,
     seq: u64,
     rng: StdRng,
+    late: Lateness,
 }
+
+/// Frames that left later than their departure time because the switch did not
+/// run in time (a starved thread): the emulated WAN was worse than configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lateness {
+    /// Frames that left more than [`LATE`] after their departure time.
+    pub frames: u64,
+    /// The largest delay past a departure time.
+    pub max: Duration,
+}
+
+/// How late a frame may leave before it counts in [`Lateness`].
+pub const LATE: Duration = Duration::from_millis(20);
 
 impl Shaper {
     pub fn new(seed: u64) -> Self {
@@ -117,6 +131,7 @@ impl Shaper {
             queue: BinaryHeap::new(),
             seq: 0,
             rng: StdRng::seed_from_u64(seed),
+            late: Lateness::default(),
         }
     }
 
@@ -207,6 +222,11 @@ impl Shaper {
     pub fn poll_transmit(&mut self, now: Instant) -> Option<(usize, Vec<u8>)> {
         if self.queue.peek().is_some_and(|Reverse(p)| p.at <= now) {
             let Reverse(p) = self.queue.pop()?;
+            let late = now.saturating_duration_since(p.at);
+            if late > LATE {
+                self.late.frames += 1;
+            }
+            self.late.max = self.late.max.max(late);
             if let Some(pair) = self.pairs.get_mut(&(p.src, p.dst)) {
                 pair.queued = pair.queued.saturating_sub(1);
                 pair.delivered += 1;
@@ -214,6 +234,11 @@ impl Shaper {
             return Some((p.dst, p.frame));
         }
         None
+    }
+
+    /// How late frames left since the shaper started.
+    pub fn lateness(&self) -> Lateness {
+        self.late
     }
 
     /// When the next frame is due, if any is waiting.
@@ -325,6 +350,29 @@ mod tests {
             drain(&mut s, t0 + Duration::from_millis(30)),
             vec![(1, b"hello".to_vec())]
         );
+    }
+
+    #[test]
+    fn frames_sent_after_their_time_are_counted_late() {
+        let t0 = Instant::now();
+        let mut s = Shaper::new(1);
+        let ms = Duration::from_millis;
+        s.set(
+            0,
+            1,
+            PairShape {
+                delay: ms(30),
+                ..Default::default()
+            },
+        );
+        s.handle_frame(0, 1, b"on-time", t0);
+        s.handle_frame(0, 1, b"late", t0 + ms(1));
+        assert!(s.poll_transmit(t0 + ms(31)).is_some());
+        assert_eq!(s.lateness().frames, 0, "1 ms is within the limit");
+        // The driver did not run until 100 ms after the second frame was due.
+        assert!(s.poll_transmit(t0 + ms(131)).is_some());
+        assert_eq!(s.lateness().frames, 1);
+        assert_eq!(s.lateness().max, ms(100));
     }
 
     #[test]

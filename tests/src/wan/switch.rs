@@ -2,7 +2,7 @@
 //! learning L2 forwarder, and the [`Shaper`] in between. Runs on its own thread
 //! with a 1 ns timer slack so that departures are on time to tens of microseconds.
 
-use super::shaper::{PairShape, PairStats, Shaper};
+use super::shaper::{Lateness, PairShape, PairStats, Shaper};
 use crate::netns::run_in_netns;
 use anyhow::{bail, Context, Result};
 use skymesh_agent::udp::set_int_option;
@@ -102,6 +102,11 @@ impl SwitchHandle {
             self.set(s, d, shape)?;
         }
         Ok(())
+    }
+
+    /// Frames the switch sent late (it was not scheduled in time), since it started.
+    pub fn lateness(&self) -> Lateness {
+        self.shaper().lateness()
     }
 
     pub fn stats(&self, src: &str, dst: &str) -> Result<PairStats> {
