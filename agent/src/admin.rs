@@ -17,8 +17,8 @@ pub struct Status {
     /// Dropped packets by reason (every reason, zeros included).
     pub drops: BTreeMap<String, u64>,
     pub handshake_cookie_replies: u64,
-    /// Link checks that ran more than 50 ms late (the agent was not scheduled)
-    /// and therefore declared no link down.
+    /// Link checks that ran more than 50 ms late (the agent's timers did not
+    /// run); that time is not counted as probe silence.
     #[serde(default)]
     pub link_check_stalls: u64,
     /// Controller mode only.

@@ -89,7 +89,7 @@ pub fn render(status: &Status) -> String {
     stalls.inc_by(status.link_check_stalls);
     registry.register(
         "link_check_stalls",
-        "Link checks that ran over 50 ms late (the agent was not scheduled: CPU starvation, a paused VM) and so declared no link down",
+        "Link checks that ran over 50 ms late (the agent's timers did not run: CPU starvation, a paused VM); that time is not counted as probe silence",
         stalls,
     );
 

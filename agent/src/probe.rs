@@ -219,8 +219,10 @@ pub struct Link {
     peer_down: Vec<Ipv4Addr>,
     /// History kept for loss.
     window: Duration,
-    /// When the agent last resumed after a stall: silence before it does not count.
-    resumed: Instant,
+    /// Time the agent stood still (see [`Link::stood_still`]) since the last
+    /// probe from the peer, and since the newest echo of ours: not silence.
+    still_rx: Duration,
+    still_ack: Duration,
 }
 
 impl Link {
@@ -243,7 +245,8 @@ impl Link {
             flapped: false,
             peer_down: Vec::new(),
             window,
-            resumed: now,
+            still_rx: Duration::ZERO,
+            still_ack: Duration::ZERO,
         }
     }
 
@@ -268,6 +271,7 @@ impl Link {
         self.probes_received += 1;
         self.rx_count = self.rx_count.wrapping_add(1);
         self.last_rx = Some((probe.seq, now));
+        self.still_rx = Duration::ZERO;
         self.reverse.push_back((now, probe.seq, self.rx_count));
         self.peer_down.clone_from(&probe.down);
         if let Some((echo_seq, held)) = probe.echo {
@@ -275,6 +279,7 @@ impl Link {
             if fresh {
                 self.forward.push_back((now, echo_seq, probe.rx_count));
                 self.last_ack = Some((echo_seq, now));
+                self.still_ack = Duration::ZERO;
                 if let Some(Some((s, sent_at))) = self.sent.get(usize::from(echo_seq) % SENT_RING) {
                     if *s == echo_seq {
                         let rtt = now.saturating_duration_since(*sent_at).saturating_sub(held);
@@ -323,18 +328,24 @@ impl Link {
     /// Checks the timers; returns `Some(Down)` when the link just failed.
     pub fn check(&mut self, config: &ProbeConfig, now: Instant) -> Option<Transition> {
         let cause = self.failing(config, now)?;
+        self.still_rx = Duration::ZERO;
+        self.still_ack = Duration::ZERO;
         self.up = false;
         self.flapped = true;
         self.changed = now;
         Some(Transition::Down(cause))
     }
 
-    /// The agent resumes at `now` after not running for a while (see
+    /// The agent's timers did not run from `from` to `to` (see
     /// `Node::handle_timeout`): the peer's probes of that time may be waiting
-    /// unread or, if the whole machine stood still, were never sent. The link is
-    /// declared down only after a full detection time of silence from now.
-    pub fn resume(&mut self, now: Instant) {
-        self.resumed = self.resumed.max(now);
+    /// unread or, if the whole machine stood still, were never sent. The part
+    /// of it after the last probe (or echo) is not counted as silence.
+    pub fn stood_still(&mut self, from: Instant, to: Instant) {
+        let part = |last: Option<(u16, Instant)>| {
+            to.saturating_duration_since(last.map_or(from, |(_, at)| at.max(from)))
+        };
+        self.still_rx += part(self.last_rx);
+        self.still_ack += part(self.last_ack);
     }
 
     /// Why [`check`](Self::check) would declare this link down at `now`, if it would.
@@ -343,19 +354,20 @@ impl Link {
             return None;
         }
         let detect = config.detect_time();
-        // Time before the agent last resumed from a stall is not silence.
-        let since = |at: Instant| now.saturating_duration_since(at.max(self.resumed));
+        let since = |at: Instant| now.saturating_duration_since(at);
+        // Silence is judged without the time the agent stood still; the cause
+        // reports the whole of it.
         let silent = self.last_rx.map(|(_, at)| since(at));
+        if silent.is_none_or(|s| s.saturating_sub(self.still_rx) > detect) {
+            return Some(DownCause::Silent(
+                silent.unwrap_or_else(|| since(self.changed)),
+            ));
+        }
         // Our probes stopped getting through (a one-way cut): the newest echo is
         // older than the detection time plus the round trip.
-        let unanswered = self.last_ack.map(|(_, at)| since(at));
-        let cause = match (silent, unanswered) {
-            (None, _) => DownCause::Silent(since(self.changed)),
-            (Some(s), _) if s > detect => DownCause::Silent(s),
-            (_, Some(u)) if u > detect + self.srtt.unwrap_or_default() => DownCause::Unanswered(u),
-            _ => return None,
-        };
-        Some(cause)
+        let unanswered = self.last_ack.map(|(_, at)| since(at))?;
+        (unanswered.saturating_sub(self.still_ack) > detect + self.srtt.unwrap_or_default())
+            .then_some(DownCause::Unanswered(unanswered))
     }
 
     pub fn up(&self) -> bool {
@@ -625,6 +637,45 @@ mod tests {
         assert!(!a.settled(config.failback_hold, r));
         let later = exchange(&mut a, &mut b, r, 60, ms(100), |_| ms(10), |_, _| false);
         assert!(a.settled(config.failback_hold, later));
+    }
+
+    #[test]
+    fn time_the_agent_stood_still_is_not_silence_but_a_dead_link_still_goes_down() {
+        let config = ProbeConfig::default();
+        let t = Instant::now();
+        let (mut a, mut b) = (Link::new(config.window, t), Link::new(config.window, t));
+        let now = exchange(&mut a, &mut b, t, 20, ms(100), |_| ms(10), |_, _| false);
+        let last = now - ms(50) + ms(10); // b's last probe arrived here
+                                          // Asking does not change the link; the check then says the same.
+        assert_eq!(a.failing(&config, last + ms(340)), None);
+        let cause = a.failing(&config, last + ms(351));
+        assert_eq!(cause, Some(DownCause::Silent(ms(351))));
+        assert!(a.up());
+        // Every check from here runs 60 ms late: only 25 ms of each 85 counts,
+        // so 350 ms of silence takes 15 checks, and the cause tells all of it.
+        let mut a2 = a.clone();
+        let mut at = last;
+        let down = loop {
+            at += ms(85);
+            a2.stood_still(at - ms(60), at);
+            if let Some(t) = a2.check(&config, at) {
+                break t;
+            }
+            assert!(at < last + ms(5_000), "never declared down");
+        };
+        assert_eq!(at - last, ms(85 * 15));
+        assert_eq!(down, Transition::Down(DownCause::Silent(ms(85 * 15))));
+        // A probe ends the silence and what was forgiven with it.
+        let mut a3 = a.clone();
+        a3.stood_still(last, last + ms(200));
+        let p = wire(&b.next_probe(Vec::new(), last + ms(200)));
+        a3.handle_probe(&p, last + ms(210));
+        assert_eq!(a3.failing(&config, last + ms(210 + 340)), None);
+        assert!(a3.failing(&config, last + ms(210 + 351)).is_some());
+        assert_eq!(
+            a.check(&config, last + ms(351)),
+            Some(Transition::Down(DownCause::Silent(ms(351))))
+        );
     }
 
     #[test]
