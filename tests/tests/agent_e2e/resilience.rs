@@ -119,3 +119,173 @@ fn underlay_link_down_for_10s_then_recovers() -> Result<()> {
         p.b.ensure_running()
     })
 }
+
+/// A paused agent (SIGSTOP for 1 s: a paused VM, a long-stolen vCPU) declares no
+/// link down when it resumes: its peer's probes wait in its socket, and the time
+/// it stood still is not counted as silence. Three pauses, to catch the order in
+/// which its threads happen to wake.
+#[test]
+fn a_paused_agent_declares_no_link_down_when_it_resumes() -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    if !require_root() {
+        return Ok(());
+    }
+    e2e("pause", |env| {
+        let p = AgentPair::start(env)?;
+        ping_until(&p.a_ns, B_OVERLAY, FIRST_PING)?;
+        let link_up = |agent: &skymesh_tests::agent::Agent| {
+            agent
+                .status()
+                .is_ok_and(|s| s.links.iter().any(|l| l.peer == "b" && l.up))
+        };
+        ensure!(
+            skymesh_tests::wait_until(Duration::from_secs(10), || link_up(&p.a)).is_some(),
+            "A's link to B never came up: {:?}",
+            p.a.status()?.links
+        );
+        let pid = p.a.pid().context("agent A is not running")?;
+        for round in 1..=3 {
+            kill(pid, Signal::SIGSTOP).context("SIGSTOP")?;
+            std::thread::sleep(Duration::from_secs(1));
+            kill(pid, Signal::SIGCONT).context("SIGCONT")?;
+            std::thread::sleep(Duration::from_millis(1500));
+            let st = p.a.status()?;
+            ensure!(
+                st.link_check_stalls >= round,
+                "round {round}: A counted {} stalled link checks",
+                st.link_check_stalls
+            );
+            ensure!(
+                !p.a.log().contains("link down"),
+                "round {round}: A declared a link down after a pause:\n{}",
+                p.a.log()
+            );
+            ensure!(link_up(&p.a), "round {round}: A's link to B is down");
+        }
+        ensure!(
+            ping_once(&p.a_ns, B_OVERLAY),
+            "A cannot reach B after the pauses"
+        );
+        Ok(())
+    })
+}
+
+/// The threads of process `pid`: (tid, name).
+fn threads(pid: i32) -> Result<Vec<(i32, String)>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).context("listing threads")? {
+        let entry = entry?;
+        let tid: i32 = entry.file_name().to_string_lossy().parse()?;
+        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        out.push((tid, name.trim().to_string()));
+    }
+    Ok(out)
+}
+
+/// Pins thread `tid` to one CPU.
+fn pin(tid: i32, cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a live cpu_set_t of the stated size.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    ensure!(
+        rc == 0,
+        "pinning thread {tid} to CPU {cpu}: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// How long thread `tid` of `pid` has waited for a CPU while runnable.
+fn run_delay(pid: i32, tid: i32) -> Result<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))?;
+    let ns: u64 = text
+        .split_whitespace()
+        .nth(1)
+        .context("schedstat field 2")?
+        .parse()?;
+    Ok(Duration::from_nanos(ns))
+}
+
+/// Keeps `cpu` busy for `d` with a real-time thread, as a hypervisor stealing
+/// that vCPU would: ordinary threads pinned there do not run meanwhile.
+fn hog_cpu(cpu: usize, d: Duration) -> Result<()> {
+    std::thread::spawn(move || -> Result<()> {
+        // SAFETY: gettid has no preconditions.
+        pin(unsafe { libc::gettid() }, cpu)?;
+        let param = libc::sched_param { sched_priority: 10 };
+        // SAFETY: a live sched_param; 0 is the calling thread.
+        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+        ensure!(rc == 0, "SCHED_FIFO: {}", std::io::Error::last_os_error());
+        let start = Instant::now();
+        while start.elapsed() < d {
+            std::hint::spin_loop();
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the CPU hog panicked"))?
+}
+
+/// The agent's data-plane thread gets no CPU for 700 ms (its vCPU is busy) while
+/// its timers run on another: the peer's probes wait unread in the socket, and
+/// the agent reads them before it would declare the link down.
+#[test]
+fn a_starved_data_plane_thread_takes_no_link_down() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    ensure!(cpus >= 2, "this test needs 2 CPUs, the machine has {cpus}");
+    e2e("starve", |env| {
+        let p = AgentPair::start(env)?;
+        ping_until(&p.a_ns, B_OVERLAY, FIRST_PING)?;
+        let link_up = |agent: &skymesh_tests::agent::Agent| {
+            agent
+                .status()
+                .is_ok_and(|s| s.links.iter().any(|l| l.peer == "b" && l.up))
+        };
+        ensure!(
+            skymesh_tests::wait_until(Duration::from_secs(10), || link_up(&p.a)).is_some(),
+            "A's link to B never came up"
+        );
+        let pid = p.a.pid().context("agent A is not running")?.as_raw();
+        let threads = threads(pid)?;
+        let dataplane = threads
+            .iter()
+            .find(|(_, name)| name.starts_with("skymesh-datapl"))
+            .map(|(tid, _)| *tid)
+            .with_context(|| format!("no data-plane thread among {threads:?}"))?;
+        pin(dataplane, 1)?;
+        for (tid, _) in threads.iter().filter(|(tid, _)| *tid != dataplane) {
+            // A helper thread may have exited since the listing.
+            if let Err(e) = pin(*tid, 0) {
+                ensure!(
+                    !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists(),
+                    "{e:#}"
+                );
+            }
+        }
+        for round in 1..=3 {
+            let waited = run_delay(pid, dataplane)?;
+            hog_cpu(1, Duration::from_millis(700))?;
+            let starved = run_delay(pid, dataplane)? - waited;
+            std::thread::sleep(Duration::from_millis(1000));
+            eprintln!("round {round}: the data-plane thread waited {starved:?} for its CPU");
+            ensure!(
+                starved >= Duration::from_millis(400),
+                "round {round}: the data-plane thread waited only {starved:?}: not starved \
+                 past the 350 ms detection time, so this round tests nothing"
+            );
+            ensure!(
+                !p.a.log().contains("link down"),
+                "round {round}: A declared a link down while its data plane was starved:\n{}",
+                p.a.log()
+            );
+            ensure!(link_up(&p.a), "round {round}: A's link to B is down");
+        }
+        ensure!(ping_once(&p.a_ns, B_OVERLAY), "A cannot reach B afterwards");
+        Ok(())
+    })
+}
