@@ -144,9 +144,35 @@ fn median(d: &[Option<Duration>]) -> Duration {
     got.get(got.len() / 2).copied().unwrap_or_default()
 }
 
+fn tolerance(emulated: Duration) -> Duration {
+    Duration::from_micros(500) + emulated / 20
+}
+
 fn within(measured: Duration, emulated: Duration) -> bool {
-    let tol = Duration::from_micros(500) + emulated / 20;
+    let tol = tolerance(emulated);
     measured >= emulated.saturating_sub(tol) && measured <= emulated + tol
+}
+
+/// The median one-way delay of 200 datagrams `from → to`. A run in which the
+/// switch itself sent frames later than the tolerance (its thread did not get a
+/// CPU: this 2-vCPU machine has steal bursts) measured the machine, not the
+/// emulator, and is repeated, twice at most; the last run counts either way.
+fn median_delay(l: &Lab, from: &UdpSocket, to: &UdpSocket, emulated: Duration) -> Result<Duration> {
+    let mut attempt = 1;
+    loop {
+        l.switch.take_lateness();
+        let d = median(&one_way(from, to, 200, 200, Duration::from_millis(2))?);
+        let late = l.switch.take_lateness();
+        if within(d, emulated) || attempt == 3 || late.max <= tolerance(emulated) {
+            return Ok(d);
+        }
+        eprintln!(
+            "measured {d:?} for {emulated:?}, but the switch sent a frame {:?} late \
+             (attempt {attempt}); measuring again",
+            late.max
+        );
+        attempt += 1;
+    }
 }
 
 /// Builds the two-host lab, opens a socket on each host, resolves ARP both ways
@@ -194,8 +220,8 @@ fn delay_is_reproduced_per_direction() -> Result<()> {
                     ..Default::default()
                 },
             )?;
-            let ab = median(&one_way(a, b, 200, 200, Duration::from_millis(2))?);
-            let ba = median(&one_way(b, a, 200, 200, Duration::from_millis(2))?);
+            let ab = median_delay(l, a, b, there)?;
+            let ba = median_delay(l, b, a, back)?;
             eprintln!("emulated {there:?}/{back:?}: measured {ab:?}/{ba:?}");
             ensure!(
                 within(ab, there),

@@ -236,9 +236,9 @@ impl Shaper {
         None
     }
 
-    /// How late frames left since the shaper started.
-    pub fn lateness(&self) -> Lateness {
-        self.late
+    /// How late frames left since the last call (or the start), and a fresh count.
+    pub fn take_lateness(&mut self) -> Lateness {
+        std::mem::take(&mut self.late)
     }
 
     /// When the next frame is due, if any is waiting.
@@ -368,11 +368,24 @@ mod tests {
         s.handle_frame(0, 1, b"on-time", t0);
         s.handle_frame(0, 1, b"late", t0 + ms(1));
         assert!(s.poll_transmit(t0 + ms(31)).is_some());
-        assert_eq!(s.lateness().frames, 0, "1 ms is within the limit");
+        assert_eq!(
+            s.take_lateness(),
+            Lateness {
+                frames: 0,
+                max: ms(1)
+            },
+            "1 ms is within the limit"
+        );
         // The driver did not run until 100 ms after the second frame was due.
         assert!(s.poll_transmit(t0 + ms(131)).is_some());
-        assert_eq!(s.lateness().frames, 1);
-        assert_eq!(s.lateness().max, ms(100));
+        assert_eq!(
+            s.take_lateness(),
+            Lateness {
+                frames: 1,
+                max: ms(100)
+            }
+        );
+        assert_eq!(s.take_lateness(), Lateness::default(), "taken");
     }
 
     #[test]

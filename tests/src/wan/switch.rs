@@ -104,9 +104,10 @@ impl SwitchHandle {
         Ok(())
     }
 
-    /// Frames the switch sent late (it was not scheduled in time), since it started.
-    pub fn lateness(&self) -> Lateness {
-        self.shaper().lateness()
+    /// Frames the switch sent late (it was not scheduled in time) since the last
+    /// call or its start.
+    pub fn take_lateness(&self) -> Lateness {
+        self.shaper().take_lateness()
     }
 
     pub fn stats(&self, src: &str, dst: &str) -> Result<PairStats> {

@@ -120,6 +120,34 @@ fn underlay_link_down_for_10s_then_recovers() -> Result<()> {
     })
 }
 
+/// Agents A and B, traffic flowing, and A's probed link to B up.
+fn pair_with_probed_link(env: &skymesh_tests::TestEnv) -> Result<AgentPair> {
+    let p = AgentPair::start(env)?;
+    ping_until(&p.a_ns, B_OVERLAY, FIRST_PING)?;
+    ensure!(
+        skymesh_tests::wait_until(Duration::from_secs(10), || a_link_up(&p)).is_some(),
+        "A's link to B never came up: {:?}",
+        p.a.status()?.links
+    );
+    Ok(p)
+}
+
+fn a_link_up(p: &AgentPair) -> bool {
+    p.a.status()
+        .is_ok_and(|s| s.links.iter().any(|l| l.peer == "b" && l.up))
+}
+
+/// A never declared a link down, and its link to B is up.
+fn a_kept_its_link(p: &AgentPair, when: &str) -> Result<()> {
+    ensure!(
+        !p.a.log().contains("link down"),
+        "{when}: A declared a link down:\n{}",
+        p.a.log()
+    );
+    ensure!(a_link_up(p), "{when}: A's link to B is down");
+    Ok(())
+}
+
 /// A paused agent (SIGSTOP for 1 s: a paused VM, a long-stolen vCPU) declares no
 /// link down when it resumes: its peer's probes wait in its socket, and the time
 /// it stood still is not counted as silence. Three pauses, to catch the order in
@@ -131,18 +159,7 @@ fn a_paused_agent_declares_no_link_down_when_it_resumes() -> Result<()> {
         return Ok(());
     }
     e2e("pause", |env| {
-        let p = AgentPair::start(env)?;
-        ping_until(&p.a_ns, B_OVERLAY, FIRST_PING)?;
-        let link_up = |agent: &skymesh_tests::agent::Agent| {
-            agent
-                .status()
-                .is_ok_and(|s| s.links.iter().any(|l| l.peer == "b" && l.up))
-        };
-        ensure!(
-            skymesh_tests::wait_until(Duration::from_secs(10), || link_up(&p.a)).is_some(),
-            "A's link to B never came up: {:?}",
-            p.a.status()?.links
-        );
+        let p = pair_with_probed_link(env)?;
         let pid = p.a.pid().context("agent A is not running")?;
         for round in 1..=3 {
             kill(pid, Signal::SIGSTOP).context("SIGSTOP")?;
@@ -155,12 +172,7 @@ fn a_paused_agent_declares_no_link_down_when_it_resumes() -> Result<()> {
                 "round {round}: A counted {} stalled link checks",
                 st.link_check_stalls
             );
-            ensure!(
-                !p.a.log().contains("link down"),
-                "round {round}: A declared a link down after a pause:\n{}",
-                p.a.log()
-            );
-            ensure!(link_up(&p.a), "round {round}: A's link to B is down");
+            a_kept_its_link(&p, &format!("round {round}, after a pause"))?;
         }
         ensure!(
             ping_once(&p.a_ns, B_OVERLAY),
@@ -239,17 +251,7 @@ fn a_starved_data_plane_thread_takes_no_link_down() -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     ensure!(cpus >= 2, "this test needs 2 CPUs, the machine has {cpus}");
     e2e("starve", |env| {
-        let p = AgentPair::start(env)?;
-        ping_until(&p.a_ns, B_OVERLAY, FIRST_PING)?;
-        let link_up = |agent: &skymesh_tests::agent::Agent| {
-            agent
-                .status()
-                .is_ok_and(|s| s.links.iter().any(|l| l.peer == "b" && l.up))
-        };
-        ensure!(
-            skymesh_tests::wait_until(Duration::from_secs(10), || link_up(&p.a)).is_some(),
-            "A's link to B never came up"
-        );
+        let p = pair_with_probed_link(env)?;
         let pid = p.a.pid().context("agent A is not running")?.as_raw();
         let threads = threads(pid)?;
         let dataplane = threads
@@ -270,20 +272,16 @@ fn a_starved_data_plane_thread_takes_no_link_down() -> Result<()> {
         for round in 1..=3 {
             let waited = run_delay(pid, dataplane)?;
             hog_cpu(1, Duration::from_millis(700))?;
-            let starved = run_delay(pid, dataplane)? - waited;
+            // The kernel books a wait when the thread next runs: read it after.
             std::thread::sleep(Duration::from_millis(1000));
+            let starved = run_delay(pid, dataplane)? - waited;
             eprintln!("round {round}: the data-plane thread waited {starved:?} for its CPU");
             ensure!(
                 starved >= Duration::from_millis(400),
                 "round {round}: the data-plane thread waited only {starved:?}: not starved \
                  past the 350 ms detection time, so this round tests nothing"
             );
-            ensure!(
-                !p.a.log().contains("link down"),
-                "round {round}: A declared a link down while its data plane was starved:\n{}",
-                p.a.log()
-            );
-            ensure!(link_up(&p.a), "round {round}: A's link to B is down");
+            a_kept_its_link(&p, &format!("round {round}, data plane starved"))?;
         }
         ensure!(ping_once(&p.a_ns, B_OVERLAY), "A cannot reach B afterwards");
         Ok(())
