@@ -1176,7 +1176,7 @@ impl Node {
         self.cookie_replies
     }
 
-    /// Link checks that ran more than [`STALL`] late and declared nothing.
+    /// Link checks that ran more than [`STALL`] late (that time is not silence).
     pub fn stalls(&self) -> u64 {
         self.stalls
     }
@@ -1798,9 +1798,9 @@ mod tests {
                         continue;
                     }
                     let delay = self.delay.get(&(from, to)).copied().unwrap_or_default();
-                    let wake = self.asleep_until[to] + Duration::from_micros(1);
+                    // Arriving while `to` is stalled: read just after it wakes.
                     let at = if self.now + delay < self.asleep_until[to] {
-                        wake
+                        self.asleep_until[to] + Duration::from_micros(1)
                     } else {
                         self.now + delay
                     };

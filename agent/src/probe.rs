@@ -355,13 +355,11 @@ impl Link {
         }
         let detect = config.detect_time();
         let since = |at: Instant| now.saturating_duration_since(at);
-        // Silence is judged without the time the agent stood still; the cause
-        // reports the whole of it.
-        let silent = self.last_rx.map(|(_, at)| since(at));
-        if silent.is_none_or(|s| s.saturating_sub(self.still_rx) > detect) {
-            return Some(DownCause::Silent(
-                silent.unwrap_or_else(|| since(self.changed)),
-            ));
+        // Up means a probe arrived. Silence is judged without the time the
+        // agent stood still; the cause reports the whole of it.
+        let silent = since(self.last_rx?.1);
+        if silent.saturating_sub(self.still_rx) > detect {
+            return Some(DownCause::Silent(silent));
         }
         // Our probes stopped getting through (a one-way cut): the newest echo is
         // older than the detection time plus the round trip.
@@ -646,7 +644,8 @@ mod tests {
         let (mut a, mut b) = (Link::new(config.window, t), Link::new(config.window, t));
         let now = exchange(&mut a, &mut b, t, 20, ms(100), |_| ms(10), |_, _| false);
         let last = now - ms(50) + ms(10); // b's last probe arrived here
-                                          // Asking does not change the link; the check then says the same.
+
+        // Asking does not change the link; the check then says the same.
         assert_eq!(a.failing(&config, last + ms(340)), None);
         let cause = a.failing(&config, last + ms(351));
         assert_eq!(cause, Some(DownCause::Silent(ms(351))));

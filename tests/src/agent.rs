@@ -233,7 +233,7 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Dropped packets by reason.
     pub drops: BTreeMap<String, u64>,
-    /// Link checks that ran late and declared nothing down.
+    /// Link checks that ran over 50 ms late (that time is not probe silence).
     pub link_check_stalls: u64,
     /// Controller mode only.
     #[serde(default)]

@@ -322,6 +322,15 @@ fn measurements_transit_choice_and_source_check() -> Result<()> {
     })
 }
 
+/// `count` of every agent's status, summed over the lab's sites.
+fn sum_over_agents(lab: &Lab, count: impl Fn(&skymesh_tests::Status) -> u64) -> Result<u64> {
+    let mut n = 0;
+    for s in &lab.sites {
+        n += count(&lab.agent_status(&s.site.name)?);
+    }
+    Ok(n)
+}
+
 /// The largest gap, in ms, between consecutive replies of a `ping -D` stream
 /// (their receive timestamps), and how many replies there were.
 fn largest_gap_ms(ping_output: &str) -> Result<(f64, usize)> {
@@ -413,18 +422,9 @@ fn failover_under_a_second_ten_of_ten_and_no_flapping_under_jitter() -> Result<(
                 .map(|p| p["changes"].as_u64().unwrap_or(0))
                 .sum())
         };
-        let failovers = |lab: &Lab| -> Result<u64> {
-            let mut n = 0;
-            for s in &lab.sites {
-                n += lab
-                    .agent_status(&s.site.name)?
-                    .routes
-                    .iter()
-                    .map(|r| r.failovers)
-                    .sum::<u64>();
-            }
-            Ok(n)
-        };
+        let failovers =
+            |lab: &Lab| sum_over_agents(lab, |st| st.routes.iter().map(|r| r.failovers).sum());
+        let stalls = |lab: &Lab| sum_over_agents(lab, |st| st.link_check_stalls);
         let wan: Vec<(String, String)> = lab.topology.wan.keys().cloned().collect();
         for (a, b) in &wan {
             let mut s = lab.switch.shape(&port_name(a), &port_name(b))?;
@@ -432,13 +432,6 @@ fn failover_under_a_second_ten_of_ten_and_no_flapping_under_jitter() -> Result<(
             s.delay = s.delay * 4 / 5;
             lab.switch.set(&port_name(a), &port_name(b), s)?;
         }
-        let stalls = |lab: &Lab| -> Result<u64> {
-            let mut n = 0;
-            for s in &lab.sites {
-                n += lab.agent_status(&s.site.name)?.link_check_stalls;
-            }
-            Ok(n)
-        };
         lab.switch.take_lateness();
         let (c0, f0, s0) = (changes(lab)?, failovers(lab)?, stalls(lab)?);
         std::thread::sleep(Duration::from_secs(60));
