@@ -8,7 +8,7 @@ use serde_json::Value;
 use skymesh_agent::packet::internet_checksum;
 use skymesh_tests::lab::build::{default_topology, port_name, with_lab};
 use skymesh_tests::lab::Lab;
-use skymesh_tests::wan::PairShape;
+use skymesh_tests::wan::{Lateness, PairShape};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -331,6 +331,17 @@ fn sum_over_agents(lab: &Lab, count: impl Fn(&skymesh_tests::Status) -> u64) -> 
     Ok(n)
 }
 
+/// Frames the WAN switch (a real-time thread, see `wan::switch`) held this much
+/// past their departure time mean the machine itself stood still (a stolen or
+/// paused vCPU): the emulated WAN went silent for longer than a probe interval,
+/// which is an outage the agents are right to act on, not the emulated one.
+const MACHINE_STALL: Duration = Duration::from_millis(100);
+/// How many measurements (cut trials and jitter windows together) may be taken
+/// again because they missed their target while the machine stood still. The
+/// test needs its 10 trials and one window on top; a broken failover misses
+/// every time and fails once these are spent.
+const REMEASURE: u32 = 4;
+
 /// The largest gap, in ms, between consecutive replies of a `ping -D` stream
 /// (their receive timestamps), and how many replies there were.
 fn largest_gap_ms(ping_output: &str) -> Result<(f64, usize)> {
@@ -344,6 +355,45 @@ fn largest_gap_ms(ping_output: &str) -> Result<(f64, usize)> {
     ensure!(stamps.len() > 10, "too few replies: {ping_output}");
     let gap = stamps.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max);
     Ok((gap * 1e3, stamps.len()))
+}
+
+/// Whether a measurement that missed its target may be taken again: the switch
+/// stood still for [`MACHINE_STALL`] in it, and `spare` allows one more.
+fn remeasure(what: &str, late: Lateness, spare: &mut u32) -> bool {
+    if late.max < MACHINE_STALL || *spare == 0 {
+        return false;
+    }
+    *spare -= 1;
+    eprintln!(
+        "{what} measured the machine, not the overlay: the WAN switch sent a frame {:?} \
+         late (it did not get a CPU); measuring again ({} more allowed)",
+        late.max, *spare
+    );
+    true
+}
+
+/// Waits until every agent's routes are on their primary paths and the
+/// controller changed no path for 10 s.
+fn wait_settled(lab: &Lab, changes: impl Fn(&Lab) -> Result<u64>) -> Result<()> {
+    let mut last = (changes(lab)?, Instant::now());
+    let settled = skymesh_tests::wait_until(Duration::from_secs(90), || {
+        let Ok(now) = changes(lab) else { return false };
+        if now != last.0 {
+            last = (now, Instant::now());
+            return false;
+        }
+        let on_primary = lab.sites.iter().all(|s| {
+            lab.agent_status(&s.site.name)
+                .is_ok_and(|st| st.routes.iter().all(|r| r.active == r.primary))
+        });
+        on_primary && last.1.elapsed() >= Duration::from_secs(10)
+    });
+    ensure!(
+        settled.is_some(),
+        "paths did not settle within 90 s: {:#?}",
+        paths(lab)?
+    );
+    Ok(())
 }
 
 /// A cut of the direct aws↔gcp WAN pair, 10 times: the 10 ms ping stream between
@@ -361,8 +411,13 @@ fn failover_under_a_second_ten_of_ten_and_no_flapping_under_jitter() -> Result<(
             "aws<->gcp needs a direct primary and a backup: {p:#}"
         );
         let gcp = lab.site("gcp")?.vpc_host_ip.to_string();
+        let mut spare = REMEASURE;
         let mut gaps = Vec::new();
-        for trial in 1..=10 {
+        let mut cuts = 0;
+        while gaps.len() < 10 {
+            let trial = gaps.len() + 1;
+            cuts += 1;
+            lab.switch.take_lateness();
             let ping = lab
                 .vpc_command(
                     "aws",
@@ -379,14 +434,26 @@ fn failover_under_a_second_ten_of_ten_and_no_flapping_under_jitter() -> Result<(
             lab.switch
                 .set_up(&port_name("aws"), &port_name("gcp"), true)?;
             let out = ping.wait_with_output().context("ping")?;
+            let late = lab.switch.take_lateness();
             let text = String::from_utf8_lossy(&out.stdout).to_string();
             let (gap, replies) = largest_gap_ms(&text)?;
-            eprintln!("trial {trial}: largest gap {gap:.0} ms ({replies}/500 replies)");
-            ensure!(
-                gap < 1000.0,
-                "trial {trial}: the ping stream stopped for {gap:.0} ms after the cut (target < 1 s)"
+            eprintln!(
+                "trial {trial}: largest gap {gap:.0} ms ({replies}/500 replies; the WAN \
+                 switch was at most {:?} late)",
+                late.max
             );
-            gaps.push(gap);
+            if gap >= 1000.0 && !remeasure(&format!("trial {trial}"), late, &mut spare) {
+                bail!(
+                    "trial {trial}: the ping stream stopped for {gap:.0} ms after the cut \
+                     (target < 1 s; the WAN switch sent {} frames over 20 ms late, the \
+                     latest by {:?})",
+                    late.frames,
+                    late.max
+                );
+            }
+            if gap < 1000.0 {
+                gaps.push(gap);
+            }
             // Back on the direct path (after the failback hold) before the next cut.
             let back = skymesh_tests::wait_until(Duration::from_secs(20), || {
                 active(lab, "aws", "gcp").is_ok_and(|v| v == "direct")
@@ -405,7 +472,7 @@ fn failover_under_a_second_ten_of_ten_and_no_flapping_under_jitter() -> Result<(
             .context("route")?;
         ensure!(
             r.failovers >= 10,
-            "aws counted {} failovers to gcp",
+            "aws counted {} failovers to gcp for {cuts} cuts",
             r.failovers
         );
         gaps.sort_by(f64::total_cmp);
@@ -432,40 +499,50 @@ fn failover_under_a_second_ten_of_ten_and_no_flapping_under_jitter() -> Result<(
             s.delay = s.delay * 4 / 5;
             lab.switch.set(&port_name(a), &port_name(b), s)?;
         }
-        lab.switch.take_lateness();
-        let (c0, f0, s0) = (changes(lab)?, failovers(lab)?, stalls(lab)?);
-        std::thread::sleep(Duration::from_secs(60));
-        let (c1, f1, s1, late) = (
-            changes(lab)?,
-            failovers(lab)?,
-            stalls(lab)?,
-            lab.switch.take_lateness(),
-        );
-        // What the machine did to the lab meanwhile: the emulated WAN is only as
-        // good as the switch thread's scheduling.
-        let machine = format!(
-            "the WAN switch sent {} frames over 20 ms late (the latest by {:?}); the agents \
-             had {} stalled link checks",
-            late.frames,
-            late.max,
-            s1 - s0
-        );
-        eprintln!(
-            "under ±20 % jitter for 60 s: {} path changes, {} failovers; {machine}",
-            c1 - c0,
-            f1 - f0
-        );
-        ensure!(
-            c1 - c0 <= 1,
-            "{} path changes in 60 s of ±20 % jitter (at most 1; {machine}): {:#?}",
-            c1 - c0,
-            paths(lab)?
-        );
-        ensure!(
-            f1 == f0,
-            "{} failovers under jitter alone ({machine})",
-            f1 - f0
-        );
+        for window in 1.. {
+            wait_settled(lab, changes)?;
+            lab.switch.take_lateness();
+            let (c0, f0, s0) = (changes(lab)?, failovers(lab)?, stalls(lab)?);
+            std::thread::sleep(Duration::from_secs(60));
+            let (c1, f1, s1, late) = (
+                changes(lab)?,
+                failovers(lab)?,
+                stalls(lab)?,
+                lab.switch.take_lateness(),
+            );
+            // What the machine did to the lab meanwhile: the emulated WAN is only
+            // as good as the switch thread's scheduling.
+            let machine = format!(
+                "the WAN switch sent {} frames over 20 ms late (the latest by {:?}); the \
+                 agents had {} stalled link checks",
+                late.frames,
+                late.max,
+                s1 - s0
+            );
+            eprintln!(
+                "window {window} of ±20 % jitter for 60 s: {} path changes, {} failovers; \
+                 {machine}",
+                c1 - c0,
+                f1 - f0
+            );
+            if (c1 - c0 > 1 || f1 != f0)
+                && remeasure(&format!("jitter window {window}"), late, &mut spare)
+            {
+                continue;
+            }
+            ensure!(
+                c1 - c0 <= 1,
+                "{} path changes in 60 s of ±20 % jitter (at most 1; {machine}): {:#?}",
+                c1 - c0,
+                paths(lab)?
+            );
+            ensure!(
+                f1 == f0,
+                "{} failovers under jitter alone ({machine})",
+                f1 - f0
+            );
+            break;
+        }
         Ok(())
     })
 }

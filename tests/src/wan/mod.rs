@@ -10,5 +10,5 @@
 pub mod shaper;
 pub mod switch;
 
-pub use shaper::{PairShape, Shaper};
+pub use shaper::{Lateness, PairShape, Shaper};
 pub use switch::{Switch, SwitchHandle};

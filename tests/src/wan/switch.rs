@@ -1,6 +1,7 @@
 //! The WAN switch driver: one AF_PACKET socket per port in the WAN namespace, a
-//! learning L2 forwarder, and the [`Shaper`] in between. Runs on its own thread
-//! with a 1 ns timer slack so that departures are on time to tens of microseconds.
+//! learning L2 forwarder, and the [`Shaper`] in between. Runs on its own
+//! real-time thread with a 1 ns timer slack so that departures are on time to
+//! tens of microseconds.
 
 use super::shaper::{Lateness, PairShape, PairStats, Shaper};
 use crate::netns::run_in_netns;
@@ -48,13 +49,25 @@ impl Switch {
         })??;
         let shaper = Arc::new(Mutex::new(Shaper::new(seed)));
         let stop = Arc::new(AtomicBool::new(false));
+        let (ready, started) = std::sync::mpsc::sync_channel(1);
         let thread = {
             let (shaper, stop) = (shaper.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("wan-switch".into())
-                .spawn(move || forward(fds, shaper, stop))
+                .spawn(move || {
+                    let priority = realtime();
+                    let ok = priority.is_ok();
+                    let _ = ready.send(priority);
+                    if ok {
+                        forward(fds, shaper, stop);
+                    }
+                })
                 .context("starting the switch thread")?
         };
+        started
+            .recv()
+            .context("the switch thread ended before it started")?
+            .context("giving the switch thread a real-time priority (the lab runs as root)")?;
         Ok(SwitchHandle {
             shaper,
             stop,
@@ -227,6 +240,27 @@ fn disable_offloads_here(ifname: &str) -> Result<()> {
                 bail!("ethtool command {cmd:#x} on {ifname}: {err}");
             }
         }
+    }
+    Ok(())
+}
+
+/// Real-time priority of the switch thread (SCHED_FIFO, above every process of
+/// the lab, which all run SCHED_OTHER).
+const PRIORITY: libc::c_int = 20;
+
+/// Makes the calling thread real-time. The switch plays the network, which in a
+/// real WAN is not delayed by the gateways' CPU load, and the kernel's own
+/// forwarding (or netem) runs in softirq, ahead of every process: so must the
+/// switch, or the emulated WAN stalls whenever the agents keep the CPUs busy.
+/// It only runs when frames are due (it sleeps in `ppoll`), and the kernel's
+/// real-time throttling bounds it in any case.
+fn realtime() -> io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: PRIORITY,
+    };
+    // SAFETY: a live sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(())
 }
