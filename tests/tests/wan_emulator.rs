@@ -15,7 +15,7 @@ struct Lab {
     h1: Netns,
     h2: Netns,
     switch: SwitchHandle,
-    _wan: Netns,
+    wan: Netns,
 }
 
 const H1: &str = "192.0.2.1";
@@ -48,7 +48,7 @@ fn lab(env: &TestEnv) -> Result<Lab> {
         h1,
         h2,
         switch,
-        _wan: wan,
+        wan,
     })
 }
 
@@ -370,4 +370,31 @@ fn set_df(sock: &UdpSocket, df: bool) -> Result<()> {
         value,
     )
     .context("IP_MTU_DISCOVER")
+}
+
+/// A port whose interface goes down and then away leaves the switch idle: it
+/// runs real-time, so reacting to the port's error at once, forever, would take
+/// a CPU from every process of the lab.
+#[test]
+fn a_port_that_goes_away_does_not_make_the_switch_spin() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    e2e("wan-port-gone", |env| {
+        let l = lab(env)?;
+        for step in [&["link", "set", "p2", "down"][..], &["link", "del", "p2"]] {
+            l.wan.ip(step)?;
+            std::thread::sleep(Duration::from_millis(200));
+            let before = l.switch.cpu_time()?;
+            std::thread::sleep(Duration::from_secs(1));
+            let used = l.switch.cpu_time()? - before;
+            let what = step.join(" ");
+            eprintln!("after `ip {what}`: the switch used {used:?} of CPU in 1 s");
+            ensure!(
+                used < Duration::from_millis(100),
+                "after `ip {what}` the switch thread used {used:?} of CPU in 1 s: it spins"
+            );
+        }
+        Ok(())
+    })
 }

@@ -25,6 +25,8 @@ pub struct SwitchHandle {
     shaper: Arc<Mutex<Shaper>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// The switch thread's kernel id (for `/proc/self/task/<tid>`).
+    tid: libc::pid_t,
     ports: Vec<String>,
 }
 
@@ -55,7 +57,9 @@ impl Switch {
             std::thread::Builder::new()
                 .name("wan-switch".into())
                 .spawn(move || {
-                    let priority = realtime();
+                    // SAFETY: gettid has no preconditions.
+                    let tid = unsafe { libc::gettid() };
+                    let priority = realtime().map(|()| tid);
                     let ok = priority.is_ok();
                     let _ = ready.send(priority);
                     if ok {
@@ -64,7 +68,7 @@ impl Switch {
                 })
                 .context("starting the switch thread")?
         };
-        started
+        let tid = started
             .recv()
             .context("the switch thread ended before it started")?
             .context("giving the switch thread a real-time priority (the lab runs as root)")?;
@@ -72,6 +76,7 @@ impl Switch {
             shaper,
             stop,
             thread: Some(thread),
+            tid,
             ports: names,
         })
     }
@@ -121,6 +126,18 @@ impl SwitchHandle {
     /// call or its start.
     pub fn take_lateness(&self) -> Lateness {
         self.shaper().take_lateness()
+    }
+
+    /// CPU time the switch thread has used so far (`/proc/self/task/<tid>/schedstat`).
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let path = format!("/proc/self/task/{}/schedstat", self.tid);
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let ns: u64 = text
+            .split_whitespace()
+            .next()
+            .and_then(|f| f.parse().ok())
+            .with_context(|| format!("{path}: {text:?}"))?;
+        Ok(Duration::from_nanos(ns))
     }
 
     pub fn stats(&self, src: &str, dst: &str) -> Result<PairStats> {
@@ -265,6 +282,26 @@ fn realtime() -> io::Result<()> {
     Ok(())
 }
 
+/// Reads and clears a socket's pending error (`SO_ERROR`).
+fn take_socket_error(fd: libc::c_int) -> io::Result<libc::c_int> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `err` and `len` are live and sized for SO_ERROR's int.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut err as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(err)
+}
+
 fn forward(fds: Vec<OwnedFd>, shaper: Arc<Mutex<Shaper>>, stop: Arc<AtomicBool>) {
     // SAFETY: PR_SET_TIMERSLACK takes an integer; 1 ns slack makes ppoll precise.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
@@ -299,6 +336,12 @@ fn forward(fds: Vec<OwnedFd>, shaper: Arc<Mutex<Shaper>>, stop: Arc<AtomicBool>)
             )
         };
         for (i, pfd) in pfds.iter().enumerate() {
+            if pfd.revents & libc::POLLERR != 0 {
+                // A port that went down or away (ENETDOWN): reading SO_ERROR
+                // clears it, or ppoll would report it at once forever and this
+                // real-time thread would spin.
+                let _ = take_socket_error(pfd.fd);
+            }
             if pfd.revents & libc::POLLIN == 0 {
                 continue;
             }
