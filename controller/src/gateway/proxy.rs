@@ -66,7 +66,7 @@ pub struct UpstreamView {
     pub up: bool,
     /// RTT of the current fabric path from the gateway's node to the site.
     pub fabric_rtt_ms: Option<f64>,
-    /// Average time to first byte (EWMA).
+    /// Median of the newest five times to first byte.
     pub ttfb_ms: Option<f64>,
 }
 

@@ -27,19 +27,46 @@ pub enum Circuit {
 pub struct Health {
     circuit: Circuit,
     consecutive_failures: u32,
-    ttfb_ewma: Option<Duration>,
+    ttfb: Newest,
 }
-
-/// Weight of the newest sample in the TTFB average.
-const EWMA_ALPHA: f64 = 0.3;
 
 impl Default for Health {
     fn default() -> Self {
         Self {
             circuit: Circuit::Closed,
             consecutive_failures: 0,
-            ttfb_ewma: None,
+            ttfb: Newest::default(),
         }
+    }
+}
+
+/// How many of an upstream's newest times to first byte its figure is the
+/// median of: one slow answer (a hiccup anywhere on the way) moves no traffic,
+/// three in a row do.
+const TTFB_SAMPLES: usize = 5;
+
+/// The newest [`TTFB_SAMPLES`] times to first byte, in a ring.
+#[derive(Debug, Clone, Default)]
+struct Newest {
+    samples: [Duration; TTFB_SAMPLES],
+    len: usize,
+    next: usize,
+}
+
+impl Newest {
+    fn push(&mut self, sample: Duration) {
+        self.samples[self.next] = sample;
+        self.next = (self.next + 1) % TTFB_SAMPLES;
+        self.len = (self.len + 1).min(TTFB_SAMPLES);
+    }
+
+    /// The median; of an even count, the lower middle one (so that with two
+    /// samples one slow answer does not count either).
+    fn median(&self) -> Option<Duration> {
+        let mut sorted = self.samples;
+        let sorted = &mut sorted[..self.len];
+        sorted.sort_unstable();
+        sorted.get(self.len.checked_sub(1)? / 2).copied()
     }
 }
 
@@ -58,8 +85,9 @@ impl Health {
         self.circuit == Circuit::Closed && self.consecutive_failures == 0
     }
 
+    /// Median of the newest times to first byte (see [`TTFB_SAMPLES`]).
     pub fn ttfb(&self) -> Option<Duration> {
-        self.ttfb_ewma
+        self.ttfb.median()
     }
 
     /// Whether a request could be sent now (without taking the probe slot).
@@ -86,10 +114,7 @@ impl Health {
     pub fn on_success(&mut self, ttfb: Duration) {
         self.circuit = Circuit::Closed;
         self.consecutive_failures = 0;
-        self.ttfb_ewma = Some(match self.ttfb_ewma {
-            None => ttfb,
-            Some(avg) => avg.mul_f64(1.0 - EWMA_ALPHA) + ttfb.mul_f64(EWMA_ALPHA),
-        });
+        self.ttfb.push(ttfb);
     }
 
     /// Returns true when this failure opened the circuit.
@@ -359,9 +384,34 @@ mod tests {
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![1, 0, 2])
         );
-        // The average follows, not jumps: one fast answer moves gcp by 30%.
-        h[2].on_success(Duration::from_millis(0));
-        assert_eq!(h[2].ttfb(), Some(Duration::from_millis(140)));
+        // A fast answer after the slow one: the lower middle of two counts.
+        // Then one slow answer among fast ones moves nothing.
+        let ms = Duration::from_millis;
+        h[2].on_success(ms(10));
+        assert_eq!(h[2].ttfb(), Some(ms(10)));
+        h[2].on_success(ms(12));
+        assert_eq!(h[2].ttfb(), Some(ms(12)));
+        h[2].on_success(ms(350));
+        assert_eq!(h[2].ttfb(), Some(ms(12)), "one slow answer among fast ones");
+        assert_eq!(
+            pick(&cfg, &h, None, None, &rtt, 0.0, now),
+            Choice::Try(vec![2, 1, 0])
+        );
+        // Three slow ones among the newest five move it.
+        h[2].on_success(ms(300));
+        h[2].on_success(ms(320));
+        assert_eq!(h[2].ttfb(), Some(ms(300)));
+        assert_eq!(
+            pick(&cfg, &h, None, None, &rtt, 0.0, now),
+            Choice::Try(vec![1, 0, 2])
+        );
+        // Only the newest five count: two fast answers push 10 and 12 out and
+        // the median stays slow ([350, 300, 320, 5, 6]); a third brings it back.
+        h[2].on_success(ms(5));
+        h[2].on_success(ms(6));
+        assert_eq!(h[2].ttfb(), Some(ms(300)));
+        h[2].on_success(ms(7));
+        assert_eq!(h[2].ttfb(), Some(ms(7)));
     }
 
     #[test]
