@@ -66,7 +66,7 @@ pub struct UpstreamView {
     pub up: bool,
     /// RTT of the current fabric path from the gateway's node to the site.
     pub fabric_rtt_ms: Option<f64>,
-    /// Median of the newest five times to first byte.
+    /// Median of the newest five times to first byte (of the last minute).
     pub ttfb_ms: Option<f64>,
 }
 
@@ -155,6 +155,7 @@ impl Gateway {
     pub fn upstreams_view(&self) -> Vec<UpstreamView> {
         let g = self.current();
         let fabric = self.fabric.get();
+        let now = Instant::now();
         g.config
             .upstreams
             .iter()
@@ -178,7 +179,7 @@ impl Gateway {
                         .site_rtt
                         .get(&cfg.site)
                         .map(|d| d.as_secs_f64() * 1000.0),
-                    ttfb_ms: h.ttfb().map(|d| d.as_secs_f64() * 1000.0),
+                    ttfb_ms: h.ttfb(now).map(|d| d.as_secs_f64() * 1000.0),
                 }
             })
             .collect()
@@ -902,7 +903,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
                     last_answer = Some((u, resp, lease));
                     why
                 } else {
-                    lock(&g.upstreams[u].health).on_success(sent.elapsed());
+                    lock(&g.upstreams[u].health).on_success(Instant::now(), sent.elapsed());
                     return relay(&gw, &g, ki, ri, model, u, resp, lease, started, attempts);
                 }
             }

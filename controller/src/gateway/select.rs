@@ -44,29 +44,40 @@ impl Default for Health {
 /// median of: one slow answer (a hiccup anywhere on the way) moves no traffic,
 /// three in a row do.
 const TTFB_SAMPLES: usize = 5;
+/// Older answers no longer count. An upstream that lost traffic by answering
+/// slowly gets no new answers while others are chosen: after this its figure
+/// is gone, the fabric RTT alone ranks it, and it is tried again.
+pub const TTFB_MAX_AGE: Duration = Duration::from_secs(60);
 
-/// The newest [`TTFB_SAMPLES`] times to first byte, in a ring.
+/// The newest [`TTFB_SAMPLES`] times to first byte with when they were taken,
+/// in a ring.
 #[derive(Debug, Clone, Default)]
 struct Newest {
-    samples: [Duration; TTFB_SAMPLES],
-    len: usize,
+    samples: [Option<(Instant, Duration)>; TTFB_SAMPLES],
     next: usize,
 }
 
 impl Newest {
-    fn push(&mut self, sample: Duration) {
-        self.samples[self.next] = sample;
+    fn push(&mut self, at: Instant, sample: Duration) {
+        self.samples[self.next] = Some((at, sample));
         self.next = (self.next + 1) % TTFB_SAMPLES;
-        self.len = (self.len + 1).min(TTFB_SAMPLES);
     }
 
-    /// The median; of an even count, the lower middle one (so that with two
-    /// samples one slow answer does not count either).
-    fn median(&self) -> Option<Duration> {
-        let mut sorted = self.samples;
-        let sorted = &mut sorted[..self.len];
-        sorted.sort_unstable();
-        sorted.get(self.len.checked_sub(1)? / 2).copied()
+    /// The median of those at most [`TTFB_MAX_AGE`] old at `now`; of an even
+    /// count, the lower middle one (so that of two, one slow answer does not
+    /// count either).
+    fn median(&self, now: Instant) -> Option<Duration> {
+        let mut fresh = [Duration::ZERO; TTFB_SAMPLES];
+        let mut n = 0;
+        for (at, sample) in self.samples.iter().flatten() {
+            if now.saturating_duration_since(*at) <= TTFB_MAX_AGE {
+                fresh[n] = *sample;
+                n += 1;
+            }
+        }
+        let fresh = &mut fresh[..n];
+        fresh.sort_unstable();
+        fresh.get(n.checked_sub(1)? / 2).copied()
     }
 }
 
@@ -85,9 +96,10 @@ impl Health {
         self.circuit == Circuit::Closed && self.consecutive_failures == 0
     }
 
-    /// Median of the newest times to first byte (see [`TTFB_SAMPLES`]).
-    pub fn ttfb(&self) -> Option<Duration> {
-        self.ttfb.median()
+    /// Median of the newest times to first byte at `now` (see [`TTFB_SAMPLES`]
+    /// and [`TTFB_MAX_AGE`]).
+    pub fn ttfb(&self, now: Instant) -> Option<Duration> {
+        self.ttfb.median(now)
     }
 
     /// Whether a request could be sent now (without taking the probe slot).
@@ -111,10 +123,12 @@ impl Health {
         true
     }
 
-    pub fn on_success(&mut self, ttfb: Duration) {
+    /// An answer that is no failure, its first byte `ttfb` after the request
+    /// left, at `now`.
+    pub fn on_success(&mut self, now: Instant, ttfb: Duration) {
         self.circuit = Circuit::Closed;
         self.consecutive_failures = 0;
-        self.ttfb.push(ttfb);
+        self.ttfb.push(now, ttfb);
     }
 
     /// Returns true when this failure opened the circuit.
@@ -242,7 +256,8 @@ pub fn choose(cfg: &GatewayConfig, health: &[Health], req: &Request<'_>) -> Choi
         Strategy::Priority => ok.into_iter().map(|(u, _)| u).collect(),
         Strategy::LowestLatency => {
             let score = |u: usize| {
-                (req.fabric_rtt)(u).unwrap_or_default() + health[u].ttfb().unwrap_or_default()
+                (req.fabric_rtt)(u).unwrap_or_default()
+                    + health[u].ttfb(req.now).unwrap_or_default()
             };
             // Stable: equal scores keep the listed order.
             ok.sort_by_key(|&(u, _)| score(u));
@@ -378,8 +393,8 @@ mod tests {
             Choice::Try(vec![2, 1, 0])
         );
         // gcp answers slowly: 200 ms to first byte outweighs its short path.
-        h[2].on_success(Duration::from_millis(200));
-        h[1].on_success(Duration::from_millis(40));
+        h[2].on_success(now, Duration::from_millis(200));
+        h[1].on_success(now, Duration::from_millis(40));
         assert_eq!(
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![1, 0, 2])
@@ -387,31 +402,50 @@ mod tests {
         // A fast answer after the slow one: the lower middle of two counts.
         // Then one slow answer among fast ones moves nothing.
         let ms = Duration::from_millis;
-        h[2].on_success(ms(10));
-        assert_eq!(h[2].ttfb(), Some(ms(10)));
-        h[2].on_success(ms(12));
-        assert_eq!(h[2].ttfb(), Some(ms(12)));
-        h[2].on_success(ms(350));
-        assert_eq!(h[2].ttfb(), Some(ms(12)), "one slow answer among fast ones");
+        h[2].on_success(now, ms(10));
+        assert_eq!(h[2].ttfb(now), Some(ms(10)));
+        h[2].on_success(now, ms(12));
+        assert_eq!(h[2].ttfb(now), Some(ms(12)));
+        h[2].on_success(now, ms(350));
+        assert_eq!(
+            h[2].ttfb(now),
+            Some(ms(12)),
+            "one slow answer among fast ones"
+        );
         assert_eq!(
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![2, 1, 0])
         );
         // Three slow ones among the newest five move it.
-        h[2].on_success(ms(300));
-        h[2].on_success(ms(320));
-        assert_eq!(h[2].ttfb(), Some(ms(300)));
+        h[2].on_success(now, ms(300));
+        h[2].on_success(now, ms(320));
+        assert_eq!(h[2].ttfb(now), Some(ms(300)));
         assert_eq!(
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![1, 0, 2])
         );
         // Only the newest five count: two fast answers push 10 and 12 out and
         // the median stays slow ([350, 300, 320, 5, 6]); a third brings it back.
-        h[2].on_success(ms(5));
-        h[2].on_success(ms(6));
-        assert_eq!(h[2].ttfb(), Some(ms(300)));
-        h[2].on_success(ms(7));
-        assert_eq!(h[2].ttfb(), Some(ms(7)));
+        h[2].on_success(now, ms(5));
+        h[2].on_success(now, ms(6));
+        assert_eq!(h[2].ttfb(now), Some(ms(300)));
+        h[2].on_success(now, ms(7));
+        assert_eq!(h[2].ttfb(now), Some(ms(7)));
+        // Slow again, and then chosen no more: a minute on, its answers no
+        // longer count, the fabric RTT alone ranks it, and it leads again.
+        for _ in 0..3 {
+            h[2].on_success(now, ms(300));
+        }
+        assert_eq!(
+            pick(&cfg, &h, None, None, &rtt, 0.0, now),
+            Choice::Try(vec![1, 0, 2])
+        );
+        let later = now + TTFB_MAX_AGE + ms(1);
+        assert_eq!(h[2].ttfb(later), None);
+        assert_eq!(
+            pick(&cfg, &h, None, None, &rtt, 0.0, later),
+            Choice::Try(vec![2, 1, 0])
+        );
     }
 
     #[test]
@@ -482,7 +516,7 @@ mod tests {
         let mut now = Instant::now();
         let mut h = Health::default();
         assert!(!h.on_failure(now, &cfg));
-        h.on_success(Duration::from_millis(5));
+        h.on_success(now, Duration::from_millis(5));
         assert!(!h.on_failure(now, &cfg));
         assert!(!h.on_failure(now, &cfg));
         assert!(h.on_failure(now, &cfg), "third consecutive failure opens");
@@ -495,7 +529,7 @@ mod tests {
         assert!(!h.acquire(now + Duration::from_secs(9), &cfg));
         now += Duration::from_secs(10);
         assert!(h.acquire(now, &cfg));
-        h.on_success(Duration::from_millis(5));
+        h.on_success(now, Duration::from_millis(5));
         assert_eq!(h.circuit(), Circuit::Closed);
         assert!(h.acquire(now, &cfg) && h.acquire(now, &cfg));
         // A probe that never reports frees the slot after open_for.
