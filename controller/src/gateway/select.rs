@@ -41,9 +41,12 @@ impl Default for Health {
 }
 
 /// How many of an upstream's newest times to first byte its figure is the
-/// median of: one slow answer (a hiccup anywhere on the way) moves no traffic,
-/// three in a row do.
+/// median of.
 const TTFB_SAMPLES: usize = 5;
+/// The figure counts from this many fresh answers on: it then takes a majority
+/// of slow answers (2 of 3, 3 of 4 or 5), never a single one (a hiccup anywhere
+/// on the way), to move traffic. With fewer, the fabric RTT alone ranks.
+const TTFB_MIN_SAMPLES: usize = 3;
 /// Older answers no longer count. An upstream that lost traffic by answering
 /// slowly gets no new answers while others are chosen: after this its figure
 /// is gone, the fabric RTT alone ranks it, and it is tried again.
@@ -63,9 +66,8 @@ impl Newest {
         self.next = (self.next + 1) % TTFB_SAMPLES;
     }
 
-    /// The median of those at most [`TTFB_MAX_AGE`] old at `now`; of an even
-    /// count, the lower middle one (so that of two, one slow answer does not
-    /// count either).
+    /// The median of those at most [`TTFB_MAX_AGE`] old at `now`, if there are
+    /// [`TTFB_MIN_SAMPLES`]; of an even count, the lower middle one.
     fn median(&self, now: Instant) -> Option<Duration> {
         let mut fresh = [Duration::ZERO; TTFB_SAMPLES];
         let mut n = 0;
@@ -75,9 +77,12 @@ impl Newest {
                 n += 1;
             }
         }
+        if n < TTFB_MIN_SAMPLES {
+            return None;
+        }
         let fresh = &mut fresh[..n];
         fresh.sort_unstable();
-        fresh.get(n.checked_sub(1)? / 2).copied()
+        fresh.get((n - 1) / 2).copied()
     }
 }
 
@@ -392,45 +397,45 @@ mod tests {
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![2, 1, 0])
         );
-        // gcp answers slowly: 200 ms to first byte outweighs its short path.
-        h[2].on_success(now, Duration::from_millis(200));
-        h[1].on_success(now, Duration::from_millis(40));
-        assert_eq!(
-            pick(&cfg, &h, None, None, &rtt, 0.0, now),
-            Choice::Try(vec![1, 0, 2])
-        );
-        // A fast answer after the slow one: the lower middle of two counts.
-        // Then one slow answer among fast ones moves nothing.
         let ms = Duration::from_millis;
-        h[2].on_success(now, ms(10));
-        assert_eq!(h[2].ttfb(now), Some(ms(10)));
-        h[2].on_success(now, ms(12));
-        assert_eq!(h[2].ttfb(now), Some(ms(12)));
-        h[2].on_success(now, ms(350));
-        assert_eq!(
-            h[2].ttfb(now),
-            Some(ms(12)),
-            "one slow answer among fast ones"
-        );
+        // gcp answers slowly, but two answers are too few to count yet.
+        h[2].on_success(now, ms(200));
+        h[2].on_success(now, ms(200));
+        assert_eq!(h[2].ttfb(now), None);
         assert_eq!(
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![2, 1, 0])
         );
-        // Three slow ones among the newest five move it.
-        h[2].on_success(now, ms(300));
-        h[2].on_success(now, ms(320));
-        assert_eq!(h[2].ttfb(now), Some(ms(300)));
+        // A third: 200 ms to first byte outweighs its short path.
+        h[2].on_success(now, ms(200));
+        for _ in 0..3 {
+            h[1].on_success(now, ms(40));
+        }
+        assert_eq!(h[2].ttfb(now), Some(ms(200)));
         assert_eq!(
             pick(&cfg, &h, None, None, &rtt, 0.0, now),
             Choice::Try(vec![1, 0, 2])
         );
-        // Only the newest five count: two fast answers push 10 and 12 out and
-        // the median stays slow ([350, 300, 320, 5, 6]); a third brings it back.
-        h[2].on_success(now, ms(5));
-        h[2].on_success(now, ms(6));
-        assert_eq!(h[2].ttfb(now), Some(ms(300)));
-        h[2].on_success(now, ms(7));
-        assert_eq!(h[2].ttfb(now), Some(ms(7)));
+        // Fast again: the median follows once fast answers are the majority of
+        // the newest five ([200, 200, 200, 10] and [.., 12] are still slow).
+        h[2].on_success(now, ms(10));
+        h[2].on_success(now, ms(12));
+        assert_eq!(h[2].ttfb(now), Some(ms(200)));
+        h[2].on_success(now, ms(11));
+        assert_eq!(h[2].ttfb(now), Some(ms(12)));
+        assert_eq!(
+            pick(&cfg, &h, None, None, &rtt, 0.0, now),
+            Choice::Try(vec![2, 1, 0])
+        );
+        // One slow answer among fast ones moves nothing: [11, 350, 200, 10, 12],
+        // then [11, 350, 9, 10, 12].
+        h[2].on_success(now, ms(350));
+        h[2].on_success(now, ms(9));
+        assert_eq!(
+            h[2].ttfb(now),
+            Some(ms(11)),
+            "one slow answer among fast ones"
+        );
         // Slow again, and then chosen no more: a minute on, its answers no
         // longer count, the fabric RTT alone ranks it, and it leads again.
         for _ in 0..3 {

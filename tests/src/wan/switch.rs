@@ -19,6 +19,9 @@ const ETH_P_ALL: u16 = 0x0003;
 const MAX_FRAME: usize = 65_536;
 /// Longest sleep between checks of the stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// Frames read from one port before the others and the due departures get a
+/// turn (more wait for the next pass).
+const READ_BURST: usize = 64;
 
 /// A running switch. Dropping it stops the thread.
 pub struct SwitchHandle {
@@ -71,7 +74,11 @@ impl Switch {
         let tid = started
             .recv()
             .context("the switch thread ended before it started")?
-            .context("giving the switch thread a real-time priority (the lab runs as root)")?;
+            .context(
+                "giving the switch thread a real-time priority (SCHED_FIFO): run the lab as \
+                 root with CAP_SYS_NICE (a container may drop it) and a real-time budget \
+                 in its cgroup",
+            )?;
         Ok(SwitchHandle {
             shaper,
             stop,
@@ -269,8 +276,9 @@ const PRIORITY: libc::c_int = 20;
 /// real WAN is not delayed by the gateways' CPU load, and the kernel's own
 /// forwarding (or netem) runs in softirq, ahead of every process: so must the
 /// switch, or the emulated WAN stalls whenever the agents keep the CPUs busy.
-/// It only runs when frames are due (it sleeps in `ppoll`), and the kernel's
-/// real-time throttling bounds it in any case.
+/// It only runs when frames arrive or are due (it sleeps in `ppoll`) and reads
+/// at most [`READ_BURST`] frames per port per pass. Should it ever spin, the
+/// kernel's real-time throttling still leaves 5% of that CPU to the rest.
 fn realtime() -> io::Result<()> {
     let param = libc::sched_param {
         sched_priority: PRIORITY,
@@ -335,17 +343,19 @@ fn forward(fds: Vec<OwnedFd>, shaper: Arc<Mutex<Shaper>>, stop: Arc<AtomicBool>)
                 std::ptr::null(),
             )
         };
-        for (i, pfd) in pfds.iter().enumerate() {
-            if pfd.revents & libc::POLLERR != 0 {
-                // A port that went down or away (ENETDOWN): reading SO_ERROR
-                // clears it, or ppoll would report it at once forever and this
-                // real-time thread would spin.
-                let _ = take_socket_error(pfd.fd);
+        let ports = pfds.len();
+        for (i, pfd) in pfds.iter_mut().enumerate() {
+            // A port that went down or away (ENETDOWN): reading SO_ERROR clears
+            // it, or ppoll would report it at once forever and this real-time
+            // thread would spin. A port whose error cannot be read is dropped.
+            if pfd.revents & libc::POLLERR != 0 && take_socket_error(pfd.fd).is_err() {
+                pfd.fd = -1; // ppoll ignores negative fds
+                continue;
             }
             if pfd.revents & libc::POLLIN == 0 {
                 continue;
             }
-            loop {
+            for _ in 0..READ_BURST {
                 // SAFETY: `buf` is valid for writes of buf.len() bytes.
                 let n = unsafe {
                     libc::recv(
@@ -376,7 +386,7 @@ fn forward(fds: Vec<OwnedFd>, shaper: Arc<Mutex<Shaper>>, stop: Arc<AtomicBool>)
                         }
                     }
                     _ => {
-                        for d in (0..pfds.len()).filter(|&d| d != i) {
+                        for d in (0..ports).filter(|&d| d != i) {
                             s.handle_frame(i, d, frame, now);
                         }
                     }
