@@ -10,6 +10,7 @@ pub mod agent;
 pub mod ai;
 pub mod ai_backend;
 pub mod lab;
+pub mod machine;
 pub mod metrics;
 pub mod netns;
 pub mod pcap;

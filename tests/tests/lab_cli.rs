@@ -266,32 +266,41 @@ fn up_exec_wan_and_down_after_crash() -> Result<()> {
         "wan set failed: {}",
         String::from_utf8_lossy(&set.stderr)
     );
-    let rtt = lab(&[
-        "exec",
-        "aws",
-        "--id",
-        &id,
-        "--",
-        "ping",
-        "-n",
-        "-c",
-        "3",
-        "-i",
-        "0.2",
-        "10.10.0.10",
-    ])?;
-    let text = String::from_utf8_lossy(&rtt.stdout);
-    let min = text
-        .split("min/avg/max")
-        .nth(1)
-        .and_then(|t| t.split('=').nth(1))
-        .and_then(|t| t.trim().split('/').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .with_context(|| format!("no RTT in ping output:\n{text}"))?;
-    ensure!(
-        (80.0..95.0).contains(&min),
-        "RTT {min} ms after `wan set --delay 40ms`, expected about 80 ms"
-    );
+    // The lowest of 3 pings; measured again if it missed under steal.
+    skymesh_tests::machine::measure(
+        "RTT after `wan set`",
+        3,
+        || {
+            let rtt = lab(&[
+                "exec",
+                "aws",
+                "--id",
+                &id,
+                "--",
+                "ping",
+                "-n",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "10.10.0.10",
+            ])?;
+            let text = String::from_utf8_lossy(&rtt.stdout);
+            text.split("min/avg/max")
+                .nth(1)
+                .and_then(|t| t.split('=').nth(1))
+                .and_then(|t| t.trim().split('/').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("no RTT in ping output:\n{text}"))
+        },
+        |&min| {
+            ensure!(
+                (80.0..95.0).contains(&min),
+                "RTT {min} ms after `wan set --delay 40ms`, expected about 80 ms"
+            );
+            Ok(())
+        },
+    )?;
 
     let bad = lab(&["wan", "set", "aws", "mars", "--delay", "5ms", "--id", &id])?;
     ensure!(

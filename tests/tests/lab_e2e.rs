@@ -3,6 +3,7 @@
 
 use anyhow::{ensure, Result};
 use skymesh_tests::lab::build::{default_topology, with_lab};
+use skymesh_tests::machine;
 use skymesh_tests::wait_until;
 use std::time::Duration;
 
@@ -19,19 +20,30 @@ fn full_mesh_every_vpc_pair_pings() -> Result<()> {
             }
         }
         // The emulated one-way delays show in the RTT (aws↔gcp 2×10 ms, aws↔azure 2×75 ms):
-        // the lowest of 10 pings, as a delay is only ever added to it (a hypervisor
-        // stealing the CPU for tens of ms delays single pings on this machine).
-        let near = lab.vpc_ping_n("aws", "gcp", 10)?.1.unwrap_or(0.0);
-        let far = lab.vpc_ping_n("aws", "azure", 10)?.1.unwrap_or(0.0);
-        eprintln!("aws→gcp {near} ms, aws→azure {far} ms");
-        ensure!(
-            (19.0..26.0).contains(&near),
-            "aws→gcp RTT {near} ms, the WAN emulates 2×10 ms"
-        );
-        ensure!(
-            (149.0..160.0).contains(&far),
-            "aws→azure RTT {far} ms, the WAN emulates 2×75 ms"
-        );
+        // the lowest of 10 pings, as a delay is only ever added to it. A hypervisor
+        // that steals the CPU delays pings on this machine, so a miss under steal
+        // is measured again (see `skymesh_tests::machine`).
+        machine::measure(
+            "VPC RTTs",
+            3,
+            || {
+                let near = lab.vpc_ping_n("aws", "gcp", 10)?.1.unwrap_or(0.0);
+                let far = lab.vpc_ping_n("aws", "azure", 10)?.1.unwrap_or(0.0);
+                eprintln!("aws→gcp {near} ms, aws→azure {far} ms");
+                Ok((near, far))
+            },
+            |&(near, far)| {
+                ensure!(
+                    (19.0..26.0).contains(&near),
+                    "aws→gcp RTT {near} ms, the WAN emulates 2×10 ms"
+                );
+                ensure!(
+                    (149.0..160.0).contains(&far),
+                    "aws→azure RTT {far} ms, the WAN emulates 2×75 ms"
+                );
+                Ok(())
+            },
+        )?;
         Ok(())
     })
 }
