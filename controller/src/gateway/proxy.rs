@@ -66,7 +66,8 @@ pub struct UpstreamView {
     pub up: bool,
     /// RTT of the current fabric path from the gateway's node to the site.
     pub fabric_rtt_ms: Option<f64>,
-    /// Median of the newest five times to first byte (of the last minute).
+    /// The upstream's own time to first byte (less the fabric RTT): the median
+    /// of its newest five answers of the last minute, once there are three.
     pub ttfb_ms: Option<f64>,
 }
 
@@ -903,7 +904,10 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
                     last_answer = Some((u, resp, lease));
                     why
                 } else {
-                    lock(&g.upstreams[u].health).on_success(Instant::now(), sent.elapsed());
+                    // The upstream's own part of the wait: the path's round
+                    // trip is counted apart, from the fabric's current RTT.
+                    let own = sent.elapsed().saturating_sub(rtt(u).unwrap_or_default());
+                    lock(&g.upstreams[u].health).on_success(Instant::now(), own);
                     return relay(&gw, &g, ki, ri, model, u, resp, lease, started, attempts);
                 }
             }

@@ -40,8 +40,11 @@ impl Default for Health {
     }
 }
 
-/// How many of an upstream's newest times to first byte its figure is the
-/// median of.
+/// How many of an upstream's newest answers its time-to-first-byte figure is
+/// the median of. The figure is the upstream's own part: each answer's time to
+/// first byte less the fabric RTT when it was sent (the proxy subtracts it),
+/// since the ranking adds the path's current RTT apart and must not count it
+/// twice.
 const TTFB_SAMPLES: usize = 5;
 /// The figure counts from this many fresh answers on: it then takes a majority
 /// of slow answers (2 of 3, 3 of 4 or 5), never a single one (a hiccup anywhere
@@ -128,8 +131,8 @@ impl Health {
         true
     }
 
-    /// An answer that is no failure, its first byte `ttfb` after the request
-    /// left, at `now`.
+    /// An answer that is no failure, at `now`: `ttfb` is the upstream's own
+    /// time to first byte (the wait less the fabric RTT).
     pub fn on_success(&mut self, now: Instant, ttfb: Duration) {
         self.circuit = Circuit::Closed;
         self.consecutive_failures = 0;
