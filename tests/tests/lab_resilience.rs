@@ -41,18 +41,30 @@ fn every_vpc_pair_moves_20_mib_intact() -> Result<()> {
             ("alibaba", "gcp"),
         ]);
         lab.wait_vpc_pings(&lab.ordered_pairs(), CONVERGE)?;
+        // Bytes that arrive changed fail at once; a transfer over the time bound
+        // while the hypervisor stole the CPU (0.1 MB/s under 50–60% steal in one
+        // run) is made again, once (see `skymesh_tests::machine`).
         for (i, (from, to)) in transfers.iter().enumerate() {
-            let t = lab.vpc_transfer(from, to, 5001 + i as u16, 20 << 20)?;
-            eprintln!(
-                "{from}→{to}: 20 MiB in {:.1} s ({:.1} MB/s)",
-                t.elapsed.as_secs_f64(),
-                t.mbytes_per_sec()
-            );
-            ensure!(
-                t.elapsed < Duration::from_secs(90),
-                "{from}→{to}: 20 MiB took {:?}, the bound is 90 s",
-                t.elapsed
-            );
+            skymesh_tests::machine::measure(
+                &format!("{from}→{to} transfer"),
+                2,
+                || {
+                    let t = lab.vpc_transfer(from, to, 5001 + i as u16, 20 << 20)?;
+                    eprintln!(
+                        "{from}→{to}: 20 MiB in {:.1} s ({:.1} MB/s)",
+                        t.elapsed.as_secs_f64(),
+                        t.mbytes_per_sec()
+                    );
+                    Ok(t.elapsed)
+                },
+                |&elapsed| {
+                    ensure!(
+                        elapsed < Duration::from_secs(90),
+                        "{from}→{to}: 20 MiB took {elapsed:?}, the bound is 90 s"
+                    );
+                    Ok(())
+                },
+            )?;
         }
         Ok(())
     })
