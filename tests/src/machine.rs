@@ -9,6 +9,7 @@
 //! still fails.
 
 use anyhow::{Context, Result};
+use std::time::Duration;
 
 /// A share of CPU time stolen in a measurement above which a miss is blamed on
 /// the machine. Quiet periods here show 0–2%.
@@ -51,6 +52,47 @@ impl CpuTicks {
             now.steal.saturating_sub(self.steal) as f64 / total as f64
         })
     }
+}
+
+/// What the kernel booked for thread `tid` of process `pid`
+/// (`/proc/<pid>/task/<tid>/schedstat`).
+#[derive(Debug, Clone, Copy)]
+pub struct ThreadTimes {
+    /// Time on a CPU.
+    pub ran: Duration,
+    /// Time runnable but waiting for a CPU (booked when the thread next runs).
+    pub waited: Duration,
+}
+
+pub fn thread_times(pid: u32, tid: i32) -> Result<ThreadTimes> {
+    let path = format!("/proc/{pid}/task/{tid}/schedstat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut fields = text
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().map(Duration::from_nanos));
+    let mut next = || {
+        fields
+            .next()
+            .and_then(Result::ok)
+            .with_context(|| format!("{path}: {text:?}"))
+    };
+    Ok(ThreadTimes {
+        ran: next()?,
+        waited: next()?,
+    })
+}
+
+/// Makes the calling thread real-time (SCHED_FIFO at `priority`), ahead of
+/// every ordinary (SCHED_OTHER) thread.
+pub fn make_realtime(priority: libc::c_int) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: a live sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Runs `measure` and `judge`s its result, up to `attempts` times: again only
@@ -115,7 +157,7 @@ mod tests {
     #[test]
     fn steal_reads_as_a_share() -> Result<()> {
         let t = CpuTicks::now()?;
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(50));
         let s = t.stolen_since()?;
         assert!((0.0..=1.0).contains(&s), "{s}");
         Ok(())

@@ -62,7 +62,7 @@ impl Switch {
                 .spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     let tid = unsafe { libc::gettid() };
-                    let priority = realtime().map(|()| tid);
+                    let priority = crate::machine::make_realtime(PRIORITY).map(|()| tid);
                     let ok = priority.is_ok();
                     let _ = ready.send(priority);
                     if ok {
@@ -135,16 +135,9 @@ impl SwitchHandle {
         self.shaper().take_lateness()
     }
 
-    /// CPU time the switch thread has used so far (`/proc/self/task/<tid>/schedstat`).
+    /// CPU time the switch thread has used so far.
     pub fn cpu_time(&self) -> Result<Duration> {
-        let path = format!("/proc/self/task/{}/schedstat", self.tid);
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let ns: u64 = text
-            .split_whitespace()
-            .next()
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("{path}: {text:?}"))?;
-        Ok(Duration::from_nanos(ns))
+        Ok(crate::machine::thread_times(std::process::id(), self.tid)?.ran)
     }
 
     pub fn stats(&self, src: &str, dst: &str) -> Result<PairStats> {
@@ -269,26 +262,14 @@ fn disable_offloads_here(ifname: &str) -> Result<()> {
 }
 
 /// Real-time priority of the switch thread (SCHED_FIFO, above every process of
-/// the lab, which all run SCHED_OTHER).
-const PRIORITY: libc::c_int = 20;
-
-/// Makes the calling thread real-time. The switch plays the network, which in a
-/// real WAN is not delayed by the gateways' CPU load, and the kernel's own
+/// the lab, which all run SCHED_OTHER). The switch plays the network, which in
+/// a real WAN is not delayed by the gateways' CPU load, and the kernel's own
 /// forwarding (or netem) runs in softirq, ahead of every process: so must the
 /// switch, or the emulated WAN stalls whenever the agents keep the CPUs busy.
 /// It only runs when frames arrive or are due (it sleeps in `ppoll`) and reads
 /// at most [`READ_BURST`] frames per port per pass. Should it ever spin, the
 /// kernel's real-time throttling still leaves 5% of that CPU to the rest.
-fn realtime() -> io::Result<()> {
-    let param = libc::sched_param {
-        sched_priority: PRIORITY,
-    };
-    // SAFETY: a live sched_param; pid 0 is the calling thread.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+const PRIORITY: libc::c_int = 20;
 
 /// Reads and clears a socket's pending error (`SO_ERROR`).
 fn take_socket_error(fd: libc::c_int) -> io::Result<libc::c_int> {

@@ -4,7 +4,7 @@ use crate::FIRST_PING;
 use anyhow::{ensure, Context, Result};
 use skymesh_tests::topo::{AgentPair, A_OVERLAY, B_OVERLAY, UNDERLAY_IF};
 use skymesh_tests::traffic::{ping_once, ping_until, tcp_transfer, Payload};
-use skymesh_tests::{e2e, require_root, require_tool};
+use skymesh_tests::{e2e, machine, require_root, require_tool};
 use std::time::{Duration, Instant};
 
 #[test]
@@ -209,27 +209,13 @@ fn pin(tid: i32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// How long thread `tid` of `pid` has waited for a CPU while runnable.
-fn run_delay(pid: i32, tid: i32) -> Result<Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat"))?;
-    let ns: u64 = text
-        .split_whitespace()
-        .nth(1)
-        .context("schedstat field 2")?
-        .parse()?;
-    Ok(Duration::from_nanos(ns))
-}
-
 /// Keeps `cpu` busy for `d` with a real-time thread, as a hypervisor stealing
 /// that vCPU would: ordinary threads pinned there do not run meanwhile.
 fn hog_cpu(cpu: usize, d: Duration) -> Result<()> {
     std::thread::spawn(move || -> Result<()> {
         // SAFETY: gettid has no preconditions.
         pin(unsafe { libc::gettid() }, cpu)?;
-        let param = libc::sched_param { sched_priority: 10 };
-        // SAFETY: a live sched_param; 0 is the calling thread.
-        let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
-        ensure!(rc == 0, "SCHED_FIFO: {}", std::io::Error::last_os_error());
+        machine::make_realtime(10).context("SCHED_FIFO")?;
         let start = Instant::now();
         while start.elapsed() < d {
             std::hint::spin_loop();
@@ -270,11 +256,11 @@ fn a_starved_data_plane_thread_takes_no_link_down() -> Result<()> {
             }
         }
         for round in 1..=3 {
-            let waited = run_delay(pid, dataplane)?;
+            let waited = machine::thread_times(pid as u32, dataplane)?.waited;
             hog_cpu(1, Duration::from_millis(700))?;
             // The kernel books a wait when the thread next runs: read it after.
             std::thread::sleep(Duration::from_millis(1000));
-            let starved = run_delay(pid, dataplane)? - waited;
+            let starved = machine::thread_times(pid as u32, dataplane)?.waited - waited;
             eprintln!("round {round}: the data-plane thread waited {starved:?} for its CPU");
             ensure!(
                 starved >= Duration::from_millis(400),
