@@ -26,9 +26,8 @@ fn rtt_of(ups: &[Value], name: &str) -> Option<f64> {
 
 /// The upstream `lowest-latency` ranks first by the figures the gateway shows:
 /// fabric RTT plus the upstream's own time to first byte (none until it has 3
-/// answers). Circuits
-/// are left out: one opened while the lab came up shows `open` until a request
-/// tries it, which the next request may.
+/// answers). Circuits are left out: one opened while the lab came up shows
+/// `open` until a request tries it, which the next request may.
 fn ranked_first(ups: &[Value]) -> Option<String> {
     ups.iter()
         .filter_map(|u| {

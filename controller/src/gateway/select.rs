@@ -1,6 +1,6 @@
 //! The gateway's decisions, without IO or clocks: which upstreams a request may
 //! use and in what order (strategy, residency, health), each upstream's circuit
-//! breaker and time-to-first-byte average, and each client key's rate limit.
+//! breaker and time-to-first-byte figure, and each client key's rate limit.
 //! The proxy driver feeds in `now`, the fabric RTTs and a random number.
 
 use super::config::{BreakerConfig, GatewayConfig, RouteConfig, Strategy};
@@ -104,8 +104,8 @@ impl Health {
         self.circuit == Circuit::Closed && self.consecutive_failures == 0
     }
 
-    /// Median of the newest times to first byte at `now` (see [`TTFB_SAMPLES`]
-    /// and [`TTFB_MAX_AGE`]).
+    /// The upstream's own time to first byte at `now`: the median of its newest
+    /// answers (see [`TTFB_SAMPLES`] and [`TTFB_MAX_AGE`]).
     pub fn ttfb(&self, now: Instant) -> Option<Duration> {
         self.ttfb.median(now)
     }
