@@ -31,6 +31,8 @@ struct Fixture {
     slow: ClientKey,
     narrow: ClientKey,
     dead_port: u16,
+    /// Config text placed before the `chat` route (routes match in order).
+    leading: String,
 }
 
 fn local(port: u16) -> SocketAddr {
@@ -39,6 +41,11 @@ fn local(port: u16) -> SocketAddr {
 
 impl Fixture {
     fn start(env: &TestEnv) -> Result<Self> {
+        Self::start_with(env, String::new())
+    }
+
+    /// With `leading` (routes, upstreams, keys) ahead of the `chat` route.
+    fn start_with(env: &TestEnv, leading: String) -> Result<Self> {
         let dir = env.dir.clone();
         let east = Backend::start(
             None,
@@ -84,6 +91,7 @@ impl Fixture {
             slow,
             narrow,
             dead_port,
+            leading,
         };
         std::fs::write(&f.config, f.config_text(gw_port, api_port, "chat-priority"))?;
         let bin = workspace_bin("skymesh-controller", "SKYMESH_CONTROLLER_BIN")?;
@@ -186,6 +194,7 @@ base_url = "http://169.254.169.254/latest"
 public = true
 connect_timeout = "500ms"
 
+{leading}
 [[ai_gateway.routes]]
 name = "chat"
 path_prefix = "/v1"
@@ -215,6 +224,7 @@ upstreams = ["metadata"]
 
 "#,
             dead = self.dead_port,
+            leading = self.leading,
             sh = self.shanghai.addr,
             cred = self.shanghai.key_file.display(),
         ));
@@ -772,6 +782,189 @@ fn client_connections_are_spread_over_the_shards() -> Result<()> {
     })
 }
 
+/// curl a POST of exactly `body` (no newline stripped) with `headers`.
+fn post_raw(
+    f: &Fixture,
+    key: &str,
+    path: &str,
+    body: &[u8],
+    headers: &[&str],
+) -> Result<(u16, String)> {
+    let file = f.dir.join("body.bin");
+    std::fs::write(&file, body)?;
+    let auth = format!("Authorization: Bearer {key}");
+    let data = format!("@{}", file.display());
+    let url = format!("{}{path}", f.url);
+    let mut args = vec!["-i", "-H", &auth, "--data-binary", &data];
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.push(&url);
+    let out = ai::curl(None, &args)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Ok((status_of(&text)?, text))
+}
+
+/// A model whose route allows only cn-shanghai must never reach another
+/// region, nor a route the key may not use, whatever the body's spelling:
+/// the gateway routes on exactly the model the upstream reads, and refuses
+/// a body it cannot read one way.
+#[test]
+fn the_model_is_read_exactly_as_the_upstream_reads_it() -> Result<()> {
+    e2e("ai-model", |env| {
+        let chat_only = ai::create_key(&env.dir, "chatonly", "chat", 100_000)?;
+        let leading = format!(
+            r#"[[ai_gateway.routes]]
+name = "qwen-cn"
+path_prefix = "/v1"
+models = ["qwen-plus"]
+upstreams = ["shanghai"]
+allowed_regions = ["cn-shanghai"]
+
+{}
+"#,
+            chat_only.entry
+        );
+        let f = Fixture::start_with(env, leading)?;
+        let json = ["content-type: application/json"];
+        let read: &[(&str, &[u8])] = &[
+            ("plain", br#"{"model":"qwen-plus","messages":[{"role":"user","content":"secret"}]}"#),
+            ("leading space", br#" {"model":"qwen-plus","messages":[]}"#),
+            ("leading newline", b"\n{\"model\":\"qwen-plus\",\"messages\":[]}"),
+            ("all whitespace", b"\r\n\t {\r\n\"model\"\t:\n\"qwen-plus\" ,\"messages\":[] }\r\n"),
+            ("model last", br#"{"messages":[{"role":"user","content":"secret"}],"stream":false,"model":"qwen-plus"}"#),
+            ("escaped value", br#"{"model":"\u0071wen-plus","messages":[]}"#),
+            ("escaped key", br#"{"\u006dodel":"qwen-plus","messages":[]}"#),
+            ("nested decoy", br#"{"messages":[{"role":"user","content":"x","model":"gpt-4o-mini"}],"model":"qwen-plus"}"#),
+        ];
+        for (what, body) in read {
+            let (status, text) = post_raw(&f, &f.app.key, "/v1/chat/completions", body, &json)?;
+            ensure!(
+                status == 200 && header(&text, "x-skymesh-upstream") == Some("shanghai"),
+                "{what}: the model was not read as the upstream reads it:\n{text}"
+            );
+        }
+        let east = f.east.requests()?;
+        let west = f.west.requests()?;
+        let shanghai = f.shanghai.requests()?;
+        let unreadable: &[(&str, &[u8], &[&str])] = &[
+            ("duplicate model", br#"{"model":"qwen-plus","model":"gpt-4o-mini"}"#, &json),
+            ("duplicate model, other order", br#"{"model":"gpt-4o-mini","messages":[],"model":"qwen-plus"}"#, &json),
+            ("duplicate by escape", br#"{"model":"gpt-4o-mini","\u006dodel":"qwen-plus"}"#, &json),
+            ("duplicate nested key", br#"{"model":"gpt-4o-mini","messages":[{"role":"user","role":"system"}]}"#, &json),
+            ("case variant", br#"{"MODEL":"qwen-plus","model":"gpt-4o-mini"}"#, &json),
+            ("model a number", br#"{"model":7}"#, &json),
+            ("model an array", br#"{"model":["qwen-plus"]}"#, &json),
+            ("model null", br#"{"model":null,"messages":[]}"#, &json),
+            ("no model", br#"{"messages":[{"role":"user","content":"secret"}]}"#, &json),
+            ("BOM", b"\xef\xbb\xbf{\"model\":\"qwen-plus\"}", &json),
+            ("UTF-16", b"\xff\xfe{\x00\"\x00m\x00o\x00d\x00e\x00l\x00\"\x00:\x00\"\x00q\x00w\x00e\x00n\x00-\x00p\x00l\x00u\x00s\x00\"\x00}\x00", &json),
+            ("trailing data", br#"{"model":"gpt-4o-mini"}{"model":"qwen-plus"}"#, &json),
+            ("NaN", br#"{"model":"gpt-4o-mini","temperature":NaN}"#, &json),
+            ("single quotes", br#"{'model':'qwen-plus'}"#, &json),
+            ("form encoded", b"model=qwen-plus&messages=x", &["content-type: application/x-www-form-urlencoded"]),
+            ("text/plain JSON-ish", b"{model:qwen-plus}", &["content-type: text/plain"]),
+            ("compressed", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json", "content-encoding: gzip"]),
+            ("UTF-16 charset", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json; charset=utf-16"]),
+        ];
+        for (what, body, headers) in unreadable {
+            let (status, text) = post_raw(&f, &f.app.key, "/v1/chat/completions", body, headers)?;
+            ensure!(
+                status == 400 && text.contains("unreadable_body"),
+                "{what}: an ambiguous body was not refused with 400:\n{text}"
+            );
+        }
+        ensure!(
+            f.east.requests()? == east
+                && f.west.requests()? == west
+                && f.shanghai.requests()? == shanghai,
+            "a refused body reached an upstream"
+        );
+        // A key that may use only `chat` cannot reach qwen-cn's upstream, nor
+        // get a qwen-plus request served by chat's upstreams.
+        for body in [
+            &br#" {"model":"qwen-plus","messages":[]}"#[..],
+            br#"{"model":"qwen-plus","messages":[]}"#,
+        ] {
+            let (status, text) = post_raw(&f, &chat_only.key, "/v1/chat/completions", body, &json)?;
+            ensure!(
+                status == 403 && text.contains("route_not_allowed"),
+                "a chat-only key got past its routes:\n{text}"
+            );
+        }
+        ensure!(
+            f.east.requests()? == east,
+            "qwen-plus data reached eastasia"
+        );
+        let (status, text) = post_raw(
+            &f,
+            &chat_only.key,
+            "/v1/chat/completions",
+            br#" {"model":"gpt-4o-mini","messages":[]}"#,
+            &json,
+        )?;
+        ensure!(
+            status == 200 && header(&text, "x-skymesh-upstream") == Some("east"),
+            "{text}"
+        );
+        Ok(())
+    })
+}
+
+/// An upstream that answers 101 (a protocol switch the gateway does not
+/// relay) gets the client a 502 that says so, not an empty reply.
+#[test]
+fn an_upstream_protocol_switch_is_a_502() -> Result<()> {
+    e2e("ai-101", |env| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        std::thread::spawn(move || {
+            for mut conn in listener.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let leading = format!(
+            r#"[[ai_gateway.upstreams]]
+name = "switcher"
+kind = "generic"
+site = "lab"
+region = "us-west1"
+base_url = "http://127.0.0.1:{port}/x"
+public = true
+
+[[ai_gateway.routes]]
+name = "switch"
+path_prefix = "/switch"
+upstreams = ["switcher"]
+"#
+        );
+        let f = Fixture::start_with(env, leading)?;
+        let (status, text) = post_raw(
+            &f,
+            &f.app.key,
+            "/switch/ws",
+            b"{}",
+            &["upgrade: websocket", "connection: upgrade"],
+        )?;
+        ensure!(
+            status == 502 && text.contains("101") && text.contains("switcher"),
+            "{text}"
+        );
+        Ok(())
+    })
+}
+
 #[test]
 fn keys_are_checked_limited_and_scoped() -> Result<()> {
     e2e("ai-keys", |env| {
@@ -881,10 +1074,27 @@ fn no_open_proxy_and_credentials_stay_secret() -> Result<()> {
             .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
         ensure!(v["backend"] == "shanghai" && v["path"] == "/api/x", "{v}");
         // Dot segments and encoded separators are refused.
+        let before = f.shanghai.requests()?;
         for path in [
             "/dashscope/../v1/models",
             "/dashscope/%2e%2e/x",
             "/dashscope//x",
+            "/dashscope/..;/v1/models",
+            "/dashscope/..;x=1/v1",
+            "/dashscope/%252e%252e/x",
+            "/dashscope/%25252e%25252e/x",
+            "/dashscope/%c0%ae%c0%ae/x",
+            "/dashscope/%e0%80%ae%e0%80%ae/x",
+            "/dashscope/%ef%bc%8e%ef%bc%8e/x",
+            "/dashscope/x%00",
+            "/dashscope/%00/../x",
+            "/dashscope/%2e%2e%2fx",
+            "/dashscope/.%2e/x",
+            "/dashscope/%5c..%5cx",
+            "/dashscope/..%20/x",
+            "/dashscope/x%0d%0aHost:%20evil",
+            "/dashscope/x%3f/y",
+            "/dashscope/%zz",
         ] {
             let out = ai::curl(
                 None,
@@ -899,6 +1109,25 @@ fn no_open_proxy_and_credentials_stay_secret() -> Result<()> {
             let text = String::from_utf8_lossy(&out.stdout);
             ensure!(status_of(&text)? == 400, "{path}: {text}");
         }
+        ensure!(
+            f.shanghai.requests()? == before,
+            "a refused path reached the upstream"
+        );
+        // What is forwarded is the one decoded, canonical spelling.
+        let out = ai::curl(
+            None,
+            &[
+                "--path-as-is",
+                "-H",
+                &auth,
+                "-d",
+                "{}",
+                &format!("{}/dashscope/models/qwen%2dplus/%7bx%7d", f.url),
+            ],
+        )?;
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+        ensure!(v["path"] == "/api/models/qwen-plus/%7Bx%7D", "{v}");
         // Even an operator's upstream cannot point at the metadata service.
         let app = format!("Authorization: Bearer {}", f.app.key);
         let out = ai::curl(

@@ -223,12 +223,16 @@ impl RouteConfig {
     /// Whether `path` is under this route's prefix and the model (if the route
     /// lists models) is one of them.
     pub fn matches(&self, path: &str, model: Option<&str>) -> bool {
-        let prefix = self.path_prefix.trim_end_matches('/');
-        let under = path == prefix
-            || (path.starts_with(prefix) && path[prefix.len()..].starts_with('/'))
-            || prefix.is_empty();
-        under
+        self.covers(path)
             && (self.models.is_empty() || model.is_some_and(|m| self.models.iter().any(|x| x == m)))
+    }
+
+    /// Whether `path` is under this route's prefix, whatever the model.
+    pub fn covers(&self, path: &str) -> bool {
+        let prefix = self.path_prefix.trim_end_matches('/');
+        path == prefix
+            || (path.starts_with(prefix) && path[prefix.len()..].starts_with('/'))
+            || prefix.is_empty()
     }
 
     /// The part of `path` after the prefix, to append to an upstream's base path.
@@ -509,8 +513,13 @@ fn route(
             r.path_prefix
         );
     }
-    if r.path_prefix.contains("..") || r.path_prefix.contains("//") {
-        bail!("path_prefix = {:?}: no '..' or '//'", r.path_prefix);
+    match super::request::normalize_path(&r.path_prefix) {
+        Ok(canonical) if canonical == r.path_prefix => {}
+        Ok(canonical) => bail!(
+            "path_prefix = {:?}: write it as {canonical:?}, the form requests are matched in",
+            r.path_prefix
+        ),
+        Err(e) => bail!("path_prefix: {e}; use plain segments such as \"/v1\""),
     }
     let strategy = match r.strategy.as_str() {
         "priority" => Strategy::Priority,

@@ -5,6 +5,7 @@
 //! - [`config`]: `[ai_gateway]`, validated; credentials as [`config::Secret`]s.
 //! - [`select`]: the decisions (strategy, residency, breakers, rate limits), sans-IO.
 //! - [`upstream`]: guarded connections and the per-upstream HTTP clients.
+//! - [`request`]: the path and the model of a request, read as the upstream reads them.
 //! - [`proxy`]: the HTTP driver, streaming relay and failover.
 //! - [`shard`]: the serving threads, one single-threaded runtime per core.
 //! - [`metrics`]: the `skymesh_ai_*` series.
@@ -16,6 +17,7 @@
 pub mod config;
 pub mod metrics;
 pub mod proxy;
+pub mod request;
 pub mod select;
 pub mod shard;
 pub mod upstream;

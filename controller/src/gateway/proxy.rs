@@ -7,6 +7,7 @@
 
 use super::config::{GatewayConfig, KeyConfig, RouteConfig};
 use super::metrics::{AiMetrics, PairSeries, UpstreamGauge};
+use super::request;
 use super::select::{self, Choice, Excluded, Health, RateLimit};
 use super::shard;
 use super::upstream::{self, Fabric, Lease, Pool};
@@ -329,27 +330,67 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
         .map(str::trim)
 }
 
-/// A path a client may send: no dot segments, no empty segments, no encoded
-/// separators, so it cannot climb out of an upstream's base path.
-fn check_path(path: &str) -> Result<(), String> {
-    if !path.starts_with('/') {
-        return Err(format!("path {path:?} must start with '/'"));
-    }
-    // Most paths hold none of the characters the patterns start with.
-    if path.bytes().any(|b| b == b'%' || b == b'\\') || path.contains("//") {
-        let lower = path.to_ascii_lowercase();
-        for bad in ["%2e", "%2f", "%5c", "\\", "//"] {
-            if lower.contains(bad) {
-                return Err(format!("path {path:?}: {bad:?} is not allowed in a path"));
+/// The model a request names, read as the upstream will read it, or why the
+/// request is refused.
+///
+/// The body must be readable JSON wherever the decision depends on the model
+/// (a route under this path lists models, or one of its upstreams serves only
+/// some) or the client says it sends JSON. There an unreadable body, a
+/// compressed one, or one that names no model is refused: a route, key or
+/// residency restriction never passes because the model could not be read.
+/// Elsewhere a body that is not JSON is relayed as it is (pass-through APIs).
+fn read_model(
+    cfg: &GatewayConfig,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Option<String>, String> {
+    let decides = cfg.routes.iter().filter(|r| r.covers(path)).any(|r| {
+        !r.models.is_empty()
+            || r.upstreams
+                .iter()
+                .any(|&u| !cfg.upstreams[u].models.is_empty())
+    });
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap_or("?").to_ascii_lowercase());
+    let declared_json = content_type.as_deref().is_some_and(|t| {
+        let media = t.split(';').next().unwrap_or_default().trim();
+        media == "application/json"
+            || (media.starts_with("application/") && media.ends_with("+json"))
+    });
+    let expect_json = (decides || declared_json) && !body.is_empty();
+    if expect_json {
+        if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
+            if !enc.as_bytes().eq_ignore_ascii_case(b"identity") {
+                return Err(format!(
+                    "Content-Encoding {:?}: the gateway reads the model from the body and takes it uncompressed; send it without Content-Encoding",
+                    String::from_utf8_lossy(enc.as_bytes())
+                ));
+            }
+        }
+        if let Some(charset) = content_type.as_deref().and_then(|t| {
+            t.split(';')
+                .skip(1)
+                .filter_map(|p| p.trim().strip_prefix("charset="))
+                .next()
+        }) {
+            let charset = charset.trim_matches('"');
+            if charset != "utf-8" && charset != "utf8" {
+                return Err(format!(
+                    "Content-Type charset {charset:?}: JSON bodies are read as UTF-8; send UTF-8 and say charset=utf-8 or nothing"
+                ));
             }
         }
     }
-    if path.split('/').any(|seg| seg == "." || seg == "..") {
-        return Err(format!(
-            "path {path:?}: '.' and '..' segments are not allowed"
-        ));
+    match request::read_model(body) {
+        Ok(None) if decides && !body.is_empty() => Err(format!(
+            "the body names no \"model\", and routes under {path} choose by model; add \"model\": \"<name>\""
+        )),
+        Ok(model) => Ok(model),
+        Err(request::BodyError::NotJson(_)) if !expect_json => Ok(None),
+        Err(e) => Err(e.to_string()),
     }
-    Ok(())
 }
 
 /// `x-skymesh-residency: cn-shanghai, eastasia` → the set of regions.
@@ -426,11 +467,6 @@ fn strip_response_headers(headers: &mut HeaderMap) {
         headers.remove(n);
     }
     headers.remove("keep-alive");
-}
-
-#[derive(serde::Deserialize)]
-struct ModelField {
-    model: Option<String>,
 }
 
 /// Everything one request's audit line and metrics need besides its
@@ -697,17 +733,20 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         return resp;
     }
 
-    // What is asked.
-    let path = parts.uri.path();
-    if let Err(msg) = check_path(path) {
-        return refuse(
-            "none",
-            StatusCode::BAD_REQUEST,
-            "invalid_path",
-            msg,
-            &key.name,
-        );
-    }
+    // What is asked: the path as the upstream will read it, decoded once.
+    let path = match request::normalize_path(parts.uri.path()) {
+        Ok(p) => p,
+        Err(e) => {
+            return refuse(
+                "none",
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                e.to_string(),
+                &key.name,
+            )
+        }
+    };
+    let path = path.as_str();
     if parts.method == Method::CONNECT {
         return refuse(
             "none",
@@ -757,12 +796,17 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             )
         }
     };
-    let model = if body.first() == Some(&b'{') {
-        serde_json::from_slice::<ModelField>(&body)
-            .ok()
-            .and_then(|m| m.model)
-    } else {
-        None
+    let model = match read_model(&g.config, path, &parts.headers, &body) {
+        Ok(m) => m,
+        Err(msg) => {
+            return refuse(
+                "none",
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                msg,
+                &key.name,
+            )
+        }
     };
     let Some(ri) = g
         .config
@@ -862,6 +906,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     let mut failures: Vec<String> = Vec::new();
     let mut last_answer: Option<(usize, Response<Incoming>, Option<Lease>)> = None;
     let mut attempts = 0;
+    let mut timed_out = false;
     for (i, &u) in tries.iter().enumerate() {
         let up = &g.config.upstreams[u];
         let sent = Instant::now();
@@ -879,7 +924,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         };
         let upstream_req = match build_request(
             &parts.method,
-            &parts.uri,
+            path,
+            parts.uri.query(),
             attempt_headers,
             route,
             up,
@@ -897,6 +943,17 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         )
         .await;
         let failure = match result {
+            Ok(Ok((resp, _))) if resp.status().is_informational() => {
+                // A 101 (or any 1xx as a final answer) would switch the
+                // client's connection to a protocol the gateway does not
+                // relay: an empty reply at best. It is the upstream's fault.
+                last_answer = None;
+                format!(
+                    "{} answered {} as its final status; the gateway relays HTTP answers only, not protocol switches",
+                    up.name,
+                    resp.status()
+                )
+            }
             Ok(Ok((resp, lease))) => {
                 let status = resp.status();
                 if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
@@ -917,6 +974,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             }
             Err(_) => {
                 last_answer = None;
+                timed_out = true;
                 format!(
                     "{}: no response head within {:?} (first_byte_timeout)",
                     up.name, up.first_byte_timeout
@@ -934,7 +992,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
     if let Some((u, resp, lease)) = last_answer {
         return relay(&gw, &g, ki, ri, model, u, resp, lease, started, attempts);
     }
-    let status = if failures.iter().any(|f| f.contains("first_byte_timeout")) {
+    let status = if timed_out {
         StatusCode::GATEWAY_TIMEOUT
     } else {
         StatusCode::BAD_GATEWAY
@@ -976,12 +1034,13 @@ fn describe_exclusions(cfg: &GatewayConfig, excluded: &[(usize, Excluded)]) -> S
         .join("; ")
 }
 
-/// The upstream request: the configured base URL, the client's path after the
-/// route's prefix and its query; the client's headers (already stripped of its
+/// The upstream request: the configured base URL, the client's normalised
+/// path after the route's prefix and its query; the client's headers (already stripped of its
 /// credentials and hop-by-hop headers); the upstream's credential.
 fn build_request(
     method: &Method,
-    client_uri: &Uri,
+    client_path: &str,
+    query: Option<&str>,
     mut headers: HeaderMap,
     route: &RouteConfig,
     up: &super::config::UpstreamConfig,
@@ -989,8 +1048,7 @@ fn build_request(
 ) -> Result<Request<Full<Bytes>>, String> {
     let base = &up.base_url;
     let prefix = base.path().trim_end_matches('/');
-    let suffix = route.suffix(client_uri.path());
-    let query = client_uri.query();
+    let suffix = route.suffix(client_path);
     let mut path =
         String::with_capacity(prefix.len() + suffix.len() + query.map_or(0, |q| q.len() + 1) + 1);
     path.push_str(prefix);
@@ -1130,37 +1188,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths_cannot_climb_out_of_the_base() {
-        for ok in [
-            "/v1/chat/completions",
-            "/vertex/v1/projects/p/models/m:generateContent",
-        ] {
-            assert!(check_path(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "/v1/../admin",
-            "/v1/./x",
-            "/v1/..",
-            "//169.254.169.254/latest",
-            "/v1/%2e%2e/x",
-            "/v1/%2F/x",
-            "/v1\\..\\x",
-        ] {
-            assert!(check_path(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn upstream_requests_take_the_base_path_in_origin_form() {
         let cfg = one_upstream(Duration::from_secs(1));
         let mut up = cfg.upstreams[0].clone();
         up.base_url = "https://api.example.test:8443/openai/v1"
             .parse()
             .expect("url");
-        let client: Uri = "/v1/chat/completions?x=1".parse().expect("uri");
         let req = build_request(
             &Method::POST,
-            &client,
+            "/v1/chat/completions",
+            Some("x=1"),
             HeaderMap::new(),
             &cfg.routes[0],
             &up,
