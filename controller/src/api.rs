@@ -38,6 +38,8 @@ pub struct ApiState {
     pub control_advertise: Vec<String>,
     /// The AI gateway, whose `skymesh_ai_*` series /metrics appends.
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
+    /// This API's listener guards, whose counters /metrics shows.
+    pub api_guard: Arc<crate::listen::Guard>,
 }
 
 /// Every route: method, path, summary. The router and the OpenAPI document are
@@ -357,9 +359,12 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
         )],
         {
             let mut text = s.metrics.render(&nodes);
+            let mut listeners = vec![("api", &*s.api_guard)];
             if let Some(gw) = &s.gateway {
                 text.push_str(&gw.render_metrics());
+                listeners.push(("ai_gateway", &*gw.clients));
             }
+            crate::listen::render(&mut text, &listeners);
             skymesh_wire::prom::classic_text(&text)
         },
     )

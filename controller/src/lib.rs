@@ -7,6 +7,7 @@ pub mod control;
 pub mod fabric;
 pub mod gateway;
 pub mod ipam;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod paths;

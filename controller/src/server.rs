@@ -83,6 +83,7 @@ pub async fn start_with(
     store: Arc<dyn Store>,
     admin_token: String,
 ) -> Result<Controller> {
+    crate::listen::raise_fd_limit();
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(store, config.overlay_pool));
     let ca = Arc::new(registry.load_or_create_ca().await?);
@@ -98,6 +99,7 @@ pub async fn start_with(
         .await
         .with_context(|| format!("binding the API {} ([api] listen)", config.api_listen))?;
     let api_addr = api_listener.local_addr()?;
+    let api_guard = crate::listen::Guard::new("api", crate::listen::Limits::API);
 
     let mut tasks = tokio::task::JoinSet::new();
     let gateway = match &config.ai_gateway {
@@ -128,12 +130,12 @@ pub async fn start_with(
             admin_token,
             control_advertise: config.control_advertise.clone(),
             gateway: gateway.as_ref().map(|(g, _)| g.clone()),
+            api_guard: api_guard.clone(),
         });
         let app = api::router(state);
         tasks.spawn(async move {
-            axum::serve(api_listener, app)
-                .await
-                .context("the REST API server")
+            crate::listen::serve_api(api_listener, api_guard, app).await;
+            Ok(())
         });
     }
     tracing::info!(

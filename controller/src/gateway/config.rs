@@ -24,6 +24,12 @@ pub struct GatewayFile {
     max_body_bytes: usize,
     #[serde(default = "default_max_attempts")]
     max_attempts: usize,
+    #[serde(default = "default_max_client_connections")]
+    max_client_connections: usize,
+    client_header_timeout: Option<String>,
+    client_idle_timeout: Option<String>,
+    client_body_timeout: Option<String>,
+    client_write_stall_timeout: Option<String>,
     #[serde(default)]
     breaker: BreakerFile,
     #[serde(default)]
@@ -97,6 +103,10 @@ fn default_max_body() -> usize {
 fn default_max_attempts() -> usize {
     3
 }
+fn default_max_client_connections() -> usize {
+    4096
+}
+
 fn default_kind() -> String {
     "openai".into()
 }
@@ -266,6 +276,10 @@ pub struct GatewayConfig {
     pub max_body_bytes: usize,
     /// Upstreams tried per request, the first included.
     pub max_attempts: usize,
+    /// The client listener's guards (taken at start; a reload keeps them).
+    pub clients: crate::listen::Limits,
+    /// From a request's head to the last byte of its body.
+    pub client_body_timeout: Duration,
     pub breaker: BreakerConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
@@ -320,6 +334,36 @@ impl GatewayFile {
                 self.max_attempts
             );
         }
+        if !(16..=1_000_000).contains(&self.max_client_connections) {
+            bail!(
+                "[ai_gateway] max_client_connections = {}: expected 16..=1000000 ({} by default)",
+                self.max_client_connections,
+                default_max_client_connections()
+            );
+        }
+        let clients = crate::listen::Limits {
+            max_connections: self.max_client_connections,
+            header_timeout: duration(
+                "[ai_gateway] client_header_timeout",
+                &self.client_header_timeout,
+                Duration::from_secs(10),
+            )?,
+            idle_timeout: duration(
+                "[ai_gateway] client_idle_timeout",
+                &self.client_idle_timeout,
+                Duration::from_secs(60),
+            )?,
+            write_stall_timeout: duration(
+                "[ai_gateway] client_write_stall_timeout",
+                &self.client_write_stall_timeout,
+                Duration::from_secs(30),
+            )?,
+        };
+        let client_body_timeout = duration(
+            "[ai_gateway] client_body_timeout",
+            &self.client_body_timeout,
+            Duration::from_secs(60),
+        )?;
         let d = BreakerConfig::default();
         let breaker = BreakerConfig {
             failures: self.breaker.failures.unwrap_or(d.failures),
@@ -377,6 +421,8 @@ impl GatewayFile {
             node: self.node,
             max_body_bytes: self.max_body_bytes,
             max_attempts: self.max_attempts,
+            clients,
+            client_body_timeout,
             breaker,
             upstreams,
             routes,

@@ -91,6 +91,8 @@ pub struct Gateway {
     /// Client connections open on each serving thread (shard); one entry
     /// per shard, each with its own upstream connection pools.
     load: shard::Load,
+    /// The client listener's cap and deadlines.
+    pub clients: Arc<crate::listen::Guard>,
     pub fabric: Arc<Fabric>,
     pub metrics: AiMetrics,
 }
@@ -99,10 +101,12 @@ impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self> {
         let fabric = Arc::new(Fabric::default());
         let shards = shard::count();
+        let clients = crate::listen::Guard::new("ai_gateway", config.clients);
         let generation = Generation::build(config, &fabric, None, shards)?;
         Ok(Self {
             current: RwLock::new(Arc::new(generation)),
             load: shard::Load::new(shards),
+            clients,
             fabric,
             metrics: AiMetrics::default(),
         })
@@ -772,7 +776,20 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             )
         }
     };
-    let body = match Limited::new(body, g.config.max_body_bytes).collect().await {
+    let read = Limited::new(body, g.config.max_body_bytes).collect();
+    let Ok(read) = tokio::time::timeout(g.config.client_body_timeout, read).await else {
+        return refuse(
+            "none",
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {:?} ([ai_gateway] client_body_timeout)",
+                g.config.client_body_timeout
+            ),
+            &key.name,
+        );
+    };
+    let body = match read {
         Ok(c) => c.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return refuse(
@@ -1166,12 +1183,23 @@ fn models(g: &Generation, key: &KeyConfig) -> Response<GwBody> {
 }
 
 /// Serves one client connection (HTTP/1.1 or h2) until it closes; run by a
-/// [`shard`] on its thread.
-pub async fn serve_connection(stream: tokio::net::TcpStream, gw: Arc<Gateway>) {
-    let _ = stream.set_nodelay(true);
+/// [`shard`] on its thread, under the listener's guards (each request is in
+/// flight from its head to the end of its answer).
+pub async fn serve_connection(
+    stream: crate::listen::Watched<tokio::net::TcpStream>,
+    conn: Arc<crate::listen::Conn>,
+    gw: Arc<Gateway>,
+) {
+    let _ = stream.get_ref().set_nodelay(true);
     let service = hyper::service::service_fn(move |req| {
         let gw = gw.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(gw, req).await) }
+        let in_flight = conn.begin();
+        async move {
+            let resp = handle(gw, req).await;
+            Ok::<_, std::convert::Infallible>(
+                resp.map(|body| crate::listen::Tracked::new(body, in_flight).boxed()),
+            )
+        }
     });
     let builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
@@ -1270,6 +1298,8 @@ mod tests {
             node: None,
             max_body_bytes: 1 << 20,
             max_attempts: 3,
+            clients: crate::listen::Limits::API,
+            client_body_timeout: Duration::from_secs(60),
             breaker: BreakerConfig {
                 failures: 3,
                 open_for: Duration::from_secs(10),

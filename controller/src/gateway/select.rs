@@ -320,6 +320,8 @@ mod tests {
             node: None,
             max_body_bytes: 1 << 20,
             max_attempts: 3,
+            clients: crate::listen::Limits::API,
+            client_body_timeout: Duration::from_secs(60),
             breaker: BreakerConfig {
                 failures: 2,
                 open_for: Duration::from_secs(10),

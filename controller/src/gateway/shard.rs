@@ -15,6 +15,7 @@
 //! [`super::proxy`]'s.
 
 use super::proxy::{self, Gateway};
+use crate::listen::{AcceptBackoff, Admitted};
 use anyhow::{bail, Context, Result};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -140,7 +141,10 @@ async fn housekeeping(gw: &Gateway) -> anyhow::Result<()> {
 }
 
 /// A client connection on its way to another shard, counted there.
-type Inbox = mpsc::UnboundedSender<(std::net::TcpStream, Counted)>;
+type Inbox = mpsc::UnboundedSender<Moving>;
+
+/// A connection handed to another shard, with its place under the cap.
+type Moving = (std::net::TcpStream, Counted, Admitted);
 
 /// Client connections open on each shard.
 pub struct Load(Box<[AtomicUsize]>);
@@ -216,21 +220,27 @@ async fn serve(
     listener: tokio::net::TcpListener,
     gw: Arc<Gateway>,
     peers: Arc<[Inbox]>,
-    mut inbox: mpsc::UnboundedReceiver<(std::net::TcpStream, Counted)>,
+    mut inbox: mpsc::UnboundedReceiver<Moving>,
 ) -> anyhow::Result<()> {
+    let mut backoff = AcceptBackoff::default();
     loop {
-        let (stream, counted) = tokio::select! {
+        let (stream, counted, admitted) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    backoff.success();
+                    // At the cap with every connection busy: closed at once.
+                    let Some(admitted) = gw.clients.admit() else {
+                        continue;
+                    };
                     let counted = Counted::new(&gw, me);
                     if counted.1 == me {
-                        (stream, counted)
+                        (stream, counted, admitted)
                     } else {
                         let to = counted.1;
-                        match hand_over(stream, counted, &peers[to]) {
+                        match hand_over((stream, counted, admitted), &peers[to]) {
                             Ok(None) => continue,
                             // That shard is gone: serve it here.
-                            Ok(Some(stream)) => (stream, Counted::on(&gw, me)),
+                            Ok(Some((stream, admitted))) => (stream, Counted::on(&gw, me), admitted),
                             Err(e) => {
                                 tracing::warn!(error = %e, "AI gateway: moving a client connection to another shard failed");
                                 continue;
@@ -239,14 +249,17 @@ async fn serve(
                     }
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: keep serving.
-                    tracing::warn!(error = %e, "AI gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors and the like: keep serving,
+                    // without spinning.
+                    gw.clients.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    let pause = backoff.failure();
+                    tracing::warn!(error = %e, retry_in = ?pause, "AI gateway accept failed");
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             },
-            Some((moved, counted)) = inbox.recv() => match TcpStream::from_std(moved) {
-                Ok(stream) => (stream, counted),
+            Some((moved, counted, admitted)) = inbox.recv() => match TcpStream::from_std(moved) {
+                Ok(stream) => (stream, counted, admitted),
                 Err(e) => {
                     tracing::warn!(error = %e, "AI gateway: taking over a client connection failed");
                     continue;
@@ -256,7 +269,12 @@ async fn serve(
         let gw = gw.clone();
         tokio::spawn(async move {
             let _counted = counted;
-            proxy::serve_connection(stream, gw).await;
+            let clients = gw.clients.clone();
+            clients
+                .serve(admitted, stream, |io, conn| {
+                    proxy::serve_connection(io, conn, gw)
+                })
+                .await;
         });
     }
 }
@@ -265,16 +283,15 @@ async fn serve(
 /// registered here again, when that shard takes none any more (its count
 /// there is dropped).
 fn hand_over(
-    stream: TcpStream,
-    counted: Counted,
+    (stream, counted, admitted): (TcpStream, Counted, Admitted),
     to: &Inbox,
-) -> std::io::Result<Option<TcpStream>> {
-    match to.send((stream.into_std()?, counted)) {
+) -> std::io::Result<Option<(TcpStream, Admitted)>> {
+    match to.send((stream.into_std()?, counted, admitted)) {
         Ok(()) => Ok(None),
         Err(back) => {
-            let (stream, counted) = back.0;
+            let (stream, counted, admitted) = back.0;
             drop(counted);
-            TcpStream::from_std(stream).map(Some)
+            TcpStream::from_std(stream).map(|s| Some((s, admitted)))
         }
     }
 }
