@@ -238,9 +238,9 @@ impl<'de> Visitor<'de> for Strict<'_> {
         Ok(None)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut keys: HashSet<Cow<'de, str>> = HashSet::new();
+        let mut keys = KeySet::default();
         let mut model = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if keys.contains(&key) {
                 return Err(self.fail(BodyError::DuplicateKey(key.into_owned())));
             }
@@ -256,6 +256,69 @@ impl<'de> Visitor<'de> for Strict<'_> {
             keys.insert(key);
         }
         Ok(model)
+    }
+}
+
+/// An object key, borrowed from the body unless it holds escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The keys seen in one object: a short list (most objects have a few
+/// keys), a hash set past [`KeySet::FEW`], so a huge object stays linear.
+enum KeySet<'de> {
+    Few(Vec<Cow<'de, str>>),
+    Many(HashSet<Cow<'de, str>>),
+}
+
+impl Default for KeySet<'_> {
+    fn default() -> Self {
+        KeySet::Few(Vec::new())
+    }
+}
+
+impl<'de> KeySet<'de> {
+    const FEW: usize = 16;
+
+    fn contains(&self, k: &str) -> bool {
+        match self {
+            KeySet::Few(v) => v.iter().any(|x| x == k),
+            KeySet::Many(h) => h.contains(k),
+        }
+    }
+
+    fn insert(&mut self, k: Cow<'de, str>) {
+        match self {
+            KeySet::Few(v) if v.len() < Self::FEW => v.push(k),
+            KeySet::Few(v) => {
+                let mut h: HashSet<Cow<'de, str>> = v.drain(..).collect();
+                h.insert(k);
+                *self = KeySet::Many(h);
+            }
+            KeySet::Many(h) => {
+                h.insert(k);
+            }
+        }
     }
 }
 
@@ -470,6 +533,21 @@ mod tests {
                 (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{shown:?}: {e}"),
                 (got, want) => panic!("{shown:?}: got {got:?}, want {want:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn duplicates_are_found_in_objects_of_any_size() {
+        for n in [2usize, 16, 17, 1000] {
+            let mut keys: Vec<String> = (0..n).map(|i| format!("\"k{i}\":{i}")).collect();
+            let ok = format!("{{\"model\":\"m\",{}}}", keys.join(","));
+            assert_eq!(read_model(ok.as_bytes()), Ok(Some("m".into())), "{n} keys");
+            keys.push(format!("\"k{}\":0", n / 2));
+            let dup = format!("{{\"model\":\"m\",{}}}", keys.join(","));
+            assert!(
+                matches!(read_model(dup.as_bytes()), Err(BodyError::DuplicateKey(k)) if k == format!("k{}", n / 2)),
+                "{n} keys"
+            );
         }
     }
 
