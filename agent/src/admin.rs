@@ -5,8 +5,8 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -108,25 +108,54 @@ pub struct PeerStatusJson {
     pub persistent_keepalive: Option<u16>,
 }
 
+/// The bound admin socket and the file it created. Dropping it removes the file, but
+/// only while the path still holds the very socket this process bound (same device and
+/// inode): whatever another process or an operator put there since is left alone.
+#[derive(Debug)]
+pub struct AdminSocket {
+    pub listener: UnixListener,
+    file: SocketFile,
+}
+
+impl AdminSocket {
+    /// Splits off the listener; the returned guard removes the socket file on drop.
+    pub fn into_parts(self) -> (UnixListener, SocketFile) {
+        (self.listener, self.file)
+    }
+}
+
+/// Removes the admin socket file on drop, if it is still the one this process bound.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Binds the admin socket with mode 0600, replacing a stale socket file left by a
 /// killed daemon but refusing to steal one that a live daemon still answers on.
-pub async fn bind(path: &Path) -> Result<UnixListener> {
+///
+/// Only a socket is ever deleted: a regular file, a directory, a FIFO or a symlink at
+/// the path (a typo pointing `[admin] socket` at the private key, say) is refused
+/// with an error naming the path, and left as it is.
+pub async fn bind(path: &Path) -> Result<AdminSocket> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!(
-                "admin socket {} is in use by a running agent; stop it first or set [admin] socket to another path",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing stale socket {}", path.display()))?;
-    }
+    remove_stale_socket(path).await?;
     // The umask closes the window between bind() and chmod() in which the socket
     // would otherwise exist with the default mode.
     // SAFETY: umask only swaps the process file-mode mask.
@@ -135,8 +164,54 @@ pub async fn bind(path: &Path) -> Result<UnixListener> {
     // SAFETY: as above, restoring the previous mask.
     unsafe { libc::umask(old) };
     let listener = listener.with_context(|| format!("binding admin socket {}", path.display()))?;
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("reading the new admin socket {}", path.display()))?;
+    let file = SocketFile {
+        path: path.to_path_buf(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    Ok(AdminSocket { listener, file })
+}
+
+/// Makes room for the socket: nothing there is fine, a socket nobody answers on is
+/// deleted, anything else is refused.
+async fn remove_stale_socket(path: &Path) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("inspecting admin socket path {}", path.display()))
+        }
+    };
+    let kind = meta.file_type();
+    if !kind.is_socket() {
+        let what = if kind.is_symlink() {
+            "a symbolic link"
+        } else if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_file() {
+            "a regular file"
+        } else {
+            "a device or other special file"
+        };
+        bail!(
+            "[admin] socket = {:?}: the path is {what}, not a socket; the agent only replaces a stale socket and will not delete it. Set [admin] socket to a path of its own (default {})",
+            path.display().to_string(),
+            crate::config::DEFAULT_ADMIN_SOCKET
+        );
+    }
+    if UnixStream::connect(path).await.is_ok() {
+        bail!(
+            "admin socket {} is in use by a running agent; stop it first or set [admin] socket to another path",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
 }
 
 /// Serves requests until the listener fails; `status` builds the answer.
@@ -355,5 +430,98 @@ mod tests {
         );
         assert!(t.contains("transfer: 3.00 MiB received, 500 B sent"), "{t}");
         assert!(t.contains("dropped packets: replay=2\n"), "{t}");
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("skymesh-admin-bind-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    /// What is at the socket path before `bind`, and how to check it is still there after.
+    enum Before {
+        File,
+        Dir,
+        Fifo,
+        SymlinkToFile,
+        DanglingSymlink,
+    }
+
+    #[tokio::test]
+    async fn bind_never_deletes_what_is_not_a_socket() {
+        let dir = scratch("not-socket");
+        for (i, before) in [
+            Before::File,
+            Before::Dir,
+            Before::Fifo,
+            Before::SymlinkToFile,
+            Before::DanglingSymlink,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let path = dir.join(format!("case{i}.sock"));
+            let target = dir.join(format!("case{i}.key"));
+            std::fs::write(&target, "secret\n").expect("target");
+            match before {
+                Before::File => std::fs::write(&path, "private key\n").expect("file"),
+                Before::Dir => std::fs::create_dir(&path).expect("dir"),
+                Before::Fifo => {
+                    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("fifo")
+                }
+                Before::SymlinkToFile => {
+                    std::os::unix::fs::symlink(&target, &path).expect("symlink")
+                }
+                Before::DanglingSymlink => {
+                    std::os::unix::fs::symlink(dir.join("nowhere"), &path).expect("symlink")
+                }
+            }
+            let kind = std::fs::symlink_metadata(&path).expect("meta").file_type();
+            let err = bind(&path).await.map(|_| ()).expect_err("must refuse");
+            let msg = format!("{err:#}");
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains("[admin] socket"),
+                "case {i}: {msg}"
+            );
+            let after = std::fs::symlink_metadata(&path)
+                .unwrap_or_else(|e| panic!("case {i}: {} was deleted: {e}", path.display()))
+                .file_type();
+            assert_eq!(after, kind, "case {i}: the file type changed");
+            assert_eq!(
+                std::fs::read_to_string(&target).expect("target survives"),
+                "secret\n"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_but_not_a_live_one() {
+        let dir = scratch("sockets");
+        let stale = dir.join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("stale"));
+        assert!(std::fs::symlink_metadata(&stale)
+            .expect("left behind")
+            .file_type()
+            .is_socket());
+        let bound = bind(&stale).await.expect("a stale socket is replaced");
+        drop(bound);
+
+        let live = dir.join("live.sock");
+        let _other = std::os::unix::net::UnixListener::bind(&live).expect("live");
+        let err = bind(&live).await.map(|_| ()).expect_err("live socket");
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
+        assert!(
+            std::fs::symlink_metadata(&live).is_ok(),
+            "live socket deleted"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -5,6 +5,8 @@
 //! Every error names the file, the key, the bad value and what is expected. This
 //! module reads the config and key files; it must not open sockets or devices.
 
+mod paths;
+
 use crate::keys::PrivateKey;
 use crate::probe::ProbeConfig;
 use ipnet::IpNet;
@@ -219,6 +221,7 @@ impl Config {
         if config.controller.is_none() {
             v.netmap_invariants(&config)?;
         }
+        v.admin_socket_is_its_own(&config)?;
         Ok(config)
     }
 
@@ -589,6 +592,52 @@ impl Validator<'_> {
         })
     }
 
+    /// The admin socket replaces a stale socket at its path on start: refuse a path
+    /// that is also the key, the config, the join token or inside the state dir.
+    fn admin_socket_is_its_own(&self, config: &Config) -> Result<(), ConfigError> {
+        let token = config
+            .controller
+            .as_ref()
+            .and_then(|m| m.join_token_file.as_deref());
+        let mut claimed = vec![
+            paths::Claimed {
+                key: "interface.private_key_file",
+                path: &config.interface.private_key_file,
+                is_dir: false,
+            },
+            paths::Claimed {
+                key: "state.dir",
+                path: &config.state_dir,
+                is_dir: true,
+            },
+            paths::Claimed {
+                key: "the config file itself",
+                path: self.file,
+                is_dir: false,
+            },
+        ];
+        if let Some(token) = token {
+            claimed.push(paths::Claimed {
+                key: "controller.join_token_file",
+                path: token,
+                is_dir: false,
+            });
+        }
+        match paths::socket_collision(&config.admin_socket, &claimed) {
+            None => Ok(()),
+            Some(c) => Err(self.invalid(
+                "admin.socket",
+                Quoted(&config.admin_socket.to_string_lossy()),
+                format!(
+                    "this is {} {} ({:?}); the agent replaces a stale socket at this path on start, so give the admin socket a path of its own, like {DEFAULT_ADMIN_SOCKET:?}",
+                    if c.is_dir { "inside" } else { "the same file as" },
+                    c.key,
+                    c.path.display().to_string()
+                ),
+            )),
+        }
+    }
+
     /// The cross-field rules, shared with controller-provided netmaps.
     fn netmap_invariants(&self, config: &Config) -> Result<(), ConfigError> {
         let at = |name: &str| {
@@ -855,6 +904,86 @@ mod tests {
                 .to_string();
             assert!(e.contains(needle), "{extra:?}: {e}");
         }
+    }
+
+    /// The admin socket may not be any other configured path, however it is spelt.
+    #[test]
+    fn admin_socket_must_not_be_another_configured_path() {
+        let fx = fixture("socket-paths");
+        let d = fx.dir.display().to_string();
+        std::fs::create_dir_all(fx.dir.join("state/sub")).expect("state dir");
+        std::fs::write(fx.dir.join("token"), "t").expect("token");
+        let link = fx.dir.join("key-link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&fx.key, &link).expect("symlink");
+        let file = fx.dir.join("agent.toml");
+        std::fs::write(&file, "").expect("config file");
+        let static_mode = |socket: &str| {
+            format!(
+                "[interface]\nprivate_key_file = {:?}\naddress = \"100.96.0.1/32\"\n[admin]\nsocket = {socket:?}\n[state]\ndir = \"{d}/state\"\n",
+                fx.key.display()
+            )
+        };
+        let controller_mode = |socket: &str| {
+            format!(
+                "[interface]\nprivate_key_file = {:?}\n[admin]\nsocket = {socket:?}\n[state]\ndir = \"{d}/state\"\n[controller]\njoin_token_file = \"{d}/token\"\n",
+                fx.key.display()
+            )
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                static_mode(&fx.key.display().to_string()),
+                "interface.private_key_file",
+            ),
+            (
+                static_mode(&format!("{d}/./private.key")),
+                "interface.private_key_file",
+            ),
+            (
+                static_mode(&format!("{d}//private.key")),
+                "interface.private_key_file",
+            ),
+            (
+                static_mode(&format!("{d}/state/../private.key")),
+                "interface.private_key_file",
+            ),
+            (
+                static_mode(&link.display().to_string()),
+                "interface.private_key_file",
+            ),
+            (static_mode(&format!("{d}/state")), "state.dir"),
+            (static_mode(&format!("{d}/state/")), "state.dir"),
+            (static_mode(&format!("{d}/state/agent.sock")), "state.dir"),
+            (
+                static_mode(&format!("{d}/state/sub/../netmap.json")),
+                "state.dir",
+            ),
+            (
+                static_mode(&format!("{d}/agent.toml")),
+                "the config file itself",
+            ),
+            (
+                controller_mode(&format!("{d}/token")),
+                "controller.join_token_file",
+            ),
+            (
+                controller_mode(&format!("{d}/./token")),
+                "controller.join_token_file",
+            ),
+        ];
+        for (text, names) in cases {
+            let e = Config::parse(&file, &text).expect_err(&text).to_string();
+            assert!(
+                e.contains("admin.socket = ")
+                    && e.contains(names)
+                    && e.contains("a path of its own"),
+                "{text}\n=> {e}"
+            );
+        }
+        for ok in [format!("{d}/agent.sock"), format!("{d}/run/agent.sock")] {
+            Config::parse(&file, &static_mode(&ok)).expect("a socket path of its own");
+        }
+        let _ = std::fs::remove_dir_all(&fx.dir);
     }
 
     #[test]

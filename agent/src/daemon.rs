@@ -199,9 +199,8 @@ pub async fn run(config: Config) -> Result<()> {
     let key = config.interface.private_key.clone();
     let mut node = Node::new(key, rand::rngs::OsRng.next_u64(), Instant::now());
     node.set_probe_config(config.probe);
-    let admin_listener = admin::bind(&config.admin_socket).await?;
-    // Removes the socket file however this function returns.
-    let _admin_file = RemoveOnDrop(config.admin_socket.clone());
+    // `_admin_file` removes the socket file however this function returns.
+    let (admin_listener, _admin_file) = admin::bind(&config.admin_socket).await?.into_parts();
     let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {
@@ -580,15 +579,6 @@ fn underlay_subnets(controllers: &[String]) -> Vec<IpNet> {
         }
     }
     out
-}
-
-/// Deletes a file when dropped (the admin socket, on every exit path).
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// Buffers of the data-plane thread, allocated once.

@@ -322,3 +322,62 @@ fn genkey_and_pubkey_are_interchangeable_with_wg() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 14.3: `[admin] socket` pointing at another configured path (the private key,
+/// the config itself, the state dir or a file in it), however spelt, is refused by
+/// `check-config` and by `run`, and the file it names survives.
+#[test]
+fn socket_path_equal_to_another_configured_path_is_refused() -> Result<()> {
+    e2e("cfg-socket-paths", |env| {
+        let base = ConfigCase::new(env)?;
+        let key = base.key_file.display().to_string();
+        let d = env.dir.display().to_string();
+        std::fs::create_dir_all(env.path("state"))?;
+        let link = env.path("key-link");
+        std::os::unix::fs::symlink(&base.key_file, &link)?;
+        let key_text = std::fs::read_to_string(&base.key_file)?;
+        let sock_line = format!("socket = \"{d}/agent.sock\"");
+        for (i, (socket, names)) in [
+            (key.clone(), "interface.private_key_file"),
+            (format!("{d}/./private.key"), "interface.private_key_file"),
+            (format!("{d}//private.key"), "interface.private_key_file"),
+            (
+                format!("{d}/state/../private.key"),
+                "interface.private_key_file",
+            ),
+            (link.display().to_string(), "interface.private_key_file"),
+            (format!("{d}/state"), "state.dir"),
+            (format!("{d}/state/agent.sock"), "state.dir"),
+            (
+                format!("{d}/cfg-socket-{}.toml", 7),
+                "the config file itself",
+            ),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let case = format!("cfg-socket-{i}");
+            let text = base.edit(&sock_line, &format!("socket = {socket:?}"))?;
+            refused(env, &case, &text, &["admin.socket", &socket, names])?;
+            // `run` loads the same config: it must refuse before touching the path.
+            let config = env.path(&format!("{case}.toml"));
+            let out = skymesh_tests::proc::output(&mut agent_command(&[
+                "run",
+                "--config",
+                config.to_str().context("utf-8 path")?,
+            ])?)?;
+            ensure!(
+                !out.status.success()
+                    && String::from_utf8_lossy(&out.stderr).contains("admin.socket"),
+                "{case}: run did not refuse: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                std::fs::read_to_string(&base.key_file)? == key_text,
+                "{case}: the private key file changed"
+            );
+            ensure!(env.path("state").is_dir(), "{case}: the state dir is gone");
+        }
+        Ok(())
+    })
+}
