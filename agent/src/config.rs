@@ -5,6 +5,7 @@
 //! Every error names the file, the key, the bad value and what is expected. This
 //! module reads the config and key files; it must not open sockets or devices.
 
+mod fields;
 mod paths;
 
 use crate::keys::PrivateKey;
@@ -185,7 +186,7 @@ impl Config {
         })?;
         let v = Validator { file };
         let interface = v.interface(&raw.interface)?;
-        let metrics_listen = v.socket_addr(
+        let metrics_listen = v.listen_addr(
             "metrics.listen",
             raw.metrics
                 .listen
@@ -204,7 +205,7 @@ impl Config {
             .peers
             .iter()
             .enumerate()
-            .map(|(i, p)| v.peer(i, p))
+            .map(|(i, p)| v.peer(i, p, &interface.private_key))
             .collect::<Result<Vec<_>, _>>()?;
         let controller = v.controller_mode(&raw)?;
         let probe = v.probe(&raw.probe)?;
@@ -275,18 +276,8 @@ impl Validator<'_> {
             .name
             .clone()
             .unwrap_or_else(|| DEFAULT_INTERFACE.to_string());
-        let name_ok = !name.is_empty()
-            && name.len() <= 15
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if !name_ok {
-            return Err(self.invalid(
-                "interface.name",
-                Quoted(&name),
-                "expected 1 to 15 characters of letters, digits, '-', '_' or '.' (a Linux interface name)",
-            ));
-        }
+        fields::interface_name(&name)
+            .map_err(|problem| self.invalid("interface.name", Quoted(&name), problem))?;
         let listen_port = self.port("interface.listen_port", raw.listen_port)?;
         let mtu = match raw.mtu {
             None => DEFAULT_MTU,
@@ -300,10 +291,22 @@ impl Validator<'_> {
         let address = raw
             .address
             .as_deref()
-            .map(|a| self.cidr("interface.address", a))
+            .map(|a| {
+                let net = self.cidr("interface.address", a)?;
+                fields::host_address(net)
+                    .map_err(|problem| self.invalid("interface.address", Quoted(a), problem))?;
+                Ok(net)
+            })
             .transpose()?;
         let private_key_file = PathBuf::from(&raw.private_key_file);
         let private_key = self.private_key(&private_key_file)?;
+        fields::private_key(&private_key).map_err(|problem| {
+            self.invalid(
+                "interface.private_key_file",
+                Quoted(&raw.private_key_file),
+                problem,
+            )
+        })?;
         Ok(Interface {
             name,
             private_key_file,
@@ -376,6 +379,18 @@ impl Validator<'_> {
         })
     }
 
+    /// An address packets are sent to (see [`fields::endpoint`]).
+    fn endpoint(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        fields::endpoint(self.socket_addr(key, text)?)
+            .map_err(|problem| self.invalid(key, Quoted(text), problem))
+    }
+
+    /// An address a local listener binds (see [`fields::listen_addr`]).
+    fn listen_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+        fields::listen_addr(self.socket_addr(key, text)?)
+            .map_err(|problem| self.invalid(key, Quoted(text), problem))
+    }
+
     fn abs_path(&self, key: &str, text: &str) -> Result<PathBuf, ConfigError> {
         let path = PathBuf::from(text);
         if path.is_absolute() {
@@ -385,7 +400,7 @@ impl Validator<'_> {
         }
     }
 
-    fn peer(&self, i: usize, raw: &RawPeer) -> Result<PeerSpec, ConfigError> {
+    fn peer(&self, i: usize, raw: &RawPeer, own: &PrivateKey) -> Result<PeerSpec, ConfigError> {
         let at = format!("peers[{i}] ({:?})", raw.name);
         if raw.name.is_empty()
             || !raw
@@ -406,10 +421,17 @@ impl Validator<'_> {
                 format!("{e}; get it with `skymesh-agent pubkey < private.key` on the peer"),
             )
         })?;
+        fields::peer_key(&public_key, own).map_err(|problem| {
+            self.invalid(
+                &format!("{at}.public_key"),
+                Quoted(&raw.public_key),
+                problem,
+            )
+        })?;
         let endpoint = raw
             .endpoint
             .as_deref()
-            .map(|e| self.socket_addr(&format!("{at}.endpoint"), e))
+            .map(|e| self.endpoint(&format!("{at}.endpoint"), e))
             .transpose()?;
         let allowed_ips = raw
             .allowed_ips
@@ -492,7 +514,7 @@ impl Validator<'_> {
             .endpoints
             .iter()
             .enumerate()
-            .map(|(i, e)| self.socket_addr(&format!("node.endpoints[{i}]"), e))
+            .map(|(i, e)| self.endpoint(&format!("node.endpoints[{i}]"), e))
             .collect::<Result<Vec<_>, _>>()?;
         let persistent_keepalive = match node.persistent_keepalive {
             None | Some(0) => None,
@@ -904,6 +926,160 @@ mod tests {
                 .to_string();
             assert!(e.contains(needle), "{extra:?}: {e}");
         }
+    }
+
+    /// Issue 14.12: every address, endpoint, key and name field refuses nonsense,
+    /// naming the key, the value and the fix.
+    #[test]
+    fn nonsense_values_are_refused_by_kind() {
+        let fx = fixture("nonsense");
+        let file = fx.dir.join("agent.toml");
+        let own = PrivateKey::from_base64(&std::fs::read_to_string(&fx.key).expect("key"))
+            .expect("key")
+            .public_key()
+            .to_string();
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let with_address =
+            |a: &str| text(&fx, "", "").replace("\"100.96.0.1/32\"", &format!("{a:?}"));
+        let with_peer = |extra: &str| text(&fx, "", &(peer("\"10.0.0.0/16\"") + extra));
+        let with_key = |k: &str| text(&fx, "", &peer("\"10.0.0.0/16\"").replace(PEER_KEY, k));
+        let ctl = |node: &str| {
+            format!(
+                "[interface]\nprivate_key_file = {:?}\n[controller]\n[node]\n{node}\n",
+                fx.key.display()
+            )
+        };
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                with_address("0.0.0.0/0"),
+                "interface.address = \"0.0.0.0/0\"",
+                "unspecified",
+            ),
+            (
+                with_address("::/0"),
+                "interface.address = \"::/0\"",
+                "unspecified",
+            ),
+            (
+                with_address("100.96.0.1/0"),
+                "interface.address = \"100.96.0.1/0\"",
+                "/8 or longer",
+            ),
+            (
+                with_address("224.0.0.5/32"),
+                "interface.address = \"224.0.0.5/32\"",
+                "multicast",
+            ),
+            (
+                with_address("255.255.255.255/32"),
+                "interface.address = \"255.255.255.255/32\"",
+                "broadcast",
+            ),
+            (
+                with_address("100.96.0.255/24"),
+                "interface.address = \"100.96.0.255/24\"",
+                "host address",
+            ),
+            (
+                text(&fx, "name = \".\"", ""),
+                "interface.name = \".\"",
+                "skymesh0",
+            ),
+            (
+                text(&fx, "name = \"..\"", ""),
+                "interface.name = \"..\"",
+                "skymesh0",
+            ),
+            (
+                text(&fx, "name = \"a/b\"", ""),
+                "interface.name = \"a/b\"",
+                "skymesh0",
+            ),
+            (
+                text(&fx, "name = \"a b\"", ""),
+                "interface.name = \"a b\"",
+                "skymesh0",
+            ),
+            (
+                text(&fx, "name = \"a:0\"", ""),
+                "interface.name = \"a:0\"",
+                "skymesh0",
+            ),
+            (
+                text(&fx, "name = \"\"", ""),
+                "interface.name = \"\"",
+                "skymesh0",
+            ),
+            (with_key(&own), ".public_key = ", "own public key"),
+            (with_key(zero), ".public_key = \"AAAA", "all-zero key"),
+            (
+                with_peer("endpoint = \"198.51.100.7:0\"\n"),
+                ".endpoint = \"198.51.100.7:0\"",
+                "port 0",
+            ),
+            (
+                with_peer("endpoint = \"0.0.0.0:51820\"\n"),
+                ".endpoint = \"0.0.0.0:51820\"",
+                "unspecified",
+            ),
+            (
+                with_peer("endpoint = \"[::]:51820\"\n"),
+                ".endpoint = \"[::]:51820\"",
+                "unspecified",
+            ),
+            (
+                with_peer("endpoint = \"255.255.255.255:51820\"\n"),
+                ".endpoint = \"255.255.255.255:51820\"",
+                "broadcast",
+            ),
+            (
+                with_peer("endpoint = \"239.0.0.1:51820\"\n"),
+                ".endpoint = \"239.0.0.1:51820\"",
+                "multicast",
+            ),
+            (
+                with_peer("endpoint = \"[ff02::1]:51820\"\n"),
+                ".endpoint = \"[ff02::1]:51820\"",
+                "multicast",
+            ),
+            (
+                ctl("endpoints = [\"0.0.0.0:51820\"]"),
+                "node.endpoints[0] = \"0.0.0.0:51820\"",
+                "unspecified",
+            ),
+            (
+                ctl("endpoints = [\"203.0.113.7:0\"]"),
+                "node.endpoints[0] = \"203.0.113.7:0\"",
+                "port 0",
+            ),
+            (
+                text(&fx, "", "[metrics]\nlisten = \"127.0.0.1:0\"\n"),
+                "metrics.listen = \"127.0.0.1:0\"",
+                "port 0",
+            ),
+            (
+                text(&fx, "", "[metrics]\nlisten = \"224.0.0.1:9586\"\n"),
+                "metrics.listen = \"224.0.0.1:9586\"",
+                "multicast",
+            ),
+        ];
+        for (text, key_value, fix) in cases {
+            let e = Config::parse(&file, &text).expect_err(&text).to_string();
+            assert!(e.contains(key_value) && e.contains(fix), "{text}\n=> {e}");
+        }
+        std::fs::write(&fx.key, format!("{zero}\n")).expect("zero key");
+        let e = Config::parse(&file, &text(&fx, "", ""))
+            .expect_err("zero private key")
+            .to_string();
+        assert!(
+            e.contains("interface.private_key_file")
+                && e.contains("all-zero key")
+                && e.contains("genkey"),
+            "{e}"
+        );
+        // Still accepted: a listener on all addresses, a mapped unicast endpoint.
+        std::fs::write(&fx.key, format!("{}\n", PrivateKey::generate().to_base64())).expect("key");
+        Config::parse(&file, &with_peer("endpoint = \"[::ffff:198.51.100.7]:51820\"\n[metrics]\nlisten = \"0.0.0.0:9586\"\n")).expect("valid");
     }
 
     /// The admin socket may not be any other configured path, however it is spelt.

@@ -381,3 +381,106 @@ fn socket_path_equal_to_another_configured_path_is_refused() -> Result<()> {
         Ok(())
     })
 }
+
+/// Issue 14.12: nonsense in any address, endpoint, key or name field is refused,
+/// naming the key and the value.
+#[test]
+fn check_config_refuses_nonsense_values() -> Result<()> {
+    e2e("cfg-nonsense", |env| {
+        let base = ConfigCase::new(env)?;
+        let private = std::fs::read_to_string(&base.key_file)?;
+        let own = pubkey_of(private.trim())?;
+        let gcp_line = base
+            .text
+            .lines()
+            .find(|l| l.starts_with("public_key"))
+            .context("first public_key line")?
+            .to_string();
+        let zero = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let cases: Vec<(&str, String, String)> = vec![
+            (
+                "address = \"100.96.0.1/32\"",
+                "address = \"0.0.0.0/0\"".into(),
+                "0.0.0.0/0".into(),
+            ),
+            (
+                "address = \"100.96.0.1/32\"",
+                "address = \"::/0\"".into(),
+                "::/0".into(),
+            ),
+            (
+                "address = \"100.96.0.1/32\"",
+                "address = \"100.96.0.1/1\"".into(),
+                "100.96.0.1/1".into(),
+            ),
+            (
+                "address = \"100.96.0.1/32\"",
+                "address = \"239.1.1.1/32\"".into(),
+                "239.1.1.1/32".into(),
+            ),
+            (
+                "address = \"100.96.0.1/32\"",
+                "address = \"255.255.255.255/32\"".into(),
+                "255.255.255.255/32".into(),
+            ),
+            (
+                "name = \"skymesh0\"",
+                "name = \".\"".into(),
+                "interface.name = \".\"".into(),
+            ),
+            (
+                "name = \"skymesh0\"",
+                "name = \"..\"".into(),
+                "interface.name = \"..\"".into(),
+            ),
+            (
+                "name = \"skymesh0\"",
+                "name = \"a:b\"".into(),
+                "interface.name = \"a:b\"".into(),
+            ),
+            (&gcp_line, format!("public_key = \"{own}\""), own.clone()),
+            (&gcp_line, format!("public_key = \"{zero}\""), zero.into()),
+            (
+                "\"198.51.100.7:51820\"",
+                "\"198.51.100.7:0\"".into(),
+                "198.51.100.7:0".into(),
+            ),
+            (
+                "\"198.51.100.7:51820\"",
+                "\"0.0.0.0:51820\"".into(),
+                "0.0.0.0:51820".into(),
+            ),
+            (
+                "\"198.51.100.7:51820\"",
+                "\"[::]:51820\"".into(),
+                "[::]:51820".into(),
+            ),
+            (
+                "\"198.51.100.7:51820\"",
+                "\"255.255.255.255:51820\"".into(),
+                "255.255.255.255:51820".into(),
+            ),
+            (
+                "\"198.51.100.7:51820\"",
+                "\"224.0.0.1:51820\"".into(),
+                "224.0.0.1:51820".into(),
+            ),
+            (
+                "\"127.0.0.1:9586\"",
+                "\"127.0.0.1:0\"".into(),
+                "127.0.0.1:0".into(),
+            ),
+        ];
+        for (i, (from, to, names)) in cases.iter().enumerate() {
+            let text = base.edit(from, to)?;
+            refused(env, &format!("cfg-nonsense-{i}"), &text, &[names])?;
+        }
+        write_secret(&base.key_file, &format!("{zero}\n"))?;
+        refused(
+            env,
+            "cfg-nonsense-zero-private",
+            &base.text,
+            &["private_key_file", "all-zero"],
+        )
+    })
+}
