@@ -26,8 +26,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// Default lifetime of a join token when the request gives none.
-pub const DEFAULT_TOKEN_TTL: &str = "24h";
+pub mod limits;
+
+use limits::Ttl;
+
+/// Default lifetime of a join token when the request gives none: 24 hours.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
 
 pub struct ApiState {
     pub registry: Arc<Registry>,
@@ -417,9 +421,9 @@ struct CreateToken {
     site: String,
     cloud: String,
     region: String,
-    /// Like "24h", "30m", "7d", or "never".
+    /// Like "24h", "30m", "7d", or "never"; see [`limits::parse_ttl`].
     #[serde(default)]
-    ttl: Option<String>,
+    ttl: Option<Ttl>,
     #[serde(default)]
     reusable: bool,
 }
@@ -428,22 +432,7 @@ async fn create_token(
     State(s): State<Arc<ApiState>>,
     Json(req): Json<CreateToken>,
 ) -> Result<(StatusCode, axum::Json<Value>), ApiError> {
-    let ttl_text = req.ttl.unwrap_or_else(|| DEFAULT_TOKEN_TTL.to_string());
-    let ttl = if ttl_text == "never" {
-        None
-    } else {
-        let d = humantime::parse_duration(&ttl_text).map_err(|e| {
-            ApiError::bad_request(format!(
-                "ttl = {ttl_text:?}: {e}; expected a duration like \"24h\", \"30m\", \"7d\" or \"never\""
-            ))
-        })?;
-        if d.as_secs() == 0 {
-            return Err(ApiError::bad_request(format!(
-                "ttl = {ttl_text:?}: must be at least 1s (or \"never\")"
-            )));
-        }
-        Some(d.as_secs())
-    };
+    let ttl = req.ttl.map_or(Some(DEFAULT_TOKEN_TTL_SECS), |Ttl(t)| t);
     let (rec, secret) = s
         .registry
         .create_token(

@@ -239,7 +239,7 @@ async fn bad_requests_name_the_field_value_and_fix() {
                 "POST",
                 "/v1/join-tokens",
                 json!({"name": "ok", "site": "a", "cloud": "aws", "region": "r", "ttl": "soon"}),
-                "ttl = \"soon\"",
+                "ttl: \"soon\" is not a lifetime",
             ),
         ];
         for (method, path, body, needle) in cases {
@@ -432,5 +432,140 @@ async fn skymeshctl_drives_the_whole_lifecycle() {
         text.contains("skymesh_controller_enrollments_total{result=\"ok\"} 1"),
         "{text}"
     );
+    f.ctl.shutdown().await;
+}
+
+/// Every way to give a join token an out-of-range lifetime is a 400 that names
+/// the field, the value and the allowed range; the bounds themselves pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_token_ttl_out_of_range_is_refused() {
+    let f = start().await;
+    let base = f.ctl.api_addr.to_string();
+    let tok = f.token.clone();
+    tokio::task::spawn_blocking(move || {
+        let body = |ttl: Value| {
+            json!({"name": "gw", "site": "a", "cloud": "aws", "region": "r", "ttl": ttl})
+        };
+        let refused = [
+            json!("0s"),
+            json!("0"),
+            json!("-1s"),
+            json!("-5"),
+            json!("1.5h"),
+            json!("18446744073709551616s"),
+            json!("18446744073709551615s"),
+            json!("8000y"),
+            json!("366d"),
+            json!("31536001s"),
+            json!("8761h"),
+            json!(""),
+            json!(0),
+            json!(-1),
+            json!(1.5),
+            json!(18446744073709551615u64),
+        ];
+        for ttl in refused {
+            let (code, v) = http(&base, "POST", "/v1/join-tokens", Some(&tok), Some(body(ttl.clone())));
+            assert_eq!(code, 400, "ttl {ttl} must be refused: {v}");
+            assert_eq!(v["error"], "invalid_request", "{v}");
+            let detail = v["detail"].as_str().expect("detail");
+            assert!(detail.contains("ttl"), "names the field: {detail}");
+            assert!(detail.contains("365d"), "names the allowed range: {detail}");
+            if let Some(text) = ttl.as_str().filter(|t| !t.is_empty()) {
+                assert!(detail.contains(text), "names the value: {detail}");
+            }
+        }
+        for (ttl, secs) in [("1s", 1), ("365d", 31_536_000), ("31536000s", 31_536_000), ("8760h", 31_536_000)] {
+            let (code, v) = http(&base, "POST", "/v1/join-tokens", Some(&tok), Some(body(json!(ttl))));
+            assert_eq!(code, 201, "ttl {ttl}: {v}");
+            let created = v["created_at"].as_u64().expect("created_at");
+            assert_eq!(v["expires_at"].as_u64(), Some(created + secs), "{ttl}: {v}");
+        }
+        let (code, v) = http(&base, "POST", "/v1/join-tokens", Some(&tok), Some(body(json!("never"))));
+        assert_eq!((code, &v["expires_at"]), (201, &Value::Null), "{v}");
+    })
+    .await
+    .expect("blocking");
+
+    // skymeshctl refuses before sending, naming the flag: no token is created.
+    let ctl = Ctl { f: &f };
+    let before: Value =
+        serde_json::from_str(&ctl.ok(&["--json", "join-token", "list"])).expect("json");
+    for ttl in ["8000y", "0s", "366d", "18446744073709551616s", "-1s"] {
+        let (ok, out, err) = ctl.run(&[
+            "join-token",
+            "create",
+            "--name",
+            "gw",
+            "--site",
+            "a",
+            "--cloud",
+            "aws",
+            "--region",
+            "r",
+            &format!("--ttl={ttl}"),
+        ]);
+        assert!(!ok, "--ttl {ttl} must be refused; printed {out}");
+        assert!(!err.contains("panicked"), "--ttl {ttl}: {err}");
+        assert!(
+            err.contains("--ttl") && err.contains("365d"),
+            "--ttl {ttl}: {err}"
+        );
+    }
+    let after: Value =
+        serde_json::from_str(&ctl.ok(&["--json", "join-token", "list"])).expect("json");
+    assert_eq!(before, after, "a refused --ttl sends nothing");
+    f.ctl.shutdown().await;
+}
+
+/// A store written by older versions may hold a token whose expiry is absurd
+/// (up to u64::MAX seconds): listing it works and shows it sensibly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_token_list_survives_an_absurd_stored_expiry() {
+    use skymesh_controller::model::{self, TokenRecord};
+    let f = start().await;
+    for (id, expires_at) in [
+        ("jt-000000000001", u64::MAX),
+        ("jt-000000000002", 254_255_800_000u64), // now + 8000 years
+        ("jt-000000000003", 253_402_300_800u64), // 10000-01-01T00:00:00Z
+        ("jt-000000000004", 253_402_300_799u64), // the last second of 9999
+    ] {
+        let rec = TokenRecord {
+            id: id.into(),
+            secret_sha256: "00".repeat(32),
+            name: "old".into(),
+            site: "a".into(),
+            cloud: "aws".into(),
+            region: "r".into(),
+            created_at: 1_700_000_000,
+            expires_at: Some(expires_at),
+            reusable: false,
+            revoked: id.ends_with('1'),
+            used_by: vec![],
+        };
+        f.ctl
+            .registry
+            .store()
+            .put(&model::token_key(id), model::encode(&rec))
+            .await
+            .expect("put");
+    }
+    let ctl = Ctl { f: &f };
+    let (ok, out, err) = ctl.run(&["join-token", "list"]);
+    assert!(ok && !err.contains("panicked"), "list: {err}");
+    for id in ["jt-000000000001", "jt-000000000002", "jt-000000000003"] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(id))
+            .unwrap_or_else(|| panic!("{id}: {out}"));
+        assert!(line.contains("after 9999-12-31"), "{line}");
+    }
+    assert!(out.contains("9999-12-31T23:59:59Z"), "{out}");
+    let list: Value =
+        serde_json::from_str(&ctl.ok(&["--json", "join-token", "list"])).expect("json");
+    assert_eq!(list.as_array().map(Vec::len), Some(4), "{list}");
+    // Revoking it still works, and so does listing afterwards.
+    ctl.ok(&["join-token", "revoke", "jt-000000000002"]);
+    assert!(ctl.ok(&["join-token", "list"]).contains("revoked"));
     f.ctl.shutdown().await;
 }

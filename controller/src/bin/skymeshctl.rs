@@ -5,6 +5,7 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
+use skymesh_controller::api::limits::parse_ttl;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -131,8 +132,9 @@ enum TokenCmd {
         cloud: String,
         #[arg(long)]
         region: String,
-        /// Lifetime, like 24h, 30m, 7d, or "never".
-        #[arg(long)]
+        /// Lifetime: a whole number of s, m, h or d from 1s to 365d (like 24h,
+        /// 30m, 7d), or "never". Default 24h.
+        #[arg(long, value_parser = ttl_flag)]
         ttl: Option<String>,
         /// Allow several enrollments (names get a -2, -3, ... suffix).
         #[arg(long)]
@@ -370,9 +372,28 @@ fn s(v: &Value) -> String {
     }
 }
 
+/// Checks `--ttl` with the API's own rule, so an out-of-range lifetime is
+/// refused before anything is sent.
+fn ttl_flag(text: &str) -> Result<String, String> {
+    parse_ttl(text)
+        .map(|_| text.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The last second RFC 3339 can write (9999-12-31T23:59:59Z), as Unix seconds.
+const LAST_RFC3339_SECOND: u64 = 253_402_300_799;
+
+/// A Unix time as RFC 3339 (UTC). Never panics: a time past what RFC 3339 can
+/// write (stores from older versions may hold expiries up to u64::MAX seconds)
+/// is shown as such, with its raw value.
 fn unix_time(t: u64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
-        .to_string()
+    if t > LAST_RFC3339_SECOND {
+        return format!("after 9999-12-31 (unix {t})");
+    }
+    match std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_secs(t)) {
+        Some(at) => humantime::format_rfc3339_seconds(at).to_string(),
+        None => format!("unix {t}"),
+    }
 }
 
 fn ago(t: &Value) -> String {
