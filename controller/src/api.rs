@@ -11,7 +11,7 @@ use crate::paths::LinkOverride;
 use crate::pki::Ca;
 use crate::registry::{NewToken, Registry, RegistryError};
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -27,8 +27,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 pub mod limits;
+mod openapi;
 
-use limits::Ttl;
+use limits::{CidrText, PrefixLen, Ttl, WeightMs};
+pub use openapi::{is_documented, openapi_document};
+
+/// The largest request body the API reads; larger ones get a 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Default lifetime of a join token when the request gives none: 24 hours.
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 24 * 3600;
@@ -121,6 +126,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/links/{a}/{b}", axum::routing::put(put_link))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
@@ -146,6 +152,12 @@ impl ApiError {
     fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
     }
+
+    /// A request that matches the OpenAPI document but whose values do not
+    /// fit together (what JSON Schema cannot say).
+    fn unprocessable(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", detail)
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -170,9 +182,8 @@ impl From<RegistryError> for ApiError {
             RegistryError::NameTaken(_) => (StatusCode::CONFLICT, "name_taken"),
             RegistryError::PoolExhausted(_) => (StatusCode::CONFLICT, "pool_exhausted"),
             RegistryError::Busy => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
-            RegistryError::Store(_) | RegistryError::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-            }
+            RegistryError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            RegistryError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status.0, status.1, e.to_string())
     }
@@ -180,29 +191,137 @@ impl From<RegistryError> for ApiError {
 
 impl From<IpamError> for ApiError {
     fn from(e: IpamError) -> Self {
-        ApiError::bad_request(e.to_string())
+        match e {
+            IpamError::Exhausted { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "no_free_block", e.to_string())
+            }
+            IpamError::HostBits { .. } | IpamError::PrefixLen { .. } => {
+                ApiError::unprocessable(e.to_string())
+            }
+        }
     }
 }
 
-/// `Json<T>` whose rejections are our error shape, naming what was wrong.
+const SEE_SCHEMA: &str = "see GET /v1/openapi.json for the request schema";
+
+/// Why a request body was refused before its fields were read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyRefusal {
+    /// Not sent as `application/json`: 415.
+    NotJson,
+    /// Over [`MAX_BODY_BYTES`]: 413.
+    TooLarge,
+    /// JSON, but not an object: 400.
+    NotAnObject,
+}
+
+impl From<BodyRefusal> for ApiError {
+    fn from(r: BodyRefusal) -> Self {
+        match r {
+            BodyRefusal::NotJson => ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON, with `Content-Type: application/json`",
+            ),
+            BodyRefusal::TooLarge => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body is larger than {MAX_BODY_BYTES} bytes; {SEE_SCHEMA}"),
+            ),
+            BodyRefusal::NotAnObject => ApiError::bad_request(format!(
+                "the body must be a JSON object, {{...}}; {SEE_SCHEMA}"
+            )),
+        }
+    }
+}
+
+/// The one place that turns a body serde refused into the API's error shape:
+/// 400, naming the field and the value.
+fn body_rejection(rejection: JsonRejection) -> ApiError {
+    let text = rejection.body_text();
+    let detail = match &rejection {
+        JsonRejection::JsonDataError(_) => text
+            .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+            .unwrap_or(&text)
+            .to_string(),
+        JsonRejection::JsonSyntaxError(_) => text.replace(
+            "Failed to parse the request body as JSON",
+            "the body is not JSON",
+        ),
+        _ => text,
+    };
+    ApiError::bad_request(format!("{detail}; {SEE_SCHEMA}"))
+}
+
+/// `Path<T>` whose rejections (a segment that is not UTF-8 once decoded) are
+/// our error shape.
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(v)| Path(v))
+            .map_err(|r| ApiError::bad_request(format!("path: {}", r.body_text())))
+    }
+}
+
+/// A request body: a JSON object sent as `application/json`, at most
+/// [`MAX_BODY_BYTES`]. Serde would also read a struct from a JSON array, which
+/// the document does not allow, so anything but an object is refused here.
 pub struct Json<T>(pub T);
 
 impl<S, T> FromRequest<S> for Json<T>
 where
-    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    T: serde::de::DeserializeOwned,
     S: Send + Sync,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(rejection) => Err(ApiError::bad_request(format!(
-                "{}; see GET /v1/openapi.json for the request schema",
-                rejection.body_text()
-            ))),
+        if !is_json(req.headers()) {
+            return Err(BodyRefusal::NotJson.into());
         }
+        let bytes = bytes::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| match r.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => BodyRefusal::TooLarge.into(),
+                _ => ApiError::bad_request(r.body_text()),
+            })?;
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(BodyRefusal::NotAnObject.into());
+        }
+        axum::Json::<T>::from_bytes(&bytes)
+            .map(|axum::Json(v)| Json(v))
+            .map_err(body_rejection)
     }
+}
+
+/// `Content-Type: application/json` (or `application/*+json`), any parameters.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence.starts_with("application/") && essence.ends_with("+json")
 }
 
 async fn not_found() -> ApiError {
@@ -523,12 +642,13 @@ async fn list_prefixes(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CheckRequest {
-    cidr: String,
+    cidr: CidrText,
 }
 
-fn parse_cidr(field: &str, value: &str) -> Result<IpNet, ApiError> {
+/// A prefix of the right shape that still may not be one (a 422).
+fn parse_cidr(field: &str, CidrText(value): &CidrText) -> Result<IpNet, ApiError> {
     value.parse().map_err(|_| {
-        ApiError::bad_request(format!(
+        ApiError::unprocessable(format!(
             "{field} = {value:?}: not a CIDR prefix; expected e.g. \"10.0.0.0/16\" or \"fd00:1::/48\""
         ))
     })
@@ -557,8 +677,8 @@ async fn ipam_check(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SuggestRequest {
-    within: String,
-    prefix_len: u8,
+    within: CidrText,
+    prefix_len: PrefixLen,
 }
 
 async fn ipam_suggest(
@@ -566,27 +686,20 @@ async fn ipam_suggest(
     Json(req): Json<SuggestRequest>,
 ) -> Result<axum::Json<Value>, ApiError> {
     let within = parse_cidr("within", &req.within)?;
+    let PrefixLen(prefix_len) = req.prefix_len;
     let ipam = s.registry.ipam().await?;
-    match ipam.suggest(within, req.prefix_len)? {
+    match ipam.suggest(within, prefix_len)? {
         Some(cidr) => Ok(axum::Json(json!({"cidr": cidr}))),
         None => Err(ApiError::new(
             StatusCode::CONFLICT,
             "no_free_block",
             format!(
-                "no free /{} is left within {within}; try a larger range or a longer prefix",
-                req.prefix_len
+                "no free /{prefix_len} is left within {within}; try a larger range or a longer prefix"
             ),
         )),
     }
 }
 
-// ---- OpenAPI ----
-
-fn schema_ref(name: &str) -> Value {
-    json!({"$ref": format!("#/components/schemas/{name}")})
-}
-
-/// The OpenAPI 3.0 document, generated from [`ROUTES`].
 /// `GET /v1/links`.
 async fn list_links(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
     let snap = s.hub.paths(false).await.map_err(unavailable)?;
@@ -625,7 +738,7 @@ struct PutLink {
     #[serde(default)]
     disabled: bool,
     #[serde(default)]
-    weight_ms: Option<f64>,
+    weight_ms: Option<WeightMs>,
     /// "direct" or a transit node's name.
     #[serde(default)]
     pin: Option<String>,
@@ -639,7 +752,7 @@ async fn put_link(
     Json(req): Json<PutLink>,
 ) -> Result<axum::Json<Value>, ApiError> {
     if a == b {
-        return Err(ApiError::bad_request(format!(
+        return Err(ApiError::unprocessable(format!(
             "link {a:?}-{b:?}: a link joins two different nodes; name two nodes"
         )));
     }
@@ -659,20 +772,13 @@ async fn put_link(
             .into());
         }
     }
-    if let Some(w) = req.weight_ms {
-        if !w.is_finite() || w < 0.0 {
-            return Err(ApiError::bad_request(format!(
-                "weight_ms = {w}: expected a finite number of milliseconds >= 0, e.g. 40"
-            )));
-        }
-    }
     let pin = match req.pin.as_deref() {
         None => None,
         Some(label) => {
             let via = skymesh_wire::Via::from_label(label);
             if let Some(t) = via.transit() {
                 if t == a || t == b || !names.iter().any(|n| n == t) {
-                    return Err(ApiError::bad_request(format!(
+                    return Err(ApiError::unprocessable(format!(
                         "pin = {label:?}: expected \"direct\" or the name of a third enrolled node to transit through"
                     )));
                 }
@@ -682,7 +788,7 @@ async fn put_link(
     };
     let o = LinkOverride {
         disabled: req.disabled,
-        weight_ms: req.weight_ms,
+        weight_ms: req.weight_ms.map(|WeightMs(w)| w),
         pin,
     };
     let key = model::link_key(&a, &b);
@@ -710,102 +816,4 @@ async fn put_link(
         "link": snap.links.iter().find(|l| &l.a == x && &l.b == y),
         "path": snap.pairs.iter().find(|p| &p.a == x && &p.b == y),
     })))
-}
-
-pub fn openapi_document() -> Value {
-    let mut paths = serde_json::Map::new();
-    for (method, path, summary) in ROUTES {
-        let method_lc = method.to_ascii_lowercase();
-        let mut op = json!({
-            "summary": summary,
-            "responses": {
-                "200": {"description": "OK"},
-                "401": {"description": "Missing or wrong bearer token", "content": {"application/json": {"schema": schema_ref("Error")}}},
-            }
-        });
-        let params: Vec<Value> = path
-            .split('/')
-            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
-            .collect();
-        if !params.is_empty() {
-            op["parameters"] = Value::Array(params);
-            op["responses"]["404"] = json!({"description": "No such object", "content": {"application/json": {"schema": schema_ref("Error")}}});
-        }
-        let body = match (*method, *path) {
-            ("POST", "/v1/join-tokens") => Some("CreateJoinToken"),
-            ("POST", "/v1/ipam/check") => Some("IpamCheck"),
-            ("POST", "/v1/ipam/suggest") => Some("IpamSuggest"),
-            ("PUT", "/v1/links/{a}/{b}") => Some("LinkOverride"),
-            _ => None,
-        };
-        if let Some(b) = body {
-            op["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema_ref(b)}}});
-            op["responses"]["400"] = json!({"description": "Invalid request", "content": {"application/json": {"schema": schema_ref("Error")}}});
-        }
-        let ok = match (*method, *path) {
-            ("GET", "/v1/nodes") => Some(json!({"type": "array", "items": schema_ref("Node")})),
-            ("GET", "/v1/nodes/{name}") => Some(schema_ref("Node")),
-            ("GET", "/v1/join-tokens") => {
-                Some(json!({"type": "array", "items": schema_ref("JoinToken")}))
-            }
-            _ => None,
-        };
-        if let Some(schema) = ok {
-            op["responses"]["200"] =
-                json!({"description": "OK", "content": {"application/json": {"schema": schema}}});
-        }
-        if *method == "POST" && *path == "/v1/join-tokens" {
-            op["responses"]["201"] = json!({"description": "Created; `token` is shown only here", "content": {"application/json": {"schema": schema_ref("JoinToken")}}});
-        }
-        paths
-            .entry(path.to_string())
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .map(|o| o.insert(method_lc, op));
-    }
-    json!({
-        "openapi": "3.0.3",
-        "info": {"title": "skymesh controller API", "version": env!("CARGO_PKG_VERSION")},
-        "security": [{"bearer": []}],
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error", "detail"], "properties": {
-                    "error": {"type": "string"}, "detail": {"type": "string"}}},
-                "Node": {"type": "object", "properties": {
-                    "name": {"type": "string"}, "site": {"type": "string"}, "cloud": {"type": "string"},
-                    "region": {"type": "string"}, "overlay_ip": {"type": "string"},
-                    "public_key": {"type": "string", "nullable": true},
-                    "endpoints": {"type": "array", "items": {"type": "string"}},
-                    "advertised": {"type": "array", "items": {"type": "string"}},
-                    "prefixes": {"type": "array", "items": {"type": "string"}},
-                    "rejected_prefixes": {"type": "array", "items": {"type": "object", "properties": {
-                        "cidr": {"type": "string"}, "reason": {"type": "string"}}}},
-                    "online": {"type": "boolean"}, "last_seen": {"type": "integer"},
-                    "enrolled_at": {"type": "integer"}, "agent_version": {"type": "string"},
-                    "transit": {"type": "boolean"}}},
-                "LinkOverride": {"type": "object", "properties": {
-                    "disabled": {"type": "boolean", "description": "no path may use the link"},
-                    "weight_ms": {"type": "number", "nullable": true, "description": "cost added to the link, replacing the configured weight"},
-                    "pin": {"type": "string", "nullable": true, "description": "\"direct\" or a transit node: the pair's path while usable"}}},
-                "JoinToken": {"type": "object", "properties": {
-                    "id": {"type": "string"}, "name": {"type": "string"}, "site": {"type": "string"},
-                    "cloud": {"type": "string"}, "region": {"type": "string"},
-                    "created_at": {"type": "integer"}, "expires_at": {"type": "integer", "nullable": true},
-                    "reusable": {"type": "boolean"}, "revoked": {"type": "boolean"},
-                    "used_by": {"type": "array", "items": {"type": "string"}},
-                    "state": {"type": "string", "enum": ["valid", "used", "expired", "revoked"]},
-                    "token": {"type": "string"}}},
-                "CreateJoinToken": {"type": "object", "required": ["name", "site", "cloud", "region"], "properties": {
-                    "name": {"type": "string"}, "site": {"type": "string"}, "cloud": {"type": "string"},
-                    "region": {"type": "string"}, "ttl": {"type": "string", "example": "24h"},
-                    "reusable": {"type": "boolean"}}},
-                "IpamCheck": {"type": "object", "required": ["cidr"], "properties": {"cidr": {"type": "string"}}},
-                "IpamSuggest": {"type": "object", "required": ["within", "prefix_len"], "properties": {
-                    "within": {"type": "string"}, "prefix_len": {"type": "integer"}}},
-            }
-        }
-    })
 }

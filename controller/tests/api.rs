@@ -204,47 +204,76 @@ async fn bad_requests_name_the_field_value_and_fix() {
     let base = f.ctl.api_addr.to_string();
     let tok = f.token.clone();
     tokio::task::spawn_blocking(move || {
+        // 400: the body does not match the document; 422: it does, but its
+        // values do not fit together.
         let cases = [
             (
+                400,
                 "POST",
                 "/v1/ipam/check",
                 json!({"cidr": "banana"}),
-                "cidr = \"banana\"",
+                "cidr: \"banana\" is not a CIDR prefix",
             ),
             (
+                422,
                 "POST",
                 "/v1/ipam/check",
                 json!({"cidr": "10.0.0.1/16"}),
                 "did you mean 10.0.0.0/16",
             ),
             (
+                422,
+                "POST",
+                "/v1/ipam/check",
+                json!({"cidr": "10.0.0.300/16"}),
+                "cidr = \"10.0.0.300/16\"",
+            ),
+            (
+                400,
                 "POST",
                 "/v1/ipam/check",
                 json!({"prefix": "10.0.0.0/16"}),
                 "unknown field `prefix`",
             ),
             (
+                422,
                 "POST",
                 "/v1/ipam/suggest",
                 json!({"within": "10.0.0.0/16", "prefix_len": 8}),
                 "/8",
             ),
             (
+                400,
+                "POST",
+                "/v1/ipam/suggest",
+                json!({"within": "10.0.0.0/16", "prefix_len": 129}),
+                "prefix_len: 129 is out of range",
+            ),
+            (
+                400,
+                "POST",
+                "/v1/ipam/suggest",
+                json!({"within": "10.0.0.0/16", "prefix_len": -1}),
+                "prefix_len: -1 is out of range",
+            ),
+            (
+                400,
                 "POST",
                 "/v1/join-tokens",
                 json!({"name": "Bad Name", "site": "a", "cloud": "aws", "region": "r"}),
                 "name = \"Bad Name\"",
             ),
             (
+                400,
                 "POST",
                 "/v1/join-tokens",
                 json!({"name": "ok", "site": "a", "cloud": "aws", "region": "r", "ttl": "soon"}),
                 "ttl: \"soon\" is not a lifetime",
             ),
         ];
-        for (method, path, body, needle) in cases {
+        for (want, method, path, body, needle) in cases {
             let (code, v) = http(&base, method, path, Some(&tok), Some(body.clone()));
-            assert_eq!(code, 400, "{path} {body}: {v}");
+            assert_eq!(code, want, "{path} {body}: {v}");
             assert_eq!(v["error"], "invalid_request");
             let detail = v["detail"].as_str().expect("detail");
             assert!(detail.contains(needle), "{body}: {detail}");
@@ -567,5 +596,211 @@ async fn join_token_list_survives_an_absurd_stored_expiry() {
     // Revoking it still works, and so does listing afterwards.
     ctl.ok(&["join-token", "revoke", "jt-000000000002"]);
     assert!(ctl.ok(&["join-token", "list"]).contains("revoked"));
+    f.ctl.shutdown().await;
+}
+
+/// Every (method, path) the router in src/api.rs serves, read from its source:
+/// the router cannot be listed at run time, and a route added there without a
+/// line in the document is what this test must catch.
+fn routed_operations() -> Vec<(String, String)> {
+    let src = include_str!("../src/api.rs");
+    let mut out = Vec::new();
+    for (i, _) in src.match_indices(".route(\"") {
+        let rest = &src[i + ".route(\"".len()..];
+        let path = &rest[..rest.find('"').expect("route path ends")];
+        // The text of this `.route(...)` call, up to its closing parenthesis.
+        let mut depth = 1;
+        let mut end = 0;
+        for (j, c) in src[i + ".route(".len()..].char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            if depth == 0 {
+                end = j;
+                break;
+            }
+        }
+        let call = &src[i + ".route(".len()..i + ".route(".len() + end];
+        for m in ["get", "post", "put", "delete", "patch", "head", "options"] {
+            let routed = call.match_indices(&format!("{m}(")).any(|(k, _)| {
+                k == 0
+                    || !call.as_bytes()[k - 1].is_ascii_alphanumeric()
+                        && call.as_bytes()[k - 1] != b'_'
+            });
+            if routed {
+                out.push((m.to_uppercase(), path.to_string()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The document lists every routed operation with every status it can give
+/// (auth, not found, the body rejections), and the server's rejections of bad
+/// bodies are those documented statuses with the API's JSON error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_documents_every_routed_operation_and_its_statuses() {
+    let f = start().await;
+    let base = f.ctl.api_addr.to_string();
+    let tok = f.token.clone();
+    tokio::task::spawn_blocking(move || {
+        let routed = routed_operations();
+        assert!(
+            routed.len() >= 16,
+            "the router's routes were read: {routed:?}"
+        );
+        let (code, doc) = http(&base, "GET", "/v1/openapi.json", Some(&tok), None);
+        assert_eq!(code, 200);
+        let mut documented: Vec<(String, String)> = Vec::new();
+        for (path, ops) in doc["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("ops").keys() {
+                documented.push((method.to_uppercase(), path.clone()));
+            }
+        }
+        documented.sort();
+        assert_eq!(
+            documented, routed,
+            "the document lists exactly the routed operations"
+        );
+        let schemas = &doc["components"]["schemas"];
+        let resolve = |s: &Value| -> Value {
+            match s["$ref"].as_str() {
+                Some(r) => schemas[r.trim_start_matches("#/components/schemas/")].clone(),
+                None => s.clone(),
+            }
+        };
+        for (method, path) in &routed {
+            assert!(
+                skymesh_controller::api::is_documented(method, path),
+                "{method} {path} is routed but has no entry in api/openapi.rs"
+            );
+            let op = &doc["paths"][path][method.to_lowercase()];
+            let statuses: Vec<&String> = op["responses"]
+                .as_object()
+                .expect("responses")
+                .keys()
+                .collect();
+            let has = |s: &str| statuses.iter().any(|x| *x == s);
+            assert!(has("401") && has("503"), "{method} {path}: {statuses:?}");
+            assert!(
+                statuses.iter().any(|s| s.starts_with('2')),
+                "{method} {path}: {statuses:?}"
+            );
+            for (status, resp) in op["responses"].as_object().expect("responses") {
+                let content = resp["content"]
+                    .as_object()
+                    .unwrap_or_else(|| panic!("{method} {path} {status}: no content"));
+                for (media, m) in content {
+                    assert!(
+                        m["schema"].is_object(),
+                        "{method} {path} {status} {media}: no schema"
+                    );
+                }
+            }
+            let params: Vec<&str> = path
+                .split('/')
+                .filter_map(|s| s.strip_prefix('{')?.strip_suffix('}'))
+                .collect();
+            if !params.is_empty() {
+                assert!(has("404"), "{method} {path}: {statuses:?}");
+                let names: Vec<&str> = op["parameters"]
+                    .as_array()
+                    .expect("parameters")
+                    .iter()
+                    .map(|p| p["name"].as_str().expect("name"))
+                    .collect();
+                assert_eq!(names, params, "{method} {path}");
+            }
+            if op.get("requestBody").is_some() {
+                for s in ["400", "413", "415"] {
+                    assert!(
+                        has(s),
+                        "{method} {path} takes a body but does not document {s}: {statuses:?}"
+                    );
+                }
+                let body = resolve(&op["requestBody"]["content"]["application/json"]["schema"]);
+                assert_eq!(
+                    body["additionalProperties"], false,
+                    "{method} {path}: {body}"
+                );
+                for (name, prop) in body["properties"].as_object().expect("properties") {
+                    let ty = prop["type"].as_str().unwrap_or("");
+                    if ty == "string" {
+                        assert!(
+                            prop.get("pattern").is_some() || prop.get("enum").is_some(),
+                            "{method} {path} {name}: {prop}"
+                        );
+                        assert!(
+                            prop.get("maxLength").is_some() || prop.get("enum").is_some(),
+                            "{method} {path} {name}: {prop}"
+                        );
+                    }
+                    if ty == "integer" || ty == "number" {
+                        assert!(
+                            prop.get("minimum").is_some() && prop.get("maximum").is_some(),
+                            "{method} {path} {name}: {prop}"
+                        );
+                    }
+                }
+                // The server's rejections: each a documented status, each our error shape.
+                let url = format!(
+                    "http://{base}{}",
+                    path.replace("{a}", "x").replace("{b}", "y")
+                );
+                let send = |ctype: &str, body: &str| {
+                    let r = ureq::request(method, &url)
+                        .set("Authorization", &format!("Bearer {tok}"))
+                        .set("Content-Type", ctype)
+                        .send_string(body);
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(ureq::Error::Status(_, r)) => r,
+                        Err(e) => panic!("{method} {path}: {e}"),
+                    };
+                    let code = r.status();
+                    let v: Value = serde_json::from_str(&r.into_string().expect("body"))
+                        .unwrap_or(Value::Null);
+                    (code, v)
+                };
+                // Just over the limit: far larger ones are cut off while being sent.
+                let big = format!(
+                    "{{\"x\": \"{}\"}}",
+                    "a".repeat(skymesh_controller::api::MAX_BODY_BYTES)
+                );
+                for (ctype, body, want) in [
+                    ("text/plain", "{}", 415),
+                    ("application/json", "{", 400),
+                    ("application/json", "[]", 400),
+                    ("application/json", "{\"no_such_field\": 1}", 400),
+                    ("application/json", big.as_str(), 413),
+                ] {
+                    let (code, v) = send(ctype, body);
+                    assert_eq!(
+                        code,
+                        want,
+                        "{method} {path} {ctype} {}: {v}",
+                        &body[..body.len().min(40)]
+                    );
+                    assert!(
+                        has(&code.to_string()),
+                        "{method} {path}: {code} is not documented"
+                    );
+                    assert!(
+                        v["error"].is_string() && v["detail"].is_string(),
+                        "{method} {path} {code}: {v}"
+                    );
+                }
+            }
+        }
+        // Without an AI gateway, its route answers a documented 404.
+        let (code, v) = http(&base, "GET", "/v1/ai/upstreams", Some(&tok), None);
+        assert_eq!((code, v["error"].as_str()), (404, Some("ai_gateway_off")));
+        assert!(doc["paths"]["/v1/ai/upstreams"]["get"]["responses"]["404"].is_object());
+    })
+    .await
+    .expect("blocking");
     f.ctl.shutdown().await;
 }

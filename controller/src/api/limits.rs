@@ -165,6 +165,42 @@ impl<'de> Deserialize<'de> for WeightMs {
     }
 }
 
+/// The shape of an IPv4 or IPv6 prefix, which [`CidrText`] checks; whether it
+/// is a prefix is the handler's question (a 422).
+pub const CIDR_PATTERN: &str = "^[0-9A-Fa-f:.]{2,45}/[0-9]{1,3}$";
+/// The longest string [`CIDR_PATTERN`] matches.
+pub const CIDR_MAX_LEN: usize = 45 + 1 + 3;
+
+/// A prefix in a request body, of the shape [`CIDR_PATTERN`] says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrText(pub String);
+
+impl CidrText {
+    fn has_shape(s: &str) -> bool {
+        let Some((addr, len)) = s.split_once('/') else {
+            return false;
+        };
+        (2..=45).contains(&addr.len())
+            && addr
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+            && (1..=3).contains(&len.len())
+            && len.bytes().all(|b| b.is_ascii_digit())
+    }
+}
+
+impl<'de> Deserialize<'de> for CidrText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        match v.as_str() {
+            Some(s) if Self::has_shape(s) => Ok(CidrText(s.to_string())),
+            _ => Err(D::Error::custom(format!(
+                "{v} is not a CIDR prefix: expected e.g. \"10.0.0.0/16\" or \"fd00:1::/48\""
+            ))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +247,25 @@ mod tests {
         );
         assert_eq!(range_regex(9), "([1-8]|9)");
         assert_eq!(range_regex(10), "([1-9][0-9]{0,0}|10)");
+    }
+
+    #[test]
+    fn cidr_shape() {
+        for ok in ["10.0.0.0/16", "fd00:1::/48", "::/0", "10.0.0.1/999", "aa/1"] {
+            assert!(CidrText::has_shape(ok), "{ok}");
+        }
+        for bad in [
+            "banana",
+            "10.0.0.0",
+            "/16",
+            "10.0.0.0/",
+            "10.0.0.0/1234",
+            "a/1",
+            "10.0.0.0/16/1",
+            "fe80::1%eth0/64",
+            "10.0.0.0/16\n",
+        ] {
+            assert!(!CidrText::has_shape(bad), "{bad}");
+        }
     }
 }
