@@ -804,3 +804,64 @@ async fn openapi_documents_every_routed_operation_and_its_statuses() {
     .expect("blocking");
     f.ctl.shutdown().await;
 }
+
+/// skymeshctl checks every numeric flag with the API's own rule before sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skymeshctl_refuses_out_of_range_numbers_naming_the_flag() {
+    let f = start().await;
+    let ctl = Ctl { f: &f };
+    for (args, flag, range) in [
+        (
+            vec![
+                "ipam",
+                "suggest",
+                "--within",
+                "10.0.0.0/8",
+                "--prefix-len=200",
+            ],
+            "--prefix-len",
+            "128",
+        ),
+        (
+            vec![
+                "ipam",
+                "suggest",
+                "--within",
+                "10.0.0.0/8",
+                "--prefix-len=-1",
+            ],
+            "--prefix-len",
+            "128",
+        ),
+        (
+            vec!["links", "set", "a", "b", "--weight-ms=1e12"],
+            "--weight-ms",
+            "3600000",
+        ),
+        (
+            vec!["links", "set", "a", "b", "--weight-ms=-5"],
+            "--weight-ms",
+            "3600000",
+        ),
+    ] {
+        let (ok, out, err) = ctl.run(&args);
+        assert!(!ok, "{args:?} must be refused; printed {out}");
+        assert!(
+            err.contains(flag) && err.contains(range) && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+    assert_eq!(
+        ctl.ok(&[
+            "ipam",
+            "suggest",
+            "--within",
+            "10.0.0.0/8",
+            "--prefix-len",
+            "16"
+        ])
+        .trim(),
+        "10.0.0.0/16"
+    );
+    f.ctl.shutdown().await;
+}

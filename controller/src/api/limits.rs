@@ -132,18 +132,22 @@ impl<'de> Deserialize<'de> for Ttl {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrefixLen(pub u8);
 
-impl<'de> Deserialize<'de> for PrefixLen {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = Value::deserialize(d)?;
+impl PrefixLen {
+    /// The check, for a body's JSON value or a CLI flag's text read as JSON.
+    pub fn check(v: &Value) -> Result<Self, String> {
         v.as_u64()
             .filter(|n| *n <= u64::from(PREFIX_LEN_MAX))
             .and_then(|n| u8::try_from(n).ok())
             .map(PrefixLen)
             .ok_or_else(|| {
-                D::Error::custom(format!(
-                    "{v} is out of range: expected a whole number from 0 to {PREFIX_LEN_MAX}"
-                ))
+                format!("{v} is out of range: expected a whole number from 0 to {PREFIX_LEN_MAX}")
             })
+    }
+}
+
+impl<'de> Deserialize<'de> for PrefixLen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::check(&Value::deserialize(d)?).map_err(D::Error::custom)
     }
 }
 
@@ -151,18 +155,31 @@ impl<'de> Deserialize<'de> for PrefixLen {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WeightMs(pub f64);
 
-impl<'de> Deserialize<'de> for WeightMs {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = Value::deserialize(d)?;
+impl WeightMs {
+    /// The check, for a body's JSON value or a CLI flag's text read as JSON.
+    pub fn check(v: &Value) -> Result<Self, String> {
         v.as_f64()
             .filter(|w| w.is_finite() && (0.0..=WEIGHT_MS_MAX).contains(w))
             .map(WeightMs)
             .ok_or_else(|| {
-                D::Error::custom(format!(
+                format!(
                     "{v} is out of range: expected milliseconds from 0 to {WEIGHT_MS_MAX}, e.g. 40"
-                ))
+                )
             })
     }
+}
+
+impl<'de> Deserialize<'de> for WeightMs {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::check(&Value::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+/// Reads a CLI flag's text as the JSON value the API would get, and checks it
+/// with `check`: `skymeshctl` refuses what the API would, before sending.
+pub fn check_flag<T>(text: &str, check: impl Fn(&Value) -> Result<T, String>) -> Result<T, String> {
+    let v: Value = serde_json::from_str(text).map_err(|_| format!("{text:?} is not a number"))?;
+    check(&v)
 }
 
 /// The shape of an IPv4 or IPv6 prefix, which [`CidrText`] checks; whether it

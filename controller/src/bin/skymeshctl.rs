@@ -5,7 +5,7 @@
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use skymesh_controller::api::limits::parse_ttl;
+use skymesh_controller::api::limits::{check_flag, parse_ttl, PrefixLen, WeightMs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -91,8 +91,9 @@ enum LinksCmd {
         /// No path may use the link.
         #[arg(long)]
         disable: bool,
-        /// Cost added to the link, in milliseconds (e.g. its egress price).
-        #[arg(long)]
+        /// Cost added to the link, in milliseconds (e.g. its egress price),
+        /// from 0 to 3600000.
+        #[arg(long, value_parser = |t: &str| check_flag(t, WeightMs::check).map(|WeightMs(w)| w))]
         weight_ms: Option<f64>,
         /// The pair's path while usable: "direct" or a transit node.
         #[arg(long)]
@@ -159,7 +160,8 @@ enum IpamCmd {
     Suggest {
         #[arg(long)]
         within: String,
-        #[arg(long)]
+        /// From 0 to 128 (at most 32 for IPv4), and at least the range's own.
+        #[arg(long, value_parser = |t: &str| check_flag(t, PrefixLen::check).map(|PrefixLen(n)| n))]
         prefix_len: u8,
     },
 }
