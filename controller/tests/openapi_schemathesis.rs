@@ -8,6 +8,10 @@
 //! Python: `SKYMESH_PYTHON`, else the test suite's venv, with the pinned
 //! schemathesis. Without it the test prints SKIPPED, or fails under CI=true.
 
+use serde_json::{json, Value};
+use skymesh_agent::control;
+use skymesh_wire::control::Register;
+use skymesh_wire::{JoinToken, PublicKey};
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -30,7 +34,18 @@ const RUN_DEADLINE: Duration = Duration::from_secs(150);
 /// that does not fit its range, a link from a node to itself): what JSON
 /// Schema cannot say. For exactly these operations a schema-valid body may get
 /// it; everywhere else schema-valid data must be accepted.
+///
+/// The enrolled nodes are offered as path parameters half of the time, so that
+/// node and link routes reach existing objects, not only 404s.
 const CONFIG: &str = r#"
+[dictionaries.nodes]
+values = ["node-a", "node-b", "node-c"]
+
+[parameters]
+"path.name" = { dictionary = "nodes", probability = 0.5 }
+"path.a" = { dictionary = "nodes", probability = 0.5 }
+"path.b" = { dictionary = "nodes", probability = 0.5 }
+
 [[operations]]
 include-path = ["/v1/ipam/check", "/v1/ipam/suggest", "/v1/links/{a}/{b}"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "404", "409", "422", "503"]
@@ -83,13 +98,15 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_controller(dir: &Path) -> (Controller, String, String) {
+/// The binary on loopback: (process, API base URL, admin token, control address).
+fn start_controller(dir: &Path) -> (Controller, String, String, String) {
     let port = free_port();
+    let control = format!("127.0.0.1:{}", free_port());
     let config = dir.join("controller.toml");
     std::fs::write(
         &config,
         format!(
-            "[control]\nlisten = \"127.0.0.1:0\"\nadvertise = [\"127.0.0.1:7443\"]\n\
+            "[control]\nlisten = \"{control}\"\nadvertise = [\"{control}\"]\n\
              [api]\nlisten = \"127.0.0.1:{port}\"\nadmin_token_file = {:?}\n\
              [state]\ndata_dir = {:?}\n",
             dir.join("admin.token"),
@@ -116,7 +133,7 @@ fn start_controller(dir: &Path) -> (Controller, String, String) {
                 .call()
                 .is_ok();
             if ready {
-                return (ctl, base, token);
+                return (ctl, base, token, control);
             }
         }
         assert!(
@@ -128,8 +145,53 @@ fn start_controller(dir: &Path) -> (Controller, String, String) {
     }
 }
 
-#[test]
-fn schemathesis_finds_no_difference_between_document_and_server() {
+/// Enrolls a node over the real control channel and keeps its session up.
+async fn enroll(base: &str, token: &str, dir: &Path, name: &str, n: u8) {
+    let (base, token, name_owned) = (base.to_string(), token.to_string(), name.to_string());
+    let created: Value = tokio::task::spawn_blocking(move || {
+        ureq::post(&format!("{base}/v1/join-tokens"))
+            .set("Authorization", &format!("Bearer {token}"))
+            .send_json(json!({"name": name_owned, "site": "lab", "cloud": "aws", "region": "r"}))
+            .expect("create a join token")
+            .into_json()
+            .expect("json")
+    })
+    .await
+    .expect("blocking");
+    let join = JoinToken::decode(created["token"].as_str().expect("token")).expect("decode");
+    let identity = control::enroll(&join, &dir.join(name))
+        .await
+        .expect("enroll");
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(control::run_session(
+        identity,
+        Register {
+            public_key: PublicKey::from_bytes([n; 32]),
+            listen_port: 51820,
+            endpoints: vec![format!("203.0.113.{n}:51820").parse().expect("addr")],
+            advertise: vec![format!("10.{n}.0.0/16").parse().expect("cidr")],
+            underlay: vec![],
+            agent_version: "test".into(),
+            transit: true,
+        },
+        tx,
+    ));
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a netmap")
+        {
+            Some(control::ControlEvent::NetMap(_)) => break,
+            Some(_) => continue,
+            None => panic!("{name}: the session ended"),
+        }
+    }
+    // Keep draining, so the session never blocks on a full channel.
+    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_difference_between_document_and_server() {
     let python = match python() {
         Ok(p) => p,
         Err(why) if in_ci() => panic!("CI is set but {why}"),
@@ -141,12 +203,22 @@ fn schemathesis_finds_no_difference_between_document_and_server() {
         }
     };
     let dir = tempfile::tempdir().expect("tmp");
-    let (_ctl, base, token) = start_controller(dir.path());
+    let (_ctl, base, token, _control) = start_controller(dir.path());
+    for (n, name) in ["node-a", "node-b", "node-c"].into_iter().enumerate() {
+        enroll(&base, &token, dir.path(), name, n as u8 + 1).await;
+    }
     std::fs::write(dir.path().join("schemathesis.toml"), CONFIG).expect("config");
+    let dir_path = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || run_schemathesis(&python, &dir_path, &base, &token))
+        .await
+        .expect("schemathesis run");
+}
+
+fn run_schemathesis(python: &Path, dir: &Path, base: &str, token: &str) {
     let started = Instant::now();
     let mut child = Command::new(python)
         .args(["-m", "schemathesis.cli", "--no-color", "--config-file"])
-        .arg(dir.path().join("schemathesis.toml"))
+        .arg(dir.join("schemathesis.toml"))
         .arg("run")
         .arg(format!("{base}/v1/openapi.json"))
         .args(["--header", &format!("Authorization: Bearer {token}")])
@@ -155,7 +227,7 @@ fn schemathesis_finds_no_difference_between_document_and_server() {
         .args(["--workers", "1", "--generation-database", "none"])
         .args(["--request-timeout", "10"])
         // Reports and caches go to the temporary directory, not the source tree.
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env("SCHEMATHESIS_HOOKS", "")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -200,6 +272,15 @@ fn schemathesis_finds_no_difference_between_document_and_server() {
         "schemathesis found differences between the OpenAPI document and the server \
          ({status}):\n{output}\n{stderr}"
     );
+    // The summary (operations, phases, cases, warnings) in the test log.
+    let summary: Vec<&str> = output
+        .lines()
+        .skip_while(|l| !l.contains("SUMMARY"))
+        .collect();
+    {
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), "{}", summary.join("\n"));
+    }
     assert!(
         output.contains("Operations:") && !output.contains("No operations"),
         "schemathesis tested nothing:\n{output}\n{stderr}"
