@@ -4,12 +4,14 @@
 //! replica reports the same state.
 
 use crate::model::NodeRecord;
+use crate::store::StoreStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
 
 type Labels = Vec<(String, String)>;
 
@@ -20,6 +22,8 @@ pub struct Metrics {
     pub updates_sent: AtomicU64,
     pub agents_connected: AtomicI64,
     pub api_requests_unauthorized: AtomicU64,
+    /// The state store's own counters (corrupt records).
+    pub store: Option<Arc<StoreStats>>,
 }
 
 impl Metrics {
@@ -90,9 +94,33 @@ impl Metrics {
             rejected,
         );
 
+        if let Some(stats) = &self.store {
+            register_store(&mut registry, stats);
+        }
+
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = encode(&mut out, &registry);
         out
     }
+}
+
+/// The store's series: its corrupt records.
+fn register_store(registry: &mut Registry, stats: &StoreStats) {
+    let corrupt = Counter::<u64>::default();
+    corrupt.inc_by(stats.corrupt_reads());
+    registry.register(
+        "store_corrupt_records",
+        "Reads of state store records that failed their checksum (left out of listings)",
+        corrupt,
+    );
+    let keys = Family::<Labels, Gauge>::default();
+    for key in stats.corrupt_keys() {
+        keys.get_or_create(&vec![("key".to_string(), key)]).set(1);
+    }
+    registry.register(
+        "store_corrupt_record",
+        "1 for each state store key whose record failed its checksum",
+        keys,
+    );
 }

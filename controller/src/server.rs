@@ -84,7 +84,10 @@ pub async fn start_with(
     admin_token: String,
 ) -> Result<Controller> {
     crate::listen::raise_fd_limit();
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics {
+        store: Some(store.stats()),
+        ..Metrics::default()
+    });
     let registry = Arc::new(Registry::new(store, config.overlay_pool));
     let ca = Arc::new(registry.load_or_create_ca().await?);
     let hub = Hub::start(

@@ -10,11 +10,19 @@
 //!
 //! Does not own what the values mean (callers encode them) nor key layout beyond "UTF-8 string,
 //! prefix-ranged". The default backend is [`redb::RedbStore`], an embedded crash-safe file.
+//!
+//! What every backend shares lives here too: the checksummed [`record`] envelope each stored
+//! value is wrapped in, and the [`health::StoreStats`] each backend reports to `/healthz` and
+//! `/metrics`.
 
+pub mod health;
+pub(crate) mod record;
 pub mod redb;
 
 use std::collections::VecDeque;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
+
+pub use health::{StoreHealth, StoreStats};
 
 use tokio::sync::mpsc;
 
@@ -171,6 +179,13 @@ pub enum StoreError {
     /// anything that is not idempotent.
     #[error("store backend: {0}")]
     Backend(String),
+    /// The record under `key` failed its checksum or does not decode; it is left out of ranges
+    /// (and reported in [`StoreStats`]), and reading it alone fails with this.
+    #[error(
+        "the stored record of key {key:?} is corrupt ({reason}); delete it or restore a backup \
+         of the store"
+    )]
+    Corrupt { key: String, reason: String },
     /// The events after `requested` are no longer retained (history is bounded, and does not
     /// survive a restart). The caller re-ranges and watches from the revision that range returns;
     /// `oldest` is the smallest `after_revision` a watch currently accepts.
@@ -194,7 +209,8 @@ pub enum StoreError {
 pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Every key starting with `prefix`, sorted by key, and the store revision the snapshot was
-    /// read at.
+    /// read at. A record that fails its checksum is left out and reported (log and
+    /// [`StoreStats`]), so one damaged record does not hide the others.
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError>;
     /// Unconditional put; returns the new store revision.
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError>;
@@ -220,6 +236,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<mpsc::Receiver<WatchEvent>, StoreError>;
     /// Current store revision (0 for a store that was never written).
     async fn revision(&self) -> Result<u64, StoreError>;
+    /// The store's health counters, shared with `/metrics`.
+    fn stats(&self) -> Arc<StoreStats>;
 }
 
 /// How many committed events a [`WatchHub`] retains for watchers that start behind.
