@@ -144,6 +144,20 @@ fn control_frames(dir: &Path) {
 }
 
 fn netmaps(dir: &Path) {
+    // control_frame also reads its input as a join token's JSON.
+    let token = skymesh_wire::JoinToken {
+        controllers: vec!["203.0.113.2:7443".into(), "[2001:db8::2]:7443".into()],
+        ca_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
+        id: "tok1".into(),
+        secret: "s3cr3t".into(),
+    };
+    let frames = dir.parent().expect("seeds").join("control_frame");
+    write(
+        &frames,
+        "join-token",
+        &serde_json::to_vec(&token).expect("json"),
+    );
+
     let mut map = sample_netmap();
     write(dir, "two-peers", &serde_json::to_vec(&map).expect("json"));
     map.transit = true;

@@ -5,17 +5,19 @@
 use skymesh_wire::control::{
     self, AgentMessage, ControllerMessage, FrameBuffer, FrameError, NetMapUpdate,
 };
-use skymesh_wire::{NetMap, PeerSpec, PublicKey, PROTOCOL_VERSION};
+use skymesh_wire::{JoinToken, NetMap, PeerSpec, PublicKey, PROTOCOL_VERSION};
 use std::fmt::Debug;
 
 /// Target `control_frame`: `data` is a frame body (the JSON envelope, without
-/// its length prefix), decoded as either side's message.
+/// its length prefix), decoded as either side's message, and the JSON inside
+/// a join token.
 ///
 /// Invariants: a decoded message encodes to a frame that decodes to the same
 /// message; the same bytes read through [`FrameBuffer`], in pieces, give the
 /// same result as [`control::decode`]; an update applied to a netmap leaves
-/// no path that names a missing peer.
+/// no path that names a missing peer; a join token decodes from its encoding.
 pub fn control_frame(data: &[u8]) {
+    join_token(data);
     let agent = round_trip::<AgentMessage>(data);
     let controller = round_trip::<ControllerMessage>(data);
     reassembled::<AgentMessage>(data, agent.is_some());
@@ -24,6 +26,24 @@ pub fn control_frame(data: &[u8]) {
         Some(ControllerMessage::Update(update)) => apply_update(&update),
         Some(ControllerMessage::NetMap(full)) => netmap_invariants(&full.netmap),
         _ => {}
+    }
+}
+
+/// `json` as the body of a join token (`skymesh-join-1.` and base64url).
+fn join_token(json: &[u8]) {
+    use base64::Engine;
+    let text = format!(
+        "skymesh-join-1.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    );
+    match JoinToken::decode(&text) {
+        Ok(token) => {
+            assert!(!token.controllers.is_empty());
+            assert_eq!(JoinToken::decode(&token.encode()), Ok(token));
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
     }
 }
 
