@@ -795,6 +795,20 @@ async fn openapi_documents_every_routed_operation_and_its_statuses() {
                 }
             }
         }
+        // A path segment that is not UTF-8 once decoded: a documented 400, our shape.
+        for (method, path) in [
+            ("GET", "/v1/nodes/{name}"),
+            ("DELETE", "/v1/join-tokens/{id}"),
+        ] {
+            let raw = path.replace("{name}", "%FF").replace("{id}", "%FF");
+            let (code, v) = http(&base, method, &raw, Some(&tok), None);
+            assert_eq!(
+                (code, v["error"].as_str()),
+                (400, Some("invalid_request")),
+                "{raw}: {v}"
+            );
+            assert!(doc["paths"][path][method.to_lowercase()]["responses"]["400"].is_object());
+        }
         // Without an AI gateway, its route answers a documented 404.
         let (code, v) = http(&base, "GET", "/v1/ai/upstreams", Some(&tok), None);
         assert_eq!((code, v["error"].as_str()), (404, Some("ai_gateway_off")));
