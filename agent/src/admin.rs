@@ -2,13 +2,17 @@
 //! `status` with one JSON document, and the client side used by
 //! `skymesh-agent status`. It reads the core's state; it must not change it.
 
+use crate::listen::{self, Backoff, Conn, Conns, Deadlines};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::time::Instant;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -214,32 +218,61 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
     std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
 }
 
-/// Serves requests until the listener fails; `status` builds the answer.
+/// Connections the admin socket serves at once; at the cap the one that has waited
+/// longest for its command makes room.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long one exchange (the command line in, the answer out) may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest command line read; the only command is `status`.
+const MAX_COMMAND: u64 = 1024;
+
+/// Serves requests for ever; `status` builds the answer. Accept errors (out of
+/// descriptors) pause the loop with back-off instead of spinning.
 pub async fn serve(listener: UnixListener, status: impl Fn() -> Status + Send + Sync + 'static) {
-    let status = std::sync::Arc::new(status);
+    let status = Arc::new(status);
+    let conns = Conns::new(MAX_CONNECTIONS);
+    let mut backoff = Backoff::default();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = listen::accept(&listener, &mut backoff, "admin").await;
+        let (admission, conn) = conns.admit(Instant::now());
+        let Some(conn) = conn else {
+            tracing::debug!(
+                ?admission,
+                "admin socket: every connection is busy; closing a new one"
+            );
             continue;
         };
         let status = status.clone();
+        let limits = Deadlines {
+            header: REQUEST_TIMEOUT,
+            idle: None,
+            write_stall: REQUEST_TIMEOUT,
+        };
         tokio::spawn(async move {
-            let (read, mut write) = stream.into_split();
-            let mut line = String::new();
-            let mut reader = BufReader::new(read).take(1024);
-            if reader.read_line(&mut line).await.is_err() {
-                return;
-            }
-            let body = match line.trim() {
-                "status" => serde_json::to_string(&status()).unwrap_or_default(),
-                other => serde_json::json!({
-                    "error": format!("unknown admin command {other:?}; the only command is \"status\"")
-                })
-                .to_string(),
-            };
-            let _ = write.write_all(body.as_bytes()).await;
-            let _ = write.write_all(b"\n").await;
+            let exchange = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &conn, &*status));
+            conn.supervise(&limits, exchange).await;
         });
     }
+}
+
+/// One exchange: a command line in, one JSON line out.
+async fn answer(stream: UnixStream, conn: &Conn, status: &(dyn Fn() -> Status + Send + Sync)) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::with_capacity(MAX_COMMAND as usize, read).take(MAX_COMMAND);
+    if reader.read_line(&mut line).await.is_err() {
+        return;
+    }
+    conn.busy();
+    let body = match line.trim() {
+        "status" => serde_json::to_string(&status()).unwrap_or_default(),
+        other => serde_json::json!({
+            "error": format!("unknown admin command {other:?}; the only command is \"status\"")
+        })
+        .to_string(),
+    };
+    let _ = write.write_all(body.as_bytes()).await;
+    let _ = write.write_all(b"\n").await;
 }
 
 /// Asks the daemon behind `path` for its status.

@@ -309,25 +309,9 @@ pub async fn run(config: Config) -> Result<()> {
     }
     {
         let s = shared.clone();
-        let app = axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let s = s.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        metrics::render(&s.status()),
-                    )
-                }
-            }),
-        );
         tasks.spawn(async move {
-            axum::serve(metrics_listener, app)
-                .await
-                .context("metrics server")
+            metrics::serve(metrics_listener, move || s.status()).await;
+            Ok(())
         });
     }
     notify("READY=1");

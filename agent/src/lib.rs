@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod keys;
+mod listen;
 pub mod metrics;
 pub mod netlink;
 pub mod node;

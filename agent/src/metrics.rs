@@ -1,13 +1,27 @@
 //! Prometheus exposition of the agent: renders a snapshot of the core's counters
-//! at scrape time (no per-packet atomics) and serves it at GET /metrics.
+//! at scrape time (no per-packet atomics) and serves it at GET /metrics, behind
+//! the listener guards of [`crate::listen`] (see [`serve`] for the limits).
 
 use crate::admin::Status;
+use crate::listen::{self, Backoff, Conn, Conns, Deadlines, Watched};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 type Labels = Vec<(String, String)>;
 
@@ -196,6 +210,135 @@ pub fn render(status: &Status) -> String {
         out.clear();
     }
     skymesh_wire::prom::classic_text(&out)
+}
+
+/// Connections `/metrics` serves at once. At the cap the connection that has
+/// waited longest for a request head is closed to make room, so silent clients
+/// cannot lock out a scrape; when all are answering, the newcomer is closed.
+pub const MAX_CONNECTIONS: usize = 64;
+/// From a connection's opening, or the first byte of a request head, to the
+/// complete head.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a keep-alive connection may wait for its next request.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a client may leave an answer unread.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a connection buffers of a request head (hyper's minimum is 8 KiB); a
+/// scrape's head is a few hundred bytes. Larger heads get 431.
+const MAX_HEAD_BUFFER: usize = 16 * 1024;
+
+const LIMITS: Deadlines = Deadlines {
+    header: HEADER_TIMEOUT,
+    // hyper's header_read_timeout runs from the end of an answer to the next
+    // complete head: that is the idle keep-alive timeout.
+    idle: None,
+    write_stall: WRITE_STALL_TIMEOUT,
+};
+
+/// Serves `/metrics` for ever; `status` is read at each scrape. Accept errors
+/// pause the loop with back-off instead of spinning.
+pub async fn serve(listener: TcpListener, status: impl Fn() -> Status + Send + Sync + 'static) {
+    let status: Arc<dyn Fn() -> Status + Send + Sync> = Arc::new(status);
+    let conns = Conns::new(MAX_CONNECTIONS);
+    let mut backoff = Backoff::default();
+    loop {
+        let stream = listen::accept(&listener, &mut backoff, "metrics").await;
+        let (admission, conn) = conns.admit(Instant::now());
+        let Some(conn) = conn else {
+            tracing::debug!(
+                ?admission,
+                "metrics: every connection is answering; closing a new one"
+            );
+            continue;
+        };
+        let status = status.clone();
+        tokio::spawn(async move {
+            let service_conn = conn.clone();
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                service_conn.busy();
+                let answer = respond(&req, &*status).map(|body| Answer {
+                    body,
+                    _done: Done(service_conn.clone()),
+                });
+                std::future::ready(Ok::<_, Infallible>(answer))
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(IDLE_TIMEOUT)
+                .max_buf_size(MAX_HEAD_BUFFER)
+                .keep_alive(true);
+            let io = TokioIo::new(Watched::new(stream, conn.clone()));
+            let ended = conn
+                .supervise(&LIMITS, http.serve_connection(io, service))
+                .await;
+            tracing::trace!(?ended, "metrics connection closed");
+        });
+    }
+}
+
+/// The answer to one request.
+fn respond(
+    req: &Request<Incoming>,
+    status: &(dyn Fn() -> Status + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let reply = |code: StatusCode, text: &'static str| {
+        let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+        *r.status_mut() = code;
+        r
+    };
+    if req.uri().path() != "/metrics" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "not found; the metrics are at /metrics\n",
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = reply(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let mut r = Response::new(Full::new(Bytes::from(render(&status()))));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+/// An answer's body; dropped by hyper once written, which ends the request.
+struct Answer {
+    body: Full<Bytes>,
+    _done: Done,
+}
+
+/// Marks the connection as waiting for its next request when the answer is out.
+struct Done(Conn);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.waiting(Instant::now());
+    }
+}
+
+impl Body for Answer {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 #[cfg(test)]
