@@ -84,6 +84,8 @@ struct NetworkFile {
     overlay_pool: String,
     #[serde(default = "default_mtu")]
     mtu: u16,
+    #[serde(default = "default_max_prefixes_per_node")]
+    max_prefixes_per_node: usize,
 }
 
 impl Default for NetworkFile {
@@ -91,6 +93,7 @@ impl Default for NetworkFile {
         Self {
             overlay_pool: default_pool(),
             mtu: default_mtu(),
+            max_prefixes_per_node: default_max_prefixes_per_node(),
         }
     }
 }
@@ -113,6 +116,13 @@ fn default_pool() -> String {
 fn default_mtu() -> u16 {
     1420
 }
+fn default_max_prefixes_per_node() -> usize {
+    crate::registry::DEFAULT_MAX_PREFIXES_PER_NODE
+}
+
+/// The largest `[network] max_prefixes_per_node`: every node's prefixes are in
+/// every peer's netmap, so a cap this high is already more than a mesh can carry.
+const MAX_PREFIXES_PER_NODE_LIMIT: usize = 100_000;
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -125,6 +135,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub overlay_pool: IpNet,
     pub mtu: u16,
+    /// Prefixes (and underlay subnets) one node may register
+    /// (`[network] max_prefixes_per_node`).
+    pub max_prefixes_per_node: usize,
     /// Path selection (`[paths]`).
     pub paths: PathConfig,
     /// The AI gateway (`[ai_gateway]`); off when the table is absent.
@@ -193,6 +206,14 @@ impl Config {
                 f.network.mtu
             );
         }
+        if !(1..=MAX_PREFIXES_PER_NODE_LIMIT).contains(&f.network.max_prefixes_per_node) {
+            bail!(
+                "[network] max_prefixes_per_node = {}: expected 1..={MAX_PREFIXES_PER_NODE_LIMIT} \
+                 (the default, {}, suits most meshes)",
+                f.network.max_prefixes_per_node,
+                default_max_prefixes_per_node()
+            );
+        }
         let paths = paths_config(&f.paths)?;
         let ai_gateway = f.ai_gateway.map(|g| g.validate()).transpose()?;
         Ok(Self {
@@ -203,6 +224,7 @@ impl Config {
             data_dir: f.state.data_dir,
             overlay_pool,
             mtu: f.network.mtu,
+            max_prefixes_per_node: f.network.max_prefixes_per_node,
             paths,
             ai_gateway,
         })
@@ -274,6 +296,7 @@ mod tests {
     fn minimal_config_takes_defaults() {
         let c = Config::parse("[control]\nadvertise = [\"203.0.113.2:7443\"]\n").expect("minimal");
         assert_eq!(c.mtu, 1420);
+        assert_eq!(c.max_prefixes_per_node, 1000);
         assert_eq!(c.api_listen.to_string(), "127.0.0.1:7080");
     }
 
@@ -296,6 +319,10 @@ mod tests {
             (
                 "[control]\nadvertise = [\"a:1\"]\n[network]\nmtu = 100\n",
                 "mtu = 100",
+            ),
+            (
+                "[control]\nadvertise = [\"a:1\"]\n[network]\nmax_prefixes_per_node = 0\n",
+                "[network] max_prefixes_per_node = 0: expected 1..=100000",
             ),
             (
                 "[control]\nadvertise = [\"a:1\"]\nbogus = 1\n",

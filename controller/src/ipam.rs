@@ -11,10 +11,16 @@
 //! All prefix arithmetic is done on `u128` spans (first and last address), so IPv4
 //! and IPv6 share one code path and a block search jumps past a taken range in one
 //! step instead of stepping through candidates.
+//!
+//! Overlaps are found through ordered maps keyed by prefix ([`overlapping`]): the
+//! blocks that hold a prefix are one lookup per shorter length, the blocks inside
+//! it one contiguous range. Admitting n prefixes against m accepted ones costs
+//! O((n + m) log(n + m)), so the number of prefixes a node may advertise is a
+//! policy (the registry's cap), not a performance limit.
 
 use ipnet::IpNet;
 use serde::Serialize;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The overlay pool used when the controller's configuration sets none. Overlay
@@ -99,11 +105,17 @@ pub enum IpamError {
     Exhausted { within: IpNet, prefix_len: u8 },
 }
 
+/// How many conflicts [`Ipam::admit`] lists for one refused prefix: one is enough
+/// to refuse it, and listing every accepted prefix inside an advertised /8 would
+/// let one node's advertisement grow with everybody else's.
+pub const MAX_CONFLICTS_LISTED: usize = 8;
+
 /// The outcome of one node's advertisement, in the order of the advertised list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Admission {
     pub accepted: Vec<IpNet>,
-    /// Each refused prefix with every conflict found for it.
+    /// Each refused prefix with the conflicts found for it (at most
+    /// [`MAX_CONFLICTS_LISTED`], in [`Ipam::check`]'s order).
     pub refused: Vec<(IpNet, Vec<Conflict>)>,
 }
 
@@ -113,8 +125,9 @@ pub struct Admission {
 pub struct Ipam {
     pool: IpNet,
     reserved: Vec<(IpNet, &'static str)>,
-    /// Sorted by prefix, then owner, so that conflicts come out in a stable order.
-    prefixes: Vec<(String, IpNet)>,
+    /// Every accepted prefix (host bits cleared) with its owners; ordered by
+    /// prefix, then owner, so that conflicts come out in a stable order.
+    prefixes: BTreeMap<IpNet, BTreeSet<String>>,
 }
 
 impl Ipam {
@@ -123,15 +136,18 @@ impl Ipam {
         Ipam {
             pool: overlay_pool.trunc(),
             reserved: reserved(),
-            prefixes: Vec::new(),
+            prefixes: BTreeMap::new(),
         }
     }
 
     /// Adds accepted prefixes, each with the node that owns it.
     pub fn with_prefixes(mut self, owned: impl IntoIterator<Item = (String, IpNet)>) -> Self {
-        self.prefixes.extend(owned);
-        self.prefixes.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
-        self.prefixes.dedup();
+        for (owner, prefix) in owned {
+            self.prefixes
+                .entry(prefix.trunc())
+                .or_default()
+                .insert(owner);
+        }
         self
     }
 
@@ -153,41 +169,46 @@ impl Ipam {
         underlay: &[IpNet],
     ) -> Result<Vec<Conflict>, IpamError> {
         require_network(cidr)?;
-        let mut conflicts: Vec<Conflict> = self
+        Ok(self.conflicts(cidr, node, &prefix_map(underlay)).collect())
+    }
+
+    /// [`Ipam::check`] of a network address against `underlay` as a
+    /// [`prefix_map`], lazily: a caller that needs a few conflicts pays for a few.
+    fn conflicts<'a>(
+        &'a self,
+        cidr: IpNet,
+        node: Option<&'a str>,
+        underlay: &'a BTreeMap<IpNet, ()>,
+    ) -> impl Iterator<Item = Conflict> + 'a {
+        let reserved = self
             .reserved
             .iter()
-            .filter(|(prefix, _)| overlaps(cidr, *prefix))
+            .filter(move |(prefix, _)| overlaps(cidr, *prefix))
             .map(|(prefix, name)| Conflict::Reserved {
                 prefix: *prefix,
                 name: (*name).to_string(),
-            })
-            .collect();
-        if overlaps(cidr, self.pool) {
-            conflicts.push(Conflict::OverlayPool { pool: self.pool });
-        }
-        let underlay: BTreeSet<IpNet> = underlay.iter().map(IpNet::trunc).collect();
-        conflicts.extend(
-            underlay
-                .into_iter()
-                .filter(|subnet| overlaps(cidr, *subnet))
-                .map(|subnet| Conflict::Underlay { subnet }),
-        );
-        conflicts.extend(
-            self.prefixes
+            });
+        let pool = overlaps(cidr, self.pool).then_some(Conflict::OverlayPool { pool: self.pool });
+        let underlay =
+            overlapping(underlay, cidr).map(|(subnet, ())| Conflict::Underlay { subnet: *subnet });
+        let nodes = overlapping(&self.prefixes, cidr).flat_map(move |(prefix, owners)| {
+            owners
                 .iter()
-                .filter(|(owner, prefix)| node != Some(owner.as_str()) && overlaps(cidr, *prefix))
-                .map(|(owner, prefix)| Conflict::Node {
+                .filter(move |owner| node != Some(owner.as_str()))
+                .map(move |owner| Conflict::Node {
                     node: owner.clone(),
                     prefix: *prefix,
-                }),
-        );
-        Ok(conflicts)
+                })
+        });
+        reserved.chain(pool).chain(underlay).chain(nodes)
     }
 
     /// Splits `node`'s advertised list into accepted and refused prefixes, in list
     /// order. Besides [`Ipam::check`], each prefix is checked against the entries of
     /// the same list accepted before it: of two overlapping prefixes, the second is
-    /// refused as a [`Conflict::Node`] owned by `node` itself.
+    /// refused as a [`Conflict::Node`] owned by `node` itself (listed after the
+    /// conflicts [`Ipam::check`] finds, in address order). At most
+    /// [`MAX_CONFLICTS_LISTED`] conflicts are listed per refused prefix.
     ///
     /// A prefix with host bits set is malformed input rather than a conflict, and
     /// fails the whole advertisement with [`IpamError::HostBits`].
@@ -197,20 +218,28 @@ impl Ipam {
         advertised: &[IpNet],
         underlay: &[IpNet],
     ) -> Result<Admission, IpamError> {
+        for &cidr in advertised {
+            require_network(cidr)?;
+        }
+        let underlay = prefix_map(underlay);
+        // The list's prefixes accepted so far.
+        let mut earlier: BTreeMap<IpNet, ()> = BTreeMap::new();
         let mut admission = Admission::default();
         for &cidr in advertised {
-            let mut conflicts = self.check(cidr, Some(node), underlay)?;
+            let mut conflicts: Vec<Conflict> = self
+                .conflicts(cidr, Some(node), &underlay)
+                .take(MAX_CONFLICTS_LISTED)
+                .collect();
             conflicts.extend(
-                admission
-                    .accepted
-                    .iter()
-                    .filter(|earlier| overlaps(cidr, **earlier))
-                    .map(|earlier| Conflict::Node {
+                overlapping(&earlier, cidr)
+                    .take(MAX_CONFLICTS_LISTED - conflicts.len())
+                    .map(|(prefix, ())| Conflict::Node {
                         node: node.to_string(),
-                        prefix: *earlier,
+                        prefix: *prefix,
                     }),
             );
             if conflicts.is_empty() {
+                earlier.insert(cidr, ());
                 admission.accepted.push(cidr);
             } else {
                 admission.refused.push((cidr, conflicts));
@@ -235,7 +264,7 @@ impl Ipam {
             .iter()
             .map(|(prefix, _)| *prefix)
             .chain([self.pool])
-            .chain(self.prefixes.iter().map(|(_, prefix)| *prefix))
+            .chain(self.prefixes.keys().copied())
             .filter(|prefix| overlaps(within, *prefix))
             .map(span)
             .collect();
@@ -288,6 +317,34 @@ pub fn lowest_free_address(pool: IpNet, taken: &BTreeSet<IpAddr>) -> Option<IpAd
         candidate = taken.checked_add(1)?;
     }
     (candidate <= last).then(|| address(pool, candidate))
+}
+
+/// `prefixes` with host bits cleared, as the map [`overlapping`] searches.
+fn prefix_map(prefixes: &[IpNet]) -> BTreeMap<IpNet, ()> {
+    prefixes.iter().map(|p| (p.trunc(), ())).collect()
+}
+
+/// The entries of `map` (keys without host bits) that overlap `cidr` (a network
+/// address), in key order.
+///
+/// A CIDR block overlaps another only by holding it or lying inside it. The
+/// blocks holding `cidr` have its address cut to a shorter length: one lookup per
+/// length. The blocks inside it (and `cidr` itself) are exactly the keys from
+/// `cidr` to its last address at full length, because a block that starts inside
+/// `cidr` and is not inside it would have to start at `cidr`'s own address with a
+/// shorter length, which sorts before `cidr`. So a query costs O(bits * log m)
+/// plus what it returns.
+fn overlapping<'a, V>(
+    map: &'a BTreeMap<IpNet, V>,
+    cidr: IpNet,
+) -> impl Iterator<Item = (&'a IpNet, &'a V)> + 'a {
+    let holders = (0..cidr.prefix_len()).filter_map(move |len| {
+        let holder = IpNet::new(cidr.addr(), len).ok()?.trunc();
+        map.get_key_value(&holder)
+    });
+    let last = IpNet::new(cidr.broadcast(), cidr.max_prefix_len()).unwrap_or(cidr);
+    let inside = map.range(cidr..=last);
+    holders.chain(inside)
 }
 
 /// [`RESERVED`], parsed. An entry that does not parse is a bug the unit tests catch.
@@ -863,6 +920,184 @@ mod tests {
             ipam().admit("aws", &[], &[]).expect("valid input"),
             Admission::default()
         );
+    }
+
+    // --- admission at scale -------------------------------------------------
+
+    /// The definition of [`Ipam::admit`], checked pair by pair: the oracle the
+    /// ordered-map search is compared with.
+    fn admit_brute_force(
+        owned: &[(String, IpNet)],
+        node: &str,
+        advertised: &[IpNet],
+        underlay: &[IpNet],
+    ) -> Admission {
+        let ipam = Ipam::new(pool());
+        let mut others: Vec<(IpNet, &str)> = owned
+            .iter()
+            .filter(|(owner, _)| owner != node)
+            .map(|(owner, prefix)| (prefix.trunc(), owner.as_str()))
+            .collect();
+        others.sort_unstable();
+        others.dedup();
+        let mut underlay: Vec<IpNet> = underlay.iter().map(IpNet::trunc).collect();
+        underlay.sort_unstable();
+        underlay.dedup();
+        let mut admission = Admission::default();
+        for &cidr in advertised {
+            let mut conflicts: Vec<Conflict> = ipam
+                .reserved
+                .iter()
+                .filter(|(prefix, _)| overlaps(cidr, *prefix))
+                .map(|(prefix, name)| Conflict::Reserved {
+                    prefix: *prefix,
+                    name: (*name).to_string(),
+                })
+                .collect();
+            if overlaps(cidr, ipam.pool) {
+                conflicts.push(Conflict::OverlayPool { pool: ipam.pool });
+            }
+            conflicts.extend(
+                underlay
+                    .iter()
+                    .filter(|subnet| overlaps(cidr, **subnet))
+                    .map(|subnet| Conflict::Underlay { subnet: *subnet }),
+            );
+            conflicts.extend(
+                others
+                    .iter()
+                    .filter(|(prefix, _)| overlaps(cidr, *prefix))
+                    .map(|(prefix, owner)| node_conflict(owner, &prefix.to_string())),
+            );
+            let mut earlier: Vec<IpNet> = admission
+                .accepted
+                .iter()
+                .copied()
+                .filter(|earlier| overlaps(cidr, *earlier))
+                .collect();
+            earlier.sort_unstable();
+            conflicts.extend(
+                earlier
+                    .iter()
+                    .map(|earlier| node_conflict(node, &earlier.to_string())),
+            );
+            conflicts.truncate(MAX_CONFLICTS_LISTED);
+            if conflicts.is_empty() {
+                admission.accepted.push(cidr);
+            } else {
+                admission.refused.push((cidr, conflicts));
+            }
+        }
+        admission
+    }
+
+    /// A random prefix of a few families and lengths, dense enough in a small
+    /// space that overlaps of every kind (holding, inside, equal) are common.
+    fn random_prefix(rng: &mut impl rand::Rng) -> IpNet {
+        if rng.gen_bool(0.8) {
+            let len = rng.gen_range(4..=20);
+            let addr = Ipv4Addr::from(0x0a00_0000 | (rng.gen::<u32>() & 0x000f_ff00));
+            let addr = if rng.gen_bool(0.1) {
+                Ipv4Addr::from(rng.gen::<u32>())
+            } else {
+                addr
+            };
+            IpNet::new(IpAddr::V4(addr), len + 12).expect("len").trunc()
+        } else {
+            let addr = Ipv6Addr::from(0xfd00_u128 << 112 | u128::from(rng.gen::<u16>()) << 96);
+            IpNet::new(IpAddr::V6(addr), rng.gen_range(8..=40))
+                .expect("len")
+                .trunc()
+        }
+    }
+
+    #[test]
+    fn admit_agrees_with_a_brute_force_oracle_on_random_prefixes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        for round in 0..300 {
+            let owners = ["aws", "gcp", "azure", "me"];
+            let owned: Vec<(String, IpNet)> = (0..rng.gen_range(0..40))
+                .map(|_| {
+                    let owner = owners[rng.gen_range(0..owners.len())].to_string();
+                    (owner, random_prefix(&mut rng))
+                })
+                .collect();
+            let advertised: Vec<IpNet> = (0..rng.gen_range(0..40))
+                .map(|_| random_prefix(&mut rng))
+                .collect();
+            let underlay: Vec<IpNet> = (0..rng.gen_range(0..3))
+                .map(|_| random_prefix(&mut rng))
+                .collect();
+            let ipam = Ipam::new(pool()).with_prefixes(owned.clone());
+            let got = ipam.admit("me", &advertised, &underlay).expect("valid");
+            let want = admit_brute_force(&owned, "me", &advertised, &underlay);
+            assert_eq!(got, want, "round {round}: {owned:?} / {advertised:?}");
+            for &cidr in &advertised {
+                let mut want = ipam.check(cidr, Some("me"), &underlay).expect("valid");
+                let mut brute = admit_brute_force(&owned, "me", &[cidr], &underlay);
+                let brute = brute.refused.pop().map(|(_, c)| c).unwrap_or_default();
+                want.truncate(MAX_CONFLICTS_LISTED);
+                assert_eq!(want, brute, "round {round}: check {cidr}");
+            }
+        }
+    }
+
+    #[test]
+    fn admit_lists_at_most_a_few_conflicts_per_prefix() {
+        let owned: Vec<(String, IpNet)> = (0..100u32)
+            .map(|i| {
+                let addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 0, 0, 0)) + (i << 8));
+                (
+                    format!("n{i}"),
+                    IpNet::new(IpAddr::V4(addr), 24).expect("cidr"),
+                )
+            })
+            .collect();
+        let ipam = Ipam::new(pool()).with_prefixes(owned);
+        let got = ipam.admit("me", &[net("10.0.0.0/8")], &[]).expect("valid");
+        assert_eq!(got.refused[0].1.len(), MAX_CONFLICTS_LISTED);
+        assert_eq!(got.refused[0].1[0], node_conflict("n0", "10.0.0.0/24"));
+        // The what-if check of one prefix still lists them all.
+        assert_eq!(check(&ipam, "10.0.0.0/8", None).len(), 100);
+    }
+
+    /// The controller's 150k-prefix stall: admission compared every advertised
+    /// prefix with every accepted one (50k x 150k pairs here, minutes of CPU). The
+    /// bound is two orders of magnitude above what the ordered-map search takes.
+    #[test]
+    fn admit_of_fifty_thousand_prefixes_against_a_hundred_thousand_is_fast() {
+        let slash24 = |base: Ipv4Addr, i: u32| {
+            IpNet::new(IpAddr::V4(Ipv4Addr::from(u32::from(base) + (i << 8))), 24).expect("cidr")
+        };
+        let owned = (0..100_000u32).map(|i| {
+            (
+                format!("node-{}", i % 5_000),
+                slash24(Ipv4Addr::new(20, 0, 0, 0), i),
+            )
+        });
+        let ipam = Ipam::new(pool()).with_prefixes(owned);
+        // 49,000 free /24s in 11.0.0.0/8 and every 50th one taken (100,000 /24s from 20.0.0.0).
+        let advertised: Vec<IpNet> = (0..50_000u32)
+            .map(|i| {
+                if i % 50 == 0 {
+                    slash24(Ipv4Addr::new(20, 0, 0, 0), i)
+                } else {
+                    slash24(Ipv4Addr::new(11, 0, 0, 0), i)
+                }
+            })
+            .collect();
+        let started = Instant::now();
+        let got = ipam.admit("me", &advertised, &[]).expect("valid");
+        let took = started.elapsed();
+        let refused: Vec<_> = got.refused.iter().take(3).collect();
+        assert_eq!(got.accepted.len(), 49_000, "{refused:?}");
+        assert_eq!(got.refused.len(), 1_000);
+        assert_eq!(
+            got.refused[1].1,
+            vec![node_conflict("node-50", "20.0.50.0/24")]
+        );
+        assert!(took < Duration::from_secs(10), "admission took {took:?}");
     }
 
     // --- suggest ------------------------------------------------------------

@@ -3,9 +3,22 @@
 //!
 //! Every invariant (a token used once, an address or a prefix given to one node)
 //! is enforced by a store transaction whose compares fail when another writer got
-//! there first; the operation then re-reads and retries. The local `write_lock`
-//! only spares one controller's own requests from racing each other into retries;
-//! correctness never depends on it (several controller replicas share one etcd).
+//! there first; the operation then re-reads and retries. The local locks only
+//! spare one controller's own requests from racing each other into retries;
+//! correctness never depends on them (several controller replicas share one etcd).
+//! Enrollments and prefix admissions have a lock each, so that however many
+//! prefixes a node registers, no enrollment waits for them; an admission's work
+//! is bounded by the per-node prefix cap ([`Registry::with_max_prefixes`]) and
+//! runs off the async workers.
+//!
+//! An enrollment also stores a receipt, `/skymesh/enrollments/<token id>/<key
+//! sha256>`: the answer it gave, for the token and the agent's control key. An
+//! agent whose answer was lost (a timeout, a dropped connection, a controller
+//! crash right after the commit) enrolls again with the same token and key and
+//! gets the same node and certificate instead of "already used", until the
+//! token expires (at least [`RETRY_WINDOW_MIN`] after the enrollment, a day for
+//! a token that never expires). So a token is never spent on an answer the
+//! agent could not receive.
 
 use crate::ipam::{self, Ipam};
 use crate::model::{self, NodeRecord, TokenRecord};
@@ -13,6 +26,7 @@ use crate::pki::Ca;
 use crate::store::{Store, StoreError, Txn, TxnOutcome};
 use ipnet::IpNet;
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use skymesh_wire::control::{Register, RejectedPrefix};
 use std::collections::BTreeSet;
@@ -22,6 +36,35 @@ use std::time::SystemTime;
 
 /// Attempts of one read-check-commit cycle before giving up with `Busy`.
 const MAX_ATTEMPTS: usize = 1000;
+
+/// Prefixes a node may advertise when the config sets no cap
+/// (`[network] max_prefixes_per_node`).
+pub const DEFAULT_MAX_PREFIXES_PER_NODE: usize = 1000;
+
+/// Where enrollment receipts live (see the module doc).
+const RECEIPTS: &str = "/skymesh/enrollments/";
+
+/// The shortest time an agent has to ask again for an enrollment's answer, even
+/// when the token expires sooner.
+pub const RETRY_WINDOW_MIN: u64 = 10 * 60;
+
+/// How long an agent may ask again for an enrollment's answer when its token
+/// never expires.
+const RETRY_WINDOW_NO_EXPIRY: u64 = 24 * 60 * 60;
+
+/// What an enrollment answered, kept for the agent to ask again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Receipt {
+    node: String,
+    certificate_pem: String,
+    cert_sha256: String,
+    /// Unix seconds until which the same token and key get this answer again.
+    retry_until: u64,
+}
+
+fn receipt_key(token_id: &str, key_sha256: &str) -> String {
+    format!("{RECEIPTS}{token_id}/{key_sha256}")
+}
 
 /// Why an operation failed. The API maps these to status codes, the control
 /// channel to refusal codes.
@@ -80,7 +123,13 @@ pub struct Enrollment {
 pub struct Registry {
     store: Arc<dyn Store>,
     pool: IpNet,
-    write_lock: tokio::sync::Mutex<()>,
+    max_prefixes: usize,
+    /// Serializes this controller's enrollments (they compete for the lowest free
+    /// overlay address). Held only across work bounded by one enrollment request.
+    enroll_lock: tokio::sync::Mutex<()>,
+    /// Serializes this controller's prefix admissions (they compete for the
+    /// prefix fence); never taken by an enrollment.
+    admission_lock: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -88,8 +137,17 @@ impl Registry {
         Self {
             store,
             pool,
-            write_lock: tokio::sync::Mutex::new(()),
+            max_prefixes: DEFAULT_MAX_PREFIXES_PER_NODE,
+            enroll_lock: tokio::sync::Mutex::new(()),
+            admission_lock: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Caps the prefixes one node may advertise (`[network]
+    /// max_prefixes_per_node`); a registration over the cap is refused whole.
+    pub fn with_max_prefixes(mut self, max_prefixes: usize) -> Self {
+        self.max_prefixes = max_prefixes;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -198,8 +256,10 @@ impl Registry {
         csr_pem: &str,
         now: u64,
     ) -> Result<Enrollment> {
-        let _guard = self.write_lock.lock().await;
+        let key_sha256 = csr_key_sha256(csr_pem)?;
+        let _guard = self.enroll_lock.lock().await;
         let token_key = model::token_key(token_id);
+        let receipt_key = receipt_key(token_id, &key_sha256);
         for _ in 0..MAX_ATTEMPTS {
             let refused = || RegistryError::TokenRefused("the join token is not valid".to_string());
             let Some(tkv) = self.store.get(&token_key).await? else {
@@ -211,6 +271,10 @@ impl Registry {
                 token.secret_sha256.as_bytes(),
             ) {
                 return Err(refused());
+            }
+            if let Some(again) = self.earlier_answer(&token, &receipt_key, now).await? {
+                tracing::info!(node = %again.node.name, token = %token.id, "enrollment asked again with the same token and key; answering as before");
+                return Ok(again);
             }
             token
                 .usable(now)
@@ -287,13 +351,23 @@ impl Registry {
                 transit: false,
             };
             let okey = model::overlay_key(overlay_ip);
+            let receipt = Receipt {
+                node: name.clone(),
+                certificate_pem: issued.pem.clone(),
+                cert_sha256: issued.sha256.clone(),
+                retry_until: token
+                    .expires_at
+                    .unwrap_or(now.saturating_add(RETRY_WINDOW_NO_EXPIRY))
+                    .max(now.saturating_add(RETRY_WINDOW_MIN)),
+            };
             let txn = Txn::new()
                 .when_revision(&token_key, tkv.mod_revision)
                 .when_absent(&node_key)
                 .when_revision(&okey, overlay_rev)
                 .put(&token_key, model::encode(&token))
                 .put(&node_key, model::encode(&node))
-                .put(&okey, name.as_bytes().to_vec());
+                .put(&okey, name.as_bytes().to_vec())
+                .put(&receipt_key, model::encode(&receipt));
             if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
                 tracing::info!(node = %name, %overlay_ip, token = %token.id, "node enrolled");
                 return Ok(Enrollment {
@@ -303,6 +377,39 @@ impl Registry {
             }
         }
         Err(RegistryError::Busy)
+    }
+
+    /// The answer an earlier enrollment with this token and key gave, if the
+    /// agent may still ask for it: the token is not revoked, the retry window is
+    /// open and the node is still enrolled with that certificate.
+    async fn earlier_answer(
+        &self,
+        token: &TokenRecord,
+        receipt_key: &str,
+        now: u64,
+    ) -> Result<Option<Enrollment>> {
+        if token.revoked {
+            return Ok(None);
+        }
+        let Some(kv) = self.store.get(receipt_key).await? else {
+            return Ok(None);
+        };
+        let receipt: Receipt = model::decode(&kv.key, &kv.value)?;
+        if now >= receipt.retry_until {
+            return Ok(None);
+        }
+        let Some((node, _)) = self.node(&receipt.node).await? else {
+            return Ok(None);
+        };
+        if node.token_id != token.id
+            || !constant_time_eq(node.cert_sha256.as_bytes(), receipt.cert_sha256.as_bytes())
+        {
+            return Ok(None);
+        }
+        Ok(Some(Enrollment {
+            node,
+            certificate_pem: receipt.certificate_pem,
+        }))
     }
 
     // ---- nodes ----
@@ -349,7 +456,8 @@ impl Registry {
         observed: SocketAddr,
         now: u64,
     ) -> Result<NodeRecord> {
-        let _guard = self.write_lock.lock().await;
+        self.check_prefix_cap(name, reg)?;
+        let _guard = self.admission_lock.lock().await;
         let key = model::node_key(name);
         for _ in 0..MAX_ATTEMPTS {
             let Some((mut node, rev)) = self.node(name).await? else {
@@ -373,14 +481,7 @@ impl Registry {
             if prefixes_changed {
                 let fence = self.store.get(model::PREFIX_FENCE).await?;
                 let fence_rev = fence.as_ref().map_or(0, |kv| kv.mod_revision);
-                let ipam = self.ipam().await?;
-                let admission = ipam
-                    .admit(name, &reg.advertise, &reg.underlay)
-                    .map_err(|e| RegistryError::Invalid {
-                        field: "advertise",
-                        value: format!("{:?}", reg.advertise),
-                        problem: e.to_string(),
-                    })?;
+                let admission = self.admit(name, reg).await?;
                 node.advertised = reg.advertise.clone();
                 node.prefixes = admission.accepted;
                 node.rejected_prefixes = admission
@@ -410,6 +511,61 @@ impl Registry {
         Err(RegistryError::Busy)
     }
 
+    /// Refuses a registration with more prefixes (or underlay subnets) than the
+    /// cap, before anything is read or computed.
+    fn check_prefix_cap(&self, name: &str, reg: &Register) -> Result<()> {
+        for (field, count) in [
+            ("advertise", reg.advertise.len()),
+            ("underlay", reg.underlay.len()),
+        ] {
+            if count > self.max_prefixes {
+                return Err(RegistryError::Invalid {
+                    field,
+                    value: format!("{count} prefixes"),
+                    problem: format!(
+                        "node {name:?} sent {count} prefixes, more than the cap of {} per node \
+                         (`max_prefixes_per_node` in the controller config's [network] table); \
+                         aggregate them into fewer, larger prefixes, or raise the cap",
+                        self.max_prefixes
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Admits `reg`'s advertised prefixes against every other node's, on a
+    /// blocking thread: the work grows with the mesh, and the async workers
+    /// serve every other agent meanwhile.
+    async fn admit(&self, name: &str, reg: &Register) -> Result<ipam::Admission> {
+        let nodes = self.nodes().await?;
+        let (pool, name, advertise, underlay) = (
+            self.pool,
+            name.to_string(),
+            reg.advertise.clone(),
+            reg.underlay.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let others = nodes
+                .into_iter()
+                .filter(|n| n.name != name)
+                .flat_map(|n| n.prefixes.into_iter().map(move |p| (n.name.clone(), p)));
+            Ipam::new(pool)
+                .with_prefixes(others)
+                .admit(&name, &advertise, &underlay)
+        })
+        .await
+        .map_err(|e| RegistryError::Internal(format!("prefix admission stopped: {e}")))?
+        .map_err(|e| RegistryError::Invalid {
+            field: "advertise",
+            value: match &e {
+                ipam::IpamError::HostBits { cidr, .. } => cidr.to_string(),
+                _ => String::new(),
+            },
+            problem: e.to_string(),
+        })
+    }
+
     /// Records when a node was last connected.
     pub async fn touch(&self, name: &str, now: u64) -> Result<()> {
         let key = model::node_key(name);
@@ -432,7 +588,7 @@ impl Registry {
     /// prefixes are freed and its certificate no longer matches any node. Its
     /// overlay address stays reserved for its name. False if there was no node.
     pub async fn revoke_node(&self, name: &str) -> Result<bool> {
-        let _guard = self.write_lock.lock().await;
+        let _guard = self.admission_lock.lock().await;
         let key = model::node_key(name);
         for _ in 0..MAX_ATTEMPTS {
             let Some(kv) = self.store.get(&key).await? else {
@@ -501,6 +657,20 @@ fn validate(
             problem: problem.into(),
         })
     }
+}
+
+/// Hex SHA-256 of the public key in a certificate signing request: what makes
+/// two enrollments "the same agent".
+fn csr_key_sha256(csr_pem: &str) -> Result<String> {
+    use rcgen::PublicKeyData;
+    let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
+        RegistryError::Invalid {
+            field: "csr_pem",
+            value: "(certificate request)".into(),
+            problem: format!("the certificate signing request is invalid: {e}"),
+        }
+    })?;
+    Ok(sha256_hex(csr.public_key.der_bytes()))
 }
 
 pub fn hex(bytes: &[u8]) -> String {

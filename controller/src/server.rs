@@ -88,7 +88,9 @@ pub async fn start_with(
         store: Some(store.stats()),
         ..Metrics::default()
     });
-    let registry = Arc::new(Registry::new(store, config.overlay_pool));
+    let registry = Arc::new(
+        Registry::new(store, config.overlay_pool).with_max_prefixes(config.max_prefixes_per_node),
+    );
     let ca = Arc::new(registry.load_or_create_ca().await?);
     let hub = Hub::start(
         registry.clone(),
