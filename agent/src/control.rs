@@ -121,7 +121,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// A refusal the agent cannot fix by retrying.
+/// The controller's refusal of an enrollment or a session.
 #[derive(Debug, thiserror::Error)]
 #[error("the controller refused: {message}")]
 pub struct Refused {
@@ -129,28 +129,127 @@ pub struct Refused {
     pub message: String,
 }
 
-/// Enrolls with `token` and saves the identity in `state_dir`.
+impl Refused {
+    /// Whether asking again, unchanged, gets the same answer: everything but a
+    /// controller that is overloaded or cannot reach its store.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self.code, RefusalCode::Unavailable)
+    }
+}
+
+/// Why an enrollment failed on the agent's side (the controller's own refusals
+/// are [`Refused`]).
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The controller's CA is not the one the join token pins: the token is for
+    /// another controller, or the address reaches something else. Permanent.
+    #[error(
+        "the controller at {controller} presented a CA with SHA-256 fingerprint {presented}, \
+         but the join token pins {expected}; check that the token was created by this \
+         controller (`skymeshctl join-token create` on it) and that the token's controller \
+         address reaches it"
+    )]
+    PinMismatch {
+        controller: String,
+        expected: String,
+        /// The fingerprints of the CA certificates the controller sent, or "none".
+        presented: String,
+    },
+    /// The controller speaks another protocol version. Permanent.
+    #[error(
+        "the controller at {controller} speaks another protocol version; install an agent \
+         of the controller's release"
+    )]
+    Version {
+        controller: String,
+        source: control::FrameError,
+    },
+    /// No answer: the network, a timeout, a dropped connection. Transient.
+    #[error("enrolling with {controller}")]
+    Unreachable {
+        controller: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl EnrollError {
+    /// Whether retrying with the same token and controller list cannot help.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            EnrollError::PinMismatch { .. } | EnrollError::Version { .. } => true,
+            EnrollError::Unreachable { .. } => false,
+        }
+    }
+}
+
+/// Whether an error from [`enroll`] is permanent (a pin mismatch, a token refused
+/// as invalid, expired or used, another protocol version): the join must stop and
+/// say why. Everything else (the network, a timeout, an overloaded controller) is
+/// worth retrying with back-off. Decided on the error's type, never its text.
+pub fn is_permanent(e: &anyhow::Error) -> bool {
+    if let Some(refused) = e.downcast_ref::<Refused>() {
+        return refused.is_permanent();
+    }
+    e.downcast_ref::<EnrollError>()
+        .is_some_and(EnrollError::is_permanent)
+}
+
+/// How long an enrollment may wait for the controller's answer once its request
+/// is sent. A controller that answers later has still committed at most once: the
+/// retry with the same token and key gets the same answer.
+const ENROLL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The control key for an enrollment: the one an earlier attempt left in the
+/// state dir, so that a retry after a lost answer presents the same key (and the
+/// controller answers it as before, instead of finding the token used); else a
+/// new one, saved (mode 0600) before it is sent anywhere.
+fn enrollment_key(state_dir: &Path) -> Result<rcgen::KeyPair> {
+    let path = state_dir.join(KEY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(pem) => rcgen::KeyPair::from_pem(&pem).with_context(|| {
+            format!(
+                "{} is not a usable control key; remove it and join again",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+                .context("generating the control key")?;
+            std::fs::create_dir_all(state_dir)
+                .with_context(|| format!("creating {}", state_dir.display()))?;
+            write_private(&path, key.serialize_pem().as_bytes())?;
+            Ok(key)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Enrolls with `token` and saves the identity in `state_dir`: one attempt per
+/// controller the token names. The error's type says whether to retry
+/// ([`is_permanent`]): a [`Refused`] from the controller, an [`EnrollError`] of
+/// the agent's own.
 pub async fn enroll(token: &JoinToken, state_dir: &Path) -> Result<Identity> {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .context("generating the control key")?;
+    let key = enrollment_key(state_dir)?;
     let csr = rcgen::CertificateParams::default()
         .serialize_request(&key)
         .context("building the certificate request")?
         .pem()
         .context("encoding the certificate request")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedCa {
-            pin: token.ca_sha256.clone(),
-            provider,
-        }))
-        .with_no_client_auth();
     let mut last_err = anyhow!("the token names no controller");
     for addr in &token.controllers {
+        let pinned = Arc::new(PinnedCa {
+            pin: token.ca_sha256.clone(),
+            provider: provider.clone(),
+            mismatch: std::sync::Mutex::new(None),
+        });
+        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(pinned.clone())
+            .with_no_client_auth();
         let attempt = async {
-            let (conn, mut send, mut recv) = open(addr, tls.clone()).await?;
+            let (conn, mut send, mut recv) = open(addr, tls).await?;
             let req = AgentMessage::Enroll(EnrollRequest {
                 token_id: token.id.clone(),
                 secret: token.secret.clone(),
@@ -159,9 +258,11 @@ pub async fn enroll(token: &JoinToken, state_dir: &Path) -> Result<Identity> {
             send.write_all(&control::encode(&req)?).await?;
             send.finish()?;
             let mut frames = FrameBuffer::new();
-            let reply = read_message(&mut recv, &mut frames)
-                .await?
-                .ok_or_else(|| anyhow!("the controller closed the stream without an answer"))?;
+            let reply =
+                tokio::time::timeout(ENROLL_ANSWER_TIMEOUT, read_message(&mut recv, &mut frames))
+                    .await
+                    .map_err(|_| anyhow!("no answer within {ENROLL_ANSWER_TIMEOUT:?}"))??
+                    .ok_or_else(|| anyhow!("the controller closed the stream without an answer"))?;
             conn.close(0u8.into(), b"done");
             Ok::<_, anyhow::Error>(reply)
         };
@@ -182,7 +283,31 @@ pub async fn enroll(token: &JoinToken, state_dir: &Path) -> Result<Identity> {
                 return Err(Refused { code, message }.into());
             }
             Ok(other) => last_err = anyhow!("unexpected answer to enroll: {other:?}"),
-            Err(e) => last_err = e.context(format!("enrolling with {addr}")),
+            Err(e) => {
+                let mismatch = pinned.mismatch.lock().ok().and_then(|mut m| m.take());
+                let err = match (mismatch, e.downcast::<control::FrameError>()) {
+                    (Some(presented), _) => EnrollError::PinMismatch {
+                        controller: addr.clone(),
+                        expected: token.ca_sha256.clone(),
+                        presented,
+                    },
+                    (None, Ok(source @ control::FrameError::Version(_))) => EnrollError::Version {
+                        controller: addr.clone(),
+                        source,
+                    },
+                    (None, Ok(other)) => EnrollError::Unreachable {
+                        controller: addr.clone(),
+                        source: other.into(),
+                    },
+                    (None, Err(e)) => EnrollError::Unreachable {
+                        controller: addr.clone(),
+                        source: e.into(),
+                    },
+                };
+                // A wrong pin or version is final for this controller, not for
+                // the next one the token names.
+                last_err = err.into();
+            }
         }
     }
     Err(last_err)
@@ -444,6 +569,9 @@ fn pem_cert(pem: &str) -> Result<CertificateDer<'static>> {
 struct PinnedCa {
     pin: String,
     provider: Arc<rustls::crypto::CryptoProvider>,
+    /// Set when the pin did not match: the fingerprints the controller presented,
+    /// for [`EnrollError::PinMismatch`] (the TLS error itself carries only text).
+    mismatch: std::sync::Mutex<Option<String>>,
 }
 
 impl ServerCertVerifier for PinnedCa {
@@ -455,14 +583,20 @@ impl ServerCertVerifier for PinnedCa {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let ca = intermediates
-            .iter()
-            .find(|c| fingerprint(c) == self.pin)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the controller's CA does not match the fingerprint in the join token".into(),
-                )
-            })?;
+        let Some(ca) = intermediates.iter().find(|c| fingerprint(c) == self.pin) else {
+            let presented: Vec<String> = intermediates.iter().map(|c| fingerprint(c)).collect();
+            let presented = if presented.is_empty() {
+                "none".to_string()
+            } else {
+                presented.join(", ")
+            };
+            if let Ok(mut slot) = self.mismatch.lock() {
+                *slot = Some(presented);
+            }
+            return Err(rustls::Error::General(
+                "the controller's CA does not match the fingerprint in the join token".into(),
+            ));
+        };
         let mut roots = rustls::RootCertStore::empty();
         roots
             .add(ca.clone().into_owned())
@@ -536,5 +670,79 @@ pub fn load_cache(state_dir: &Path) -> Result<Option<FullNetMap>> {
         })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: RefusalCode) -> anyhow::Error {
+        Refused {
+            code,
+            message: "m".into(),
+        }
+        .into()
+    }
+
+    #[test]
+    fn join_errors_are_permanent_or_transient_by_type() {
+        for code in [
+            RefusalCode::InvalidToken,
+            RefusalCode::InvalidCertificate,
+            RefusalCode::Protocol,
+            RefusalCode::Version,
+            RefusalCode::NameTaken,
+        ] {
+            assert!(is_permanent(&refused(code)), "{code:?}");
+        }
+        assert!(!is_permanent(&refused(RefusalCode::Unavailable)));
+        let pin = EnrollError::PinMismatch {
+            controller: "192.0.2.1:7443".into(),
+            expected: "ab".repeat(32),
+            presented: "cd".repeat(32),
+        };
+        assert!(pin.to_string().contains(&"ab".repeat(32)));
+        assert!(pin.to_string().contains(&"cd".repeat(32)));
+        assert!(is_permanent(&pin.into()));
+        let version = EnrollError::Version {
+            controller: "192.0.2.1:7443".into(),
+            source: control::FrameError::Version(2),
+        };
+        assert!(is_permanent(&version.into()));
+        let unreachable = EnrollError::Unreachable {
+            controller: "192.0.2.1:7443".into(),
+            source: "timed out".into(),
+        };
+        assert!(!is_permanent(&unreachable.into()));
+        // Context added on the way up does not change the kind.
+        let wrapped = anyhow::Error::from(EnrollError::PinMismatch {
+            controller: "c".into(),
+            expected: "e".into(),
+            presented: "p".into(),
+        })
+        .context("joining");
+        assert!(is_permanent(&wrapped));
+        // An error of no known kind is retried.
+        assert!(!is_permanent(&anyhow!("something else")));
+    }
+
+    #[test]
+    fn an_enrollment_reuses_the_key_an_earlier_attempt_saved() {
+        let dir = std::env::temp_dir().join(format!(
+            "skymesh-enrollment-key-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let first = enrollment_key(&dir).expect("new key");
+        let again = enrollment_key(&dir).expect("saved key");
+        assert_eq!(first.serialize_pem(), again.serialize_pem());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .expect("key file")
+            .permissions()
+            .mode();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -497,8 +497,9 @@ async fn ensure_identity(config: &Config, mode: &ControllerMode) -> Result<contr
     enroll_with_retry(&token, &config.state_dir).await
 }
 
-/// Enrolls, retrying with backoff while the controller is unreachable; a
-/// refusal (bad, used or expired token) is final.
+/// Enrolls, retrying with backoff while the controller is unreachable or busy;
+/// a permanent error ([`control::is_permanent`]: a CA pin mismatch, a bad, used
+/// or expired token, another protocol version) is final.
 pub async fn enroll_with_retry(
     token: &JoinToken,
     state_dir: &std::path::Path,
@@ -507,7 +508,7 @@ pub async fn enroll_with_retry(
     loop {
         match control::enroll(token, state_dir).await {
             Ok(id) => return Ok(id),
-            Err(e) if e.downcast_ref::<control::Refused>().is_some() => return Err(e),
+            Err(e) if control::is_permanent(&e) => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "enrollment failed; retrying");
                 tokio::time::sleep(backoff).await;
