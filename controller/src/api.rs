@@ -60,6 +60,11 @@ pub const ROUTES: &[(&str, &str, &str)] = &[
     ("GET", "/healthz", "Liveness and store reachability"),
     ("GET", "/metrics", "Prometheus metrics of the controller"),
     ("GET", "/v1/openapi.json", "This API's OpenAPI 3 document"),
+    (
+        "POST",
+        "/v1/backup",
+        "A consistent copy of the state store (holds the CA key), for `skymesh-controller restore`",
+    ),
     ("GET", "/v1/nodes", "List enrolled nodes"),
     ("GET", "/v1/nodes/{name}", "Show one node"),
     (
@@ -116,6 +121,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/v1/openapi.json", get(openapi))
+        .route("/v1/backup", post(backup))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{name}", get(show_node).delete(revoke_node))
         .route("/v1/join-tokens", post(create_token).get(list_tokens))
@@ -281,6 +287,20 @@ async fn healthz(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, Ap
         )
     })?;
     Ok(axum::Json(json!({"status": "ok", "revision": revision})))
+}
+
+/// The store file `skymesh-controller backup` asks for: taken here, by the process that holds
+/// the store open, so a running controller is backed up without stopping it.
+async fn backup(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let bytes =
+        s.registry.store().backup().await.map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+    tracing::info!(
+        bytes = bytes.len(),
+        "state store backup taken through the API"
+    );
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {

@@ -1,5 +1,5 @@
 //! `skymesh-controller run --config F`: enrollment, IPAM, netmap distribution and
-//! the REST API.
+//! the REST API; `backup` and `restore` of its state store.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -31,6 +31,24 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Copy the state store to a new file, while the controller runs (through its API) or
+    /// while it is stopped (from the file). The copy holds the CA key: it is written mode 0600.
+    Backup {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// File to write; must not exist.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Replace the state store with a backup. Refused while a controller runs on the data_dir
+    /// and when the backup fails its checks; the replaced file is kept beside it.
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A file written by `skymesh-controller backup`.
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// AI gateway client keys.
     AiKey {
         #[command(subcommand)]
@@ -57,6 +75,140 @@ enum AiKeyCommand {
         #[arg(long, default_value_t = 600)]
         rpm: u32,
     },
+}
+
+mod store_cli {
+    //! `backup` and `restore`: the operator's side of the store's backup functions.
+
+    use anyhow::{bail, Context, Result};
+    use skymesh_controller::config::Config;
+    use skymesh_controller::store::redb::{self, RedbStore};
+    use skymesh_controller::store::Store;
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::path::Path;
+
+    pub(crate) fn backup(config_path: &Path, out: &Path) -> Result<()> {
+        let config = Config::load(config_path)?;
+        let store = config.data_dir.join("state.redb");
+        if std::fs::symlink_metadata(out).is_ok() {
+            bail!(
+                "--out {}: the file exists; give a new file name (a backup never overwrites a file)",
+                out.display()
+            );
+        }
+        let (bytes, how) = if redb::is_in_use(&store)? {
+            (from_api(&config)?, "from the running controller's API")
+        } else {
+            (
+                from_file(&store)?,
+                "from the file (no controller is running)",
+            )
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(out)
+            .with_context(|| format!("creating --out {}", out.display()))?;
+        file.write_all(&bytes)
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing --out {}", out.display()))?;
+        drop(file);
+        let verified = redb::verify(out).with_context(|| {
+            format!(
+                "the backup was written to {}, but it fails its check, so restore would refuse it",
+                out.display()
+            )
+        })?;
+        println!(
+            "backup of {} written to {} {how}: {} records at revision {}",
+            store.display(),
+            out.display(),
+            verified.records,
+            verified.revision
+        );
+        Ok(())
+    }
+
+    /// Asks the running controller for a copy: only the process holding the store can read it.
+    fn from_api(config: &Config) -> Result<Vec<u8>> {
+        let token = std::fs::read_to_string(&config.admin_token_file)
+            .with_context(|| {
+                format!(
+                    "reading [api] admin_token_file {}",
+                    config.admin_token_file.display()
+                )
+            })?
+            .trim()
+            .to_owned();
+        let mut addr = config.api_listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let url = format!("http://{addr}/v1/backup");
+        let response = match ureq::post(&url)
+            .set("Authorization", &format!("Bearer {token}"))
+            .timeout(std::time::Duration::from_secs(300))
+            .call()
+        {
+            Ok(r) => r,
+            Err(ureq::Error::Status(code, r)) => bail!(
+                "POST {url}: {code}: {}",
+                r.into_string().unwrap_or_default()
+            ),
+            Err(e) => bail!(
+                "the store is in use (a controller is running) but its API at {url} ([api] listen) \
+                 does not answer: {e}"
+            ),
+        };
+        let mut bytes = Vec::new();
+        response
+            .into_reader()
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading the backup from {url}"))?;
+        Ok(bytes)
+    }
+
+    fn from_file(store: &Path) -> Result<Vec<u8>> {
+        if std::fs::symlink_metadata(store).is_err() {
+            bail!(
+                "no store at {} ([state] data_dir): nothing to back up",
+                store.display()
+            );
+        }
+        let store = RedbStore::open(store)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(store.backup())?)
+    }
+
+    pub(crate) fn restore(config_path: &Path, from: &Path) -> Result<()> {
+        let config = Config::load(config_path)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+        let store = config.data_dir.join("state.redb");
+        let restored = redb::restore(&store, from, skymesh_controller::model::unix_now())?;
+        println!(
+            "restored {} to {}: {} records at revision {}",
+            from.display(),
+            store.display(),
+            restored.verified.records,
+            restored.verified.revision
+        );
+        match restored.kept_aside {
+            Some(old) => println!("the replaced store file is kept as {}", old.display()),
+            None => println!("there was no store file before"),
+        }
+        Ok(())
+    }
 }
 
 fn main() -> ExitCode {
@@ -87,6 +239,8 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}: ok", config.display());
             Ok(())
         }
+        Command::Backup { config, out } => store_cli::backup(&config, &out),
+        Command::Restore { config, from } => store_cli::restore(&config, &from),
         Command::AiKey {
             command:
                 AiKeyCommand::Create {

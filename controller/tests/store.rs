@@ -1,13 +1,15 @@
 //! The state store as an operator meets it, through the real `skymesh-controller` binary and
-//! real files: a flipped bit in a stored record is detected, reported with its key, and the
-//! other records are still listed.
+//! real files: a store file that is empty, truncated, damaged or not a file stops the start
+//! and is left as it is; `backup` copies a running controller's store and `restore` puts a
+//! checked copy back; a flipped bit in a stored record is detected, reported with its key, and
+//! the other records are still listed.
 
 use redb::ReadableTable;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Each test runs controller processes; in parallel on a small machine they would only slow
@@ -115,6 +117,27 @@ impl Site {
         }
     }
 
+    /// Runs `run` expecting it to refuse to start: its exit status and its stderr.
+    fn start_refused(&mut self) -> (ExitStatus, String) {
+        let start = self.spawn();
+        let mut child = self.child.take().expect("child");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return (status, self.read_log(start));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the controller started on a store it should have refused:\n{}",
+                    self.read_log(start)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -133,6 +156,21 @@ impl Site {
 
     fn read_log(&self, start: usize) -> String {
         std::fs::read_to_string(self.log(start)).unwrap_or_default()
+    }
+
+    /// A controller subcommand other than `run`: (success, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run skymesh-controller");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// An API call: status and body (JSON when it parses, else a string).
@@ -188,6 +226,19 @@ impl Site {
         assert_eq!(code, 200, "metrics: {body}");
         body.as_str().expect("metrics text").to_owned()
     }
+
+    /// The CA fingerprint the latest start logged.
+    fn ca_fingerprint(&self) -> String {
+        let log = self.read_log(self.starts);
+        let at = log
+            .find("ca_fingerprint=")
+            .expect("ca_fingerprint in the log");
+        log[at + "ca_fingerprint=".len()..]
+            .split_whitespace()
+            .next()
+            .expect("fingerprint")
+            .to_owned()
+    }
 }
 
 impl Drop for Site {
@@ -217,6 +268,164 @@ fn written_store(names: &[&str]) -> (Site, Vec<u8>) {
     site.stop();
     let bytes = std::fs::read(site.store()).expect("read the store");
     (site, bytes)
+}
+
+// ---- point 4: unusable store files, backup and restore ----
+
+#[test]
+fn an_empty_truncated_or_damaged_store_file_stops_the_start_and_is_kept() {
+    let _serial = serial();
+    let (mut site, good) = written_store(&["t0", "t1", "t2"]);
+    let len = good.len();
+    let mut variants: Vec<(String, Vec<u8>)> = vec![("empty".into(), Vec::new())];
+    for cut in [
+        1,
+        8,
+        9,
+        64,
+        320,
+        512,
+        4096,
+        4097,
+        len / 2,
+        len - 4096,
+        len - 1,
+    ] {
+        variants.push((
+            format!("truncated to {cut} of {len} bytes"),
+            good[..cut].to_vec(),
+        ));
+    }
+    let mut garbage = good.clone();
+    for (i, b) in garbage.iter_mut().take(4096).enumerate() {
+        *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+    }
+    variants.push(("garbage header".into(), garbage));
+    let mut magic = good.clone();
+    magic[0] ^= 0x01;
+    variants.push(("one bit of the magic flipped".into(), magic));
+    let mut header = good.clone();
+    for b in header.iter_mut().skip(9).take(128) {
+        *b = 0xff;
+    }
+    variants.push(("header fields overwritten".into(), header));
+    variants.push(("text file".into(), b"not a database\n".to_vec()));
+
+    let store = site.store();
+    for (what, bytes) in &variants {
+        std::fs::write(&store, bytes).expect("write the variant");
+        let (status, log) = site.start_refused();
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "{what}: exit status {status}:\n{log}"
+        );
+        assert!(
+            log.contains(&store.display().to_string())
+                && log.contains("skymesh-controller restore"),
+            "{what}: the error must name the file and the fix:\n{log}"
+        );
+        assert!(
+            !log.contains("panicked"),
+            "{what}: a panic, not an error:\n{log}"
+        );
+        assert_eq!(
+            &std::fs::read(&store).expect("read back"),
+            bytes,
+            "{what}: the file was changed"
+        );
+    }
+
+    std::fs::remove_file(&store).expect("remove");
+    std::fs::create_dir(&store).expect("a directory at the store path");
+    let (status, log) = site.start_refused();
+    assert_eq!(status.code(), Some(1), "directory: {status}:\n{log}");
+    assert!(
+        log.contains("is a directory") && log.contains("skymesh-controller restore"),
+        "directory:\n{log}"
+    );
+    std::fs::remove_dir(&store).expect("remove the directory");
+
+    // Only a path where nothing exists is a new store.
+    site.start();
+    assert_eq!(site.token_names(), Vec::<String>::new());
+    site.stop();
+}
+
+#[test]
+fn backup_copies_a_running_controller_and_restore_puts_it_back() {
+    let _serial = serial();
+    let mut site = Site::new();
+    site.start();
+    let ca = site.ca_fingerprint();
+    site.token("before-backup");
+    let backup = site.dir.path().join("backup-1.redb");
+    let (ok, out, err) = site.cli(&["backup", "--out", backup.to_str().expect("utf-8")]);
+    assert!(ok, "backup while running: {out}{err}");
+    assert!(out.contains("records at revision"), "{out}{err}");
+    let mode = std::fs::metadata(&backup)
+        .expect("backup")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the backup holds the CA key");
+    // It refuses to overwrite a file.
+    let (ok, _, err) = site.cli(&["backup", "--out", backup.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    site.token("after-backup");
+
+    // Refused while the controller runs, and nothing changes.
+    let live = std::fs::read(site.store()).expect("store");
+    let (ok, _, err) = site.cli(&["restore", "--from", backup.to_str().expect("utf-8")]);
+    assert!(
+        !ok && err.contains("in use"),
+        "restore while running: {err}"
+    );
+    assert_eq!(std::fs::read(site.store()).expect("store"), live);
+    site.stop();
+
+    // The accident: an emptied store file.
+    std::fs::write(site.store(), b"").expect("truncate");
+    let (status, log) = site.start_refused();
+    assert_eq!(status.code(), Some(1), "{log}");
+
+    // A damaged backup is refused and the store is left as it is.
+    let mut damaged = std::fs::read(&backup).expect("backup");
+    let at = find(&damaged, b"before-backup").expect("the token in the backup");
+    damaged[at] ^= 0x04;
+    let damaged_path = site.dir.path().join("damaged.redb");
+    std::fs::write(&damaged_path, &damaged).expect("write");
+    let (ok, _, err) = site.cli(&["restore", "--from", damaged_path.to_str().expect("utf-8")]);
+    assert!(
+        !ok && err.contains("cannot be restored") && err.contains("damaged.redb"),
+        "damaged backup: {err}"
+    );
+    let empty = site.dir.path().join("empty.redb");
+    std::fs::write(&empty, b"").expect("write");
+    let (ok, _, err) = site.cli(&["restore", "--from", empty.to_str().expect("utf-8")]);
+    assert!(!ok && err.contains("empty"), "empty backup: {err}");
+    assert_eq!(std::fs::read(site.store()).expect("store"), b"");
+
+    let (ok, out, err) = site.cli(&["restore", "--from", backup.to_str().expect("utf-8")]);
+    assert!(ok, "restore: {out}{err}");
+    let aside: Vec<PathBuf> = std::fs::read_dir(&site.data)
+        .expect("data dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().contains("before-restore"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the replaced file is kept: {aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).expect("kept file"), b"");
+    assert!(out.contains(&aside[0].display().to_string()), "{out}");
+
+    site.start();
+    assert_eq!(site.ca_fingerprint(), ca, "the same CA after the restore");
+    assert_eq!(site.token_names(), vec!["before-backup".to_owned()]);
+    site.stop();
+
+    // A stopped controller's store is backed up from the file directly.
+    let offline = site.dir.path().join("backup-2.redb");
+    let (ok, out, err) = site.cli(&["backup", "--out", offline.to_str().expect("utf-8")]);
+    assert!(ok, "backup while stopped: {out}{err}");
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {

@@ -83,7 +83,7 @@ impl StoreStats {
                 key,
                 reason,
                 "state store record is corrupt; it is left out of listings. Delete the key's \
-                 object through the API, or restore a backup of the store"
+                 object through the API, or restore a backup (skymesh-controller restore)"
             );
         } else {
             tracing::debug!(key, reason, "state store record is still corrupt");

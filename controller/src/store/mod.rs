@@ -20,6 +20,7 @@ pub(crate) mod record;
 pub mod redb;
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
 pub use health::{StoreHealth, StoreStats};
@@ -183,9 +184,26 @@ pub enum StoreError {
     /// (and reported in [`StoreStats`]), and reading it alone fails with this.
     #[error(
         "the stored record of key {key:?} is corrupt ({reason}); delete it or restore a backup \
-         of the store"
+         with `skymesh-controller restore`"
     )]
     Corrupt { key: String, reason: String },
+    /// The store file exists but is not a usable store (empty, truncated, damaged, not a store).
+    /// It is never re-initialised: that would lose the CA, the nodes and the tokens.
+    #[error(
+        "store file {}: {reason}. It was left as it is, since starting afresh would lose the \
+         CA, every node and every token: stop the controller and restore a backup with \
+         `skymesh-controller restore --config <file> --from <backup>` (or move the file away to \
+         start with an empty store on purpose)",
+        .path.display()
+    )]
+    Unusable { path: PathBuf, reason: String },
+    /// Another process (a running controller) has the store file open.
+    #[error(
+        "store file {} is in use by another process: is a controller already running on \
+         this data_dir? Stop it first",
+        .path.display()
+    )]
+    InUse { path: PathBuf },
     /// The events after `requested` are no longer retained (history is bounded, and does not
     /// survive a restart). The caller re-ranges and watches from the revision that range returns;
     /// `oldest` is the smallest `after_revision` a watch currently accepts.
@@ -238,6 +256,9 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<u64, StoreError>;
     /// The store's health counters, shared with `/metrics`.
     fn stats(&self) -> Arc<StoreStats>;
+    /// A consistent copy of the whole store as of one revision, in the backend's own file
+    /// format (for redb: a store file `skymesh-controller restore` takes). It holds the CA key.
+    async fn backup(&self) -> Result<Vec<u8>, StoreError>;
 }
 
 /// How many committed events a [`WatchHub`] retains for watchers that start behind.

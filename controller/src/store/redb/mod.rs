@@ -11,6 +11,7 @@
 //!
 //! Must not hold anything that matters only in memory besides that watch history.
 
+mod backup;
 mod file;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,8 @@ use super::{
     record, Compare, KeyValue, Op, Store, StoreError, Txn, TxnOutcome, WatchEvent, WatchHub,
     DEFAULT_WATCH_HISTORY,
 };
+
+pub use backup::{is_in_use, restore, verify, Restored, Verified};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -62,11 +65,12 @@ enum Applied {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store file at `path`. Blocking: it may fsync; call it at startup or
-    /// from `spawn_blocking`.
+    /// Opens the store file at `path`, creating it only when nothing exists there. A file that
+    /// exists but is empty, truncated, damaged, not a store or locked by another process is
+    /// refused ([`StoreError::Unusable`], [`StoreError::InUse`]), never re-initialised.
+    /// Blocking: it may fsync; call it at startup or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
-        let db =
-            Database::create(path).map_err(|e| backend(format!("open {}", path.display()), e))?;
+        let db = file::open_or_create(path)?;
         let revision = file::prepare(&db, path)?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
@@ -399,5 +403,10 @@ impl Store for RedbStore {
 
     fn stats(&self) -> Arc<StoreStats> {
         Arc::clone(&self.inner.stats)
+    }
+
+    async fn backup(&self) -> Result<Vec<u8>, StoreError> {
+        self.blocking(|inner| backup::snapshot(&inner.db, &inner.stats))
+            .await
     }
 }

@@ -312,10 +312,10 @@ async fn data_and_revision_survive_reopen_and_the_revision_keeps_growing() {
 async fn a_second_open_of_the_same_file_is_refused_while_the_first_lives() {
     let (_dir, path, _store) = fresh();
     match RedbStore::open(&path) {
-        Err(StoreError::Backend(message)) => {
-            assert!(message.contains("state.redb"), "{message}")
+        Err(e @ StoreError::InUse { .. }) => {
+            assert!(e.to_string().contains("state.redb"), "{e}")
         }
-        Err(other) => panic!("expected Backend, got {other:?}"),
+        Err(other) => panic!("expected InUse, got {other:?}"),
         Ok(_) => panic!("two stores on one file"),
     }
 }
@@ -577,10 +577,10 @@ async fn a_file_with_another_layout_version_is_refused() {
         wtx.commit().expect("commit");
     }
     match RedbStore::open(&path) {
-        Err(StoreError::Backend(message)) => {
-            assert!(message.contains("layout version 3"), "{message}");
+        Err(e @ StoreError::Unusable { .. }) => {
+            assert!(e.to_string().contains("layout version 3"), "{e}");
         }
-        Err(other) => panic!("expected Backend, got {other:?}"),
+        Err(other) => panic!("expected Unusable, got {other:?}"),
         Ok(_) => panic!("opened a file with an unknown layout"),
     }
 }
@@ -601,6 +601,75 @@ async fn written(dir: &tempfile::TempDir) -> (PathBuf, Vec<u8>) {
     drop(store);
     let bytes = std::fs::read(&path).expect("read");
     (path, bytes)
+}
+
+fn expect_unusable(path: &Path, what: &str) -> String {
+    match RedbStore::open(path) {
+        Err(e @ StoreError::Unusable { .. }) => {
+            let message = e.to_string();
+            assert!(
+                message.contains(&path.display().to_string())
+                    && message.contains("skymesh-controller restore"),
+                "{what}: {message}"
+            );
+            message
+        }
+        Err(other) => panic!("{what}: expected Unusable, got {other:?}"),
+        Ok(_) => panic!("{what}: opened"),
+    }
+}
+
+#[tokio::test]
+async fn only_a_missing_path_is_created_and_an_unusable_file_is_refused_as_it_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (path, good) = written(&dir).await;
+    let mut variants: Vec<(String, Vec<u8>)> = vec![("empty".into(), vec![])];
+    for cut in [
+        1,
+        5,
+        9,
+        10,
+        100,
+        511,
+        512,
+        4096,
+        good.len() / 3,
+        good.len() - 1,
+    ] {
+        variants.push((format!("truncated to {cut}"), good[..cut].to_vec()));
+    }
+    let mut garbage = good.clone();
+    garbage[..1024].fill(0xa5);
+    variants.push(("garbage header".into(), garbage));
+    let mut after_magic = good.clone();
+    after_magic[9..200].fill(0);
+    variants.push(("zeroed header fields".into(), after_magic));
+    for (what, bytes) in &variants {
+        std::fs::write(&path, bytes).expect("write");
+        expect_unusable(&path, what);
+        assert_eq!(
+            &std::fs::read(&path).expect("read"),
+            bytes,
+            "{what}: changed"
+        );
+    }
+
+    std::fs::remove_file(&path).expect("remove");
+    std::fs::create_dir(&path).expect("mkdir");
+    assert!(expect_unusable(&path, "directory").contains("is a directory"));
+    std::fs::remove_dir(&path).expect("rmdir");
+
+    // A redb file that is not a store (another program's, or a create that never finished).
+    drop(Database::create(&path).expect("bare redb file"));
+    assert!(expect_unusable(&path, "bare redb").contains("not a skymesh store"));
+    std::fs::remove_file(&path).expect("remove");
+
+    let store = RedbStore::open(&path).expect("a missing path is a new store");
+    assert_eq!(store.revision().await.expect("revision"), 0);
+    assert!(
+        !file::staging_path(&path, "creating").exists(),
+        "the staging file was renamed into place"
+    );
 }
 
 #[tokio::test]
@@ -705,4 +774,61 @@ async fn no_single_bit_flip_in_a_stored_record_goes_undetected_and_ranges_keep_t
             Err(StoreError::Corrupt { .. })
         ));
     }
+}
+
+#[tokio::test]
+async fn a_backup_taken_while_serving_verifies_and_restores_keeping_the_old_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("state.redb");
+    let store = RedbStore::open(&path).expect("open");
+    store.put("/k/a", b"a".to_vec()).await.expect("put");
+    store.put("/k/b", b"b".to_vec()).await.expect("put");
+    let bytes = store.backup().await.expect("backup");
+    store
+        .put("/k/c", b"c".to_vec())
+        .await
+        .expect("put after the backup");
+    let backup_path = dir.path().join("backup.redb");
+    std::fs::write(&backup_path, &bytes).expect("write the backup");
+    let checked = dir.path().join("checked.redb");
+    std::fs::copy(&backup_path, &checked).expect("copy");
+    assert_eq!(
+        verify(&checked).expect("verify"),
+        Verified {
+            records: 2,
+            revision: 2
+        }
+    );
+
+    assert!(is_in_use(&path).expect("lock check"));
+    assert!(matches!(
+        restore(&path, &backup_path, 1000),
+        Err(StoreError::InUse { .. })
+    ));
+    drop(store);
+    assert!(!is_in_use(&path).expect("lock check"));
+    let before = std::fs::read(&path).expect("read");
+
+    // A backup with a flipped bit in a record is refused and nothing changes.
+    let mut damaged = bytes.clone();
+    let at = damaged
+        .windows(4)
+        .position(|w| w == b"/k/b")
+        .expect("a key in the backup");
+    damaged[at + 1] ^= 0x10;
+    let damaged_path = dir.path().join("damaged.redb");
+    std::fs::write(&damaged_path, &damaged).expect("write");
+    assert!(restore(&path, &damaged_path, 1000).is_err());
+    assert_eq!(std::fs::read(&path).expect("read"), before);
+    assert!(!file::staging_path(&path, "restoring").exists());
+
+    let restored = restore(&path, &backup_path, 1000).expect("restore");
+    assert_eq!(restored.verified.records, 2);
+    let aside = restored.kept_aside.expect("the old file is kept");
+    assert_eq!(aside, dir.path().join("state.redb.before-restore-1000"));
+    assert_eq!(std::fs::read(&aside).expect("kept"), before);
+    let store = RedbStore::open(&path).expect("open the restored store");
+    let (kvs, revision) = store.range("/k/").await.expect("range");
+    assert_eq!(revision, 2);
+    assert_eq!(kvs, vec![kv("/k/a", b"a", 1, 1), kv("/k/b", b"b", 2, 2)]);
 }
