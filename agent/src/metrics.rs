@@ -1,6 +1,6 @@
 //! Prometheus exposition of the agent: renders a snapshot of the core's counters
 //! at scrape time (no per-packet atomics) and serves it at GET /metrics, behind
-//! the listener guards of [`crate::listen`] (see [`serve`] for the limits).
+//! the listener guards of `listen.rs` (see [`serve`] for the limits).
 
 use crate::admin::Status;
 use crate::listen::{self, Backoff, Conn, Conns, Deadlines, Watched};
