@@ -4,11 +4,12 @@
 //! that stops reading an answer, and back-off on accept errors.
 //!
 //! At the cap a new connection takes the place of the one that has waited
-//! longest for a request head (one that never finished a request first), so
-//! clients that hold connections open without asking anything cannot lock
-//! out an operator; a connection with a request in flight is never taken.
-//! When every connection is busy the newcomer is closed at once, which costs
-//! one accept and one close.
+//! longest for a request head (one that never finished a request first), or
+//! else of one whose client has left an answer untaken for a second or more,
+//! so clients that hold connections open without asking anything, or without
+//! reading, cannot lock out an operator; a connection whose request is being
+//! worked on is never taken. When every connection is busy the newcomer is
+//! closed at once, which costs one accept and one close.
 //!
 //! What a connection is doing is learnt from three places: [`Watched`] sees
 //! its bytes (the first byte of a request head, a blocked write), [`InFlight`]
@@ -40,9 +41,14 @@ pub struct Limits {
     /// How long a connection may stay open with nothing in flight after a
     /// request.
     pub idle_timeout: Duration,
-    /// How long a client may leave an answer unread (writes blocked on a
-    /// full socket) before the connection is closed.
+    /// How long in all a client may keep an answer waiting (the gateway has
+    /// the next bytes, the client does not take them: a full socket, a shut
+    /// h2 flow-control window) before the connection is closed; every
+    /// [`Limits::min_read_rate`] bytes it did take add a second.
     pub write_stall_timeout: Duration,
+    /// Bytes per second a client must take an answer at, beyond the stall
+    /// allowance, so a 1 byte/s reader cannot hold an answer forever.
+    pub min_read_rate: u64,
 }
 
 impl Limits {
@@ -52,7 +58,11 @@ impl Limits {
         header_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_secs(60),
         write_stall_timeout: Duration::from_secs(30),
+        min_read_rate: 64 * 1024,
     };
+
+    /// Concurrent h2 streams per connection.
+    pub const H2_STREAMS: u32 = 32;
 }
 
 /// Why a connection was closed by a guard.
@@ -143,7 +153,7 @@ impl Guard {
             let oldest = t
                 .live
                 .values()
-                .filter_map(|c| c.waiting_since().map(|w| (w, c)))
+                .filter_map(|c| c.eviction_rank(now).map(|w| (w, c)))
                 .min_by_key(|(w, _)| *w)
                 .map(|(_, c)| c.clone());
             match oldest {
@@ -170,6 +180,8 @@ impl Guard {
                 first_byte: None,
                 write_blocked_since: None,
                 evicted: false,
+                answers: Vec::new(),
+                next_answer: 0,
             }),
             want_first_byte: AtomicBool::new(true),
             write_blocked: AtomicBool::new(false),
@@ -242,6 +254,32 @@ struct ConnState {
     first_byte: Option<Instant>,
     write_blocked_since: Option<Instant>,
     evicted: bool,
+    /// Answers being sent, each with how long it has kept the client waiting.
+    answers: Vec<Answer>,
+    next_answer: u64,
+}
+
+/// One answer on its way to the client.
+struct Answer {
+    id: u64,
+    /// Since when it has had its next frame ready and the client has not
+    /// asked for it (hyper polls a body only when it can send).
+    ready_since: Option<Instant>,
+    /// Time spent so, before `ready_since`.
+    waited: Duration,
+    /// Bytes the client took.
+    bytes: u64,
+}
+
+impl Answer {
+    /// When the client will have kept this answer waiting too long.
+    fn deadline(&self, limits: Limits) -> Option<Instant> {
+        let since = self.ready_since?;
+        let rate = limits.min_read_rate.max(1);
+        let allowance = limits.write_stall_timeout
+            + Duration::from_millis(self.bytes.saturating_mul(1000) / rate);
+        Some(since + allowance.saturating_sub(self.waited))
+    }
 }
 
 impl Conn {
@@ -249,11 +287,26 @@ impl Conn {
         lock(&self.state)
     }
 
-    /// When it began waiting for a request head, if it is waiting (nothing
-    /// in flight). A connection that never finished a request sorts first.
-    fn waiting_since(&self) -> Option<(bool, Instant)> {
+    /// Its place in the line to make room at the cap, lowest first; `None`
+    /// when it is doing work. First the connections waiting for a request
+    /// head that never finished one, then idle ones that did, each oldest
+    /// first; then those whose client has left an answer waiting for a
+    /// second or more (a shut h2 window, an unread socket).
+    fn eviction_rank(&self, now: Instant) -> Option<(u8, Instant)> {
         let s = self.state();
-        (s.in_flight == 0 && !s.evicted).then_some((s.served, s.idle_since))
+        if s.evicted {
+            return None;
+        }
+        if s.in_flight == 0 {
+            return Some((u8::from(s.served), s.idle_since));
+        }
+        let stalled = s
+            .answers
+            .iter()
+            .filter_map(|a| a.ready_since)
+            .chain(s.write_blocked_since)
+            .min()?;
+        (now.saturating_duration_since(stalled) >= Duration::from_secs(1)).then_some((2, stalled))
     }
 
     fn evict(&self) {
@@ -345,8 +398,15 @@ async fn supervise(conn: &Conn, limits: Limits) -> Closed {
                 }
                 Some(deadline)
             } else {
-                s.write_blocked_since
-                    .map(|since| (since + limits.write_stall_timeout, Closed::WriteStall))
+                let blocked = s
+                    .write_blocked_since
+                    .map(|since| since + limits.write_stall_timeout);
+                s.answers
+                    .iter()
+                    .filter_map(|a| a.deadline(limits))
+                    .chain(blocked)
+                    .min()
+                    .map(|at| (at, Closed::WriteStall))
             }
         };
         match deadline {
@@ -426,18 +486,49 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 }
 
-/// An answer's body that keeps its request in flight until it ends.
+/// An answer's body that keeps its request in flight until it ends, and
+/// tells its connection when the client keeps it waiting.
 pub struct Tracked<B> {
     inner: B,
-    _in_flight: InFlight,
+    id: u64,
+    in_flight: InFlight,
 }
 
 impl<B> Tracked<B> {
     pub fn new(inner: B, in_flight: InFlight) -> Self {
+        let id = {
+            let mut s = in_flight.0.state();
+            s.next_answer += 1;
+            let id = s.next_answer;
+            // Its head is out; its body waits for the client's side to ask.
+            s.answers.push(Answer {
+                id,
+                ready_since: Some(Instant::now()),
+                waited: Duration::ZERO,
+                bytes: 0,
+            });
+            id
+        };
+        in_flight.0.changed.notify_one();
         Self {
             inner,
-            _in_flight: in_flight,
+            id,
+            in_flight,
         }
+    }
+
+    fn with_answer(&self, f: impl FnOnce(&mut Answer)) {
+        let mut s = self.in_flight.0.state();
+        if let Some(a) = s.answers.iter_mut().find(|a| a.id == self.id) {
+            f(a);
+        }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        let mut s = self.in_flight.0.state();
+        s.answers.retain(|a| a.id != self.id);
     }
 }
 
@@ -449,7 +540,30 @@ impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let now = Instant::now();
+        self.with_answer(|a| {
+            if let Some(since) = a.ready_since.take() {
+                a.waited += now.saturating_duration_since(since);
+            }
+        });
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            use bytes::Buf;
+            let n = frame.data_ref().map_or(0, |d| d.remaining() as u64);
+            let notify = {
+                let mut notify = false;
+                self.with_answer(|a| {
+                    a.bytes += n;
+                    a.ready_since = Some(now);
+                    notify = true;
+                });
+                notify
+            };
+            if notify {
+                self.in_flight.0.changed.notify_one();
+            }
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {
@@ -537,9 +651,10 @@ pub async fn serve_api(listener: tokio::net::TcpListener, guard: Arc<Guard>, app
                             }
                         },
                     );
-                    let builder = hyper_util::server::conn::auto::Builder::new(
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     );
+                    builder.http2().max_concurrent_streams(Limits::H2_STREAMS);
                     if let Err(e) = builder
                         .serve_connection(hyper_util::rt::TokioIo::new(io), service)
                         .await
@@ -631,6 +746,7 @@ mod tests {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             write_stall_timeout: Duration::from_secs(30),
+            min_read_rate: 1000,
         }
     }
 
@@ -683,6 +799,104 @@ mod tests {
         drop(req);
     }
 
+    /// A body that always has its next 100 bytes ready.
+    struct Endless;
+
+    impl hyper::body::Body for Endless {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes::Bytes::from(
+                vec![0u8; 100],
+            )))))
+        }
+    }
+
+    fn take_frame(body: &mut Tracked<Endless>) {
+        use hyper::body::Body;
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(body).poll_frame(&mut cx).is_ready());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_the_client_does_not_take_closes_its_connection() {
+        // The client never asks for the body (an h2 window of 0): 30 s.
+        let g = Guard::new("t", limits(4));
+        let a = g.admit().expect("room");
+        let body = Tracked::new(Endless, a.conn.begin());
+        let t0 = Instant::now();
+        assert_eq!(supervise(&a.conn, g.limits).await, Closed::WriteStall);
+        assert_eq!(t0.elapsed(), Duration::from_secs(30));
+        drop(body);
+
+        // A reader taking 100 bytes every 20 s (the rate allows 1,000/s):
+        // each take buys 0.1 s, so it is cut off after about 30 s of waiting
+        // in all, not held forever.
+        let b = g.admit().expect("room");
+        let mut body = Tracked::new(Endless, b.conn.begin());
+        let t0 = Instant::now();
+        let sup = supervise(&b.conn, g.limits);
+        tokio::pin!(sup);
+        let mut closed = None;
+        for _ in 0..10 {
+            if let Ok(why) = tokio::time::timeout(Duration::from_secs(20), &mut sup).await {
+                closed = Some(why);
+                break;
+            }
+            take_frame(&mut body);
+        }
+        assert_eq!(closed, Some(Closed::WriteStall));
+        let t = t0.elapsed();
+        assert!(
+            t > Duration::from_secs(30) && t < Duration::from_secs(41),
+            "{t:?}"
+        );
+
+        // A client that takes every frame at once is never cut off, however
+        // long the upstream takes between frames.
+        let c = g.admit().expect("room");
+        let mut body = Tracked::new(Slow { ready: true }, c.conn.begin());
+        let sup = supervise(&c.conn, g.limits);
+        tokio::pin!(sup);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..100 {
+            use hyper::body::Body;
+            assert!(Pin::new(&mut body).poll_frame(&mut cx).is_ready());
+            assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+            assert!(tokio::time::timeout(Duration::from_secs(10), &mut sup)
+                .await
+                .is_err());
+        }
+    }
+
+    /// A body whose upstream gives one frame, then makes it wait.
+    struct Slow {
+        ready: bool,
+    }
+
+    impl hyper::body::Body for Slow {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+            self.ready = !self.ready;
+            if self.ready {
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(
+                    bytes::Bytes::from_static(b"token"),
+                ))))
+            }
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn at_the_cap_the_longest_waiting_idle_connection_makes_room() {
         let g = Guard::new("t", limits(3));
@@ -709,8 +923,19 @@ mod tests {
         // Only busy connections left: the next one is refused.
         let _r2 = second.conn.begin();
         assert!(g.admit().is_none());
-        assert_eq!(g.stats.refused.load(Ordering::Relaxed), 1);
-        assert_eq!(g.stats.evicted.load(Ordering::Relaxed), 2);
+        // Unless a client has left its answer untaken for a second.
+        let stalled = Tracked::new(Endless, in_flight_on(&newcomer));
+        assert!(g.admit().is_none(), "a fresh answer is not a stall");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let third = g.admit().expect("made room");
+        assert!(newcomer.conn.state().evicted);
+        drop((stalled, newcomer, third));
+        assert_eq!(g.stats.refused.load(Ordering::Relaxed), 2);
+        assert_eq!(g.stats.evicted.load(Ordering::Relaxed), 3);
+    }
+
+    fn in_flight_on(a: &Admitted) -> InFlight {
+        a.conn.begin()
     }
 
     #[test]

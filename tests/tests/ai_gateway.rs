@@ -866,6 +866,13 @@ allowed_regions = ["cn-shanghai"]
             ("text/plain JSON-ish", b"{model:qwen-plus}", &["content-type: text/plain"]),
             ("compressed", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json", "content-encoding: gzip"]),
             ("UTF-16 charset", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json; charset=utf-16"]),
+            ("UTF-16 charset, spaced", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json; charset = \"UTF-16\""]),
+            ("form polyglot", br#"{"model":"gpt-4o-mini","x":"&model=qwen-plus&"}"#, &["content-type: application/x-www-form-urlencoded"]),
+            ("multipart", b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nqwen-plus\r\n--b--\r\n", &["content-type: multipart/form-data; boundary=b"]),
+            ("text/json", br#"{"model":"gpt-4o-mini"}"#, &["content-type: text/json"]),
+            ("two content types", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json", "content-type: application/x-www-form-urlencoded"]),
+            ("identity then gzip", br#"{"model":"gpt-4o-mini"}"#, &["content-type: application/json", "content-encoding: identity", "content-encoding: gzip"]),
+            ("control character", br#"{"model":"qwen-plus\u0000"}"#, &json),
         ];
         for (what, body, headers) in unreadable {
             let (status, text) = post_raw(&f, &f.app.key, "/v1/chat/completions", body, headers)?;
@@ -874,11 +881,95 @@ allowed_regions = ["cn-shanghai"]
                 "{what}: an ambiguous body was not refused with 400:\n{text}"
             );
         }
+        // The model also travels in the query and the path; every place is
+        // read, and places that disagree are refused.
+        for (what, path, body) in [
+            (
+                "query disagrees",
+                "/v1/chat/completions?model=qwen-plus",
+                &br#"{"model":"gpt-4o-mini"}"#[..],
+            ),
+            (
+                "two query models",
+                "/v1/chat/completions?model=gpt-4o-mini&MODEL=qwen-plus",
+                br#"{"model":"gpt-4o-mini"}"#,
+            ),
+            (
+                "deployment disagrees",
+                "/v1/openai/deployments/qwen-plus/chat/completions",
+                br#"{"model":"gpt-4o-mini"}"#,
+            ),
+            (
+                "engine disagrees",
+                "/v1/engines/qwen-plus/chat/completions",
+                br#"{"model":"gpt-4o-mini"}"#,
+            ),
+            (
+                "Vertex model disagrees",
+                "/v1/models/qwen-plus:generateContent",
+                br#"{"model":"gpt-4o-mini"}"#,
+            ),
+            ("no model, empty body", "/v1/chat/completions", b""),
+        ] {
+            let (status, text) = post_raw(&f, &f.app.key, path, body, &json)?;
+            ensure!(
+                status == 400 && text.contains("unreadable_body"),
+                "{what}: not refused with 400:\n{text}"
+            );
+        }
         ensure!(
             f.east.requests()? == east
                 && f.west.requests()? == west
                 && f.shanghai.requests()? == shanghai,
             "a refused body reached an upstream"
+        );
+        // A model named only in the query or the path is routed by it.
+        for path in [
+            "/v1/chat/completions?model=qwen-plus",
+            "/v1/engines/qwen-plus/chat/completions",
+            "/V1/chat/completions?model=qwen-plus",
+        ] {
+            let (_, text) = post_raw(&f, &f.app.key, path, b"", &json)?;
+            ensure!(
+                header(&text, "x-skymesh-upstream") == Some("shanghai"),
+                "{path}: not routed by its model:\n{text}"
+            );
+        }
+        // Case in the path and the model does not move it off its route.
+        for (path, body) in [
+            (
+                "/V1/chat/completions",
+                &br#"{"model":"qwen-plus","messages":[]}"#[..],
+            ),
+            (
+                "/v1/chat/completions",
+                br#"{"model":"QWEN-PLUS","messages":[]}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                br#"{"model":" qwen-plus ","messages":[]}"#,
+            ),
+        ] {
+            let (_, text) = post_raw(&f, &f.app.key, path, body, &json)?;
+            ensure!(
+                header(&text, "x-skymesh-upstream") == Some("shanghai"),
+                "{path} {}: left its route:\n{text}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        // A model a route holds to cn-shanghai is held there on every route:
+        // `dead-first` (us-west1) refuses it rather than send it west.
+        let (status, text) = post_raw(
+            &f,
+            &f.app.key,
+            "/dead/v1/chat/completions",
+            br#"{"model":"qwen-plus","messages":[]}"#,
+            &json,
+        )?;
+        ensure!(status == 403 && text.contains("residency"), "{text}");
+        ensure!(
+            f.east.requests()? == east && f.west.requests()? == west,
+            "qwen-plus data left cn-shanghai"
         );
         // A key that may use only `chat` cannot reach qwen-cn's upstream, nor
         // get a qwen-plus request served by chat's upstreams.
@@ -928,9 +1019,15 @@ fn an_upstream_protocol_switch_is_a_502() -> Result<()> {
                         Ok(n) => seen.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = conn.write_all(
-                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-                );
+                let head = String::from_utf8_lossy(&seen).into_owned();
+                let answer: &[u8] = if head.contains(" /x/nocontent") {
+                    b"HTTP/1.1 204 No Content\r\nContent-Length: 120\r\n\r\n"
+                } else if head.contains(" /x/both") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nc\r\n{\"answer\":1}\r\n0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+                };
+                let _ = conn.write_all(answer);
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
@@ -960,6 +1057,15 @@ upstreams = ["switcher"]
         ensure!(
             status == 502 && text.contains("101") && text.contains("switcher"),
             "{text}"
+        );
+        // The upstream's framing is not relayed: a 204 with a length, and a
+        // length beside chunking, reach the client whole and well framed.
+        let (status, text) = post_raw(&f, &f.app.key, "/switch/nocontent", b"{}", &[])?;
+        ensure!(status == 204, "{text}");
+        let (status, text) = post_raw(&f, &f.app.key, "/switch/both", b"{}", &[])?;
+        ensure!(
+            status == 200 && text.ends_with("{\"answer\":1}"),
+            "{text:?}"
         );
         Ok(())
     })

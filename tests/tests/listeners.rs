@@ -47,6 +47,8 @@ data_dir = "{data}"
 
 [ai_gateway]
 listen = "{gateway}"
+max_body_bytes = 65536
+max_buffered_bytes = 131072
 max_client_connections = 16
 client_header_timeout = "2s"
 client_idle_timeout = "3s"
@@ -330,6 +332,119 @@ fn an_operator_gets_in_while_an_attacker_holds_the_cap() -> Result<()> {
             "the controller holds {fds} descriptors"
         );
         drop(held);
+        c.proc.ensure_running()?;
+        Ok(())
+    })
+}
+
+/// h2 clients that shut their flow-control window (the server's answer can
+/// never be sent) are no longer doing work: at the cap they make room for an
+/// operator instead of holding the listener.
+#[test]
+fn h2_clients_that_never_read_cannot_hold_the_cap() -> Result<()> {
+    e2e("listen-h2", |env| {
+        let mut c = start(env)?;
+        more_files(8192)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let hold = |addr: SocketAddr, path: &'static str, n: usize| {
+            rt.block_on(async move {
+                let mut held = Vec::new();
+                for _ in 0..n {
+                    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                        continue;
+                    };
+                    let Ok((mut client, conn)) = h2::client::Builder::new()
+                        .initial_window_size(0)
+                        .handshake::<_, bytes::Bytes>(tcp)
+                        .await
+                    else {
+                        continue;
+                    };
+                    tokio::spawn(conn);
+                    let req = http::Request::get(format!("http://{addr}{path}")).body(())?;
+                    if let Ok((resp, _)) = client.send_request(req, true) {
+                        held.push((client, resp));
+                    }
+                }
+                Ok::<_, anyhow::Error>(held)
+            })
+        };
+        let api_held = hold(c.api, "/v1/nodes", 530)?;
+        let gw_held = hold(c.gateway, "/v1/models", 40)?;
+        ensure!(
+            api_held.len() >= 512,
+            "only {} h2 connections got in",
+            api_held.len()
+        );
+        // Let the untaken answers count as stalls.
+        std::thread::sleep(Duration::from_secs(2));
+        let status = api_get(&c, "/v1/nodes")?;
+        ensure!(
+            status.starts_with("HTTP/1.1 200"),
+            "the operator got {status:?}"
+        );
+        let status = request(
+            c.gateway,
+            &format!(
+                "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nConnection: close\r\n\r\n",
+                c.key
+            ),
+        )?;
+        ensure!(
+            status.starts_with("HTTP/1.1 200"),
+            "the gateway's client got {status:?}"
+        );
+        drop((api_held, gw_held));
+        c.proc.ensure_running()?;
+        Ok(())
+    })
+}
+
+/// Request bodies held for replay have a gateway-wide budget: clients that
+/// send most of a large body and stall get the others a 503, not the
+/// controller's memory.
+#[test]
+fn buffered_request_bodies_have_a_budget() -> Result<()> {
+    e2e("listen-budget", |env| {
+        let mut c = start(env)?;
+        let head = |len: usize| {
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n",
+                c.key
+            )
+        };
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(c.gateway)?;
+            s.write_all(head(65_000).as_bytes())?;
+            s.write_all(&vec![b' '; 60_000])?;
+            stalled.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let mut third = TcpStream::connect(c.gateway)?;
+        third.set_read_timeout(Some(Duration::from_secs(10)))?;
+        third.write_all(head(65_000).as_bytes())?;
+        let _ = third.write_all(&vec![b' '; 65_000]);
+        let mut buf = vec![0u8; 4096];
+        let n = third.read(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        ensure!(
+            text.starts_with("HTTP/1.1 503")
+                && text.contains("gateway_busy")
+                && text.contains("max_buffered_bytes"),
+            "over the budget: {text}"
+        );
+        drop(stalled);
+        std::thread::sleep(Duration::from_millis(500));
+        let body = r#"{"model":"gpt-4o-mini","messages":[]}"#;
+        let status = request(c.gateway, &format!("{}{body}", head(body.len())))?;
+        ensure!(
+            !status.contains(" 503"),
+            "the budget was not given back: {status}"
+        );
         c.proc.ensure_running()?;
         Ok(())
     })

@@ -30,6 +30,8 @@ pub struct GatewayFile {
     client_idle_timeout: Option<String>,
     client_body_timeout: Option<String>,
     client_write_stall_timeout: Option<String>,
+    #[serde(default = "default_max_buffered")]
+    max_buffered_bytes: usize,
     #[serde(default)]
     breaker: BreakerFile,
     #[serde(default)]
@@ -103,6 +105,10 @@ fn default_max_body() -> usize {
 fn default_max_attempts() -> usize {
     3
 }
+fn default_max_buffered() -> usize {
+    256 << 20
+}
+
 fn default_max_client_connections() -> usize {
     4096
 }
@@ -207,7 +213,7 @@ pub struct UpstreamConfig {
 impl UpstreamConfig {
     pub fn serves(&self, model: Option<&str>) -> bool {
         match model {
-            Some(m) if !self.models.is_empty() => self.models.iter().any(|x| x == m),
+            Some(m) if !self.models.is_empty() => self.models.iter().any(|x| same_model(x, m)),
             _ => true,
         }
     }
@@ -234,15 +240,19 @@ impl RouteConfig {
     /// lists models) is one of them.
     pub fn matches(&self, path: &str, model: Option<&str>) -> bool {
         self.covers(path)
-            && (self.models.is_empty() || model.is_some_and(|m| self.models.iter().any(|x| x == m)))
+            && (self.models.is_empty()
+                || model.is_some_and(|m| self.models.iter().any(|x| same_model(x, m))))
     }
 
-    /// Whether `path` is under this route's prefix, whatever the model.
+    /// Whether `path` is under this route's prefix, whatever the model. ASCII
+    /// case does not count: some upstreams (Express, ASP.NET, IIS) serve
+    /// `/V1/Chat` as `/v1/chat`, so a route's rules must cover every case.
     pub fn covers(&self, path: &str) -> bool {
         let prefix = self.path_prefix.trim_end_matches('/');
-        path == prefix
-            || (path.starts_with(prefix) && path[prefix.len()..].starts_with('/'))
-            || prefix.is_empty()
+        let head = path.get(..prefix.len());
+        prefix.is_empty()
+            || (head.is_some_and(|h| h.eq_ignore_ascii_case(prefix))
+                && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
     }
 
     /// The part of `path` after the prefix, to append to an upstream's base path.
@@ -250,6 +260,18 @@ impl RouteConfig {
         let prefix = self.path_prefix.trim_end_matches('/');
         &path[prefix.len().min(path.len())..]
     }
+}
+
+/// Whether two model names are the same model: ASCII case and surrounding
+/// whitespace do not count, since some upstreams normalise them, so a rule
+/// written for one spelling covers them all.
+pub fn same_model(a: &str, b: &str) -> bool {
+    a.trim().eq_ignore_ascii_case(b.trim())
+}
+
+/// The key a model's rules are stored under (see [`same_model`]).
+pub fn model_key(m: &str) -> String {
+    m.trim().to_ascii_lowercase()
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +302,13 @@ pub struct GatewayConfig {
     pub clients: crate::listen::Limits,
     /// From a request's head to the last byte of its body.
     pub client_body_timeout: Duration,
+    /// Request bodies held at once across the gateway (for replay on
+    /// failover); over it a request gets 503.
+    pub max_buffered_bytes: usize,
+    /// A model that a route restricts to regions is held to them on every
+    /// route: the intersection of the `allowed_regions` of the routes that
+    /// list it (by [`model_key`]).
+    pub model_regions: HashMap<String, BTreeSet<String>>,
     pub breaker: BreakerConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub routes: Vec<RouteConfig>,
@@ -358,6 +387,7 @@ impl GatewayFile {
                 &self.client_write_stall_timeout,
                 Duration::from_secs(30),
             )?,
+            min_read_rate: crate::listen::Limits::API.min_read_rate,
         };
         let client_body_timeout = duration(
             "[ai_gateway] client_body_timeout",
@@ -400,6 +430,26 @@ impl GatewayFile {
             }
             routes.push(cfg);
         }
+        let mut model_regions: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for r in &routes {
+            let Some(allowed) = &r.allowed_regions else {
+                continue;
+            };
+            for m in &r.models {
+                model_regions
+                    .entry(model_key(m))
+                    .and_modify(|have| *have = have.intersection(allowed).cloned().collect())
+                    .or_insert_with(|| allowed.clone());
+            }
+        }
+        if !(self.max_body_bytes..=1 << 34).contains(&self.max_buffered_bytes) {
+            bail!(
+                "[ai_gateway] max_buffered_bytes = {}: expected max_body_bytes ({})..=17179869184 ({} by default)",
+                self.max_buffered_bytes,
+                self.max_body_bytes,
+                default_max_buffered()
+            );
+        }
         let mut keys: Vec<KeyConfig> = Vec::new();
         for k in self.keys {
             let name = k.name.clone();
@@ -423,6 +473,8 @@ impl GatewayFile {
             max_attempts: self.max_attempts,
             clients,
             client_body_timeout,
+            max_buffered_bytes: self.max_buffered_bytes,
+            model_regions,
             breaker,
             upstreams,
             routes,

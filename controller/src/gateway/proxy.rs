@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use prometheus_client::metrics::histogram::Histogram;
 use serde_json::json;
@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -93,6 +94,8 @@ pub struct Gateway {
     load: shard::Load,
     /// The client listener's cap and deadlines.
     pub clients: Arc<crate::listen::Guard>,
+    /// Request body bytes held by requests in flight.
+    buffered: AtomicUsize,
     pub fabric: Arc<Fabric>,
     pub metrics: AiMetrics,
 }
@@ -107,6 +110,7 @@ impl Gateway {
             current: RwLock::new(Arc::new(generation)),
             load: shard::Load::new(shards),
             clients,
+            buffered: AtomicUsize::new(0),
             fabric,
             metrics: AiMetrics::default(),
         })
@@ -337,15 +341,21 @@ fn presented_key(headers: &HeaderMap) -> Option<&str> {
 /// The model a request names, read as the upstream will read it, or why the
 /// request is refused.
 ///
-/// The body must be readable JSON wherever the decision depends on the model
-/// (a route under this path lists models, or one of its upstreams serves only
-/// some) or the client says it sends JSON. There an unreadable body, a
-/// compressed one, or one that names no model is refused: a route, key or
-/// residency restriction never passes because the model could not be read.
-/// Elsewhere a body that is not JSON is relayed as it is (pass-through APIs).
-fn read_model(
+/// Upstreams read a model from the JSON body, from the path (Azure's
+/// `deployments/{m}`, Vertex's `models/{m}:…`, see [`request::path_models`])
+/// or from the query (`?model=`). Every place is read; places that disagree
+/// are refused. Where the decision depends on the model (a route under this
+/// path lists models, or one of its upstreams serves only some), the body
+/// must be JSON declared as such (or undeclared), uncompressed and in UTF-8,
+/// and a request that may carry data must name a model. Where any route
+/// restricts a model's regions, form bodies are refused, since the gateway
+/// does not read models from forms. Elsewhere a body that is not JSON is
+/// relayed as it is (pass-through APIs).
+fn request_model(
     cfg: &GatewayConfig,
+    method: &Method,
     path: &str,
+    query: Option<&str>,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Result<Option<String>, String> {
@@ -355,14 +365,38 @@ fn read_model(
                 .iter()
                 .any(|&u| !cfg.upstreams[u].models.is_empty())
     });
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("?").to_ascii_lowercase());
-    let declared_json = content_type.as_deref().is_some_and(|t| {
-        let media = t.split(';').next().unwrap_or_default().trim();
-        media == "application/json"
-            || (media.starts_with("application/") && media.ends_with("+json"))
+    let ruled = decides || !cfg.model_regions.is_empty();
+    for h in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
+        if headers.get_all(&h).iter().nth(1).is_some() {
+            return Err(format!("two {h} headers: send one"));
+        }
+    }
+    let content_type = match headers.get(header::CONTENT_TYPE).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(t)) => Some(t.to_ascii_lowercase()),
+        Some(Err(_)) => return Err("Content-Type is not text".into()),
+    };
+    let mut parts = content_type.as_deref().unwrap_or_default().split(';');
+    let media = parts.next().unwrap_or_default().trim();
+    let charset = parts.find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        (k.trim() == "charset").then(|| v.trim().trim_matches('"').to_string())
     });
+    let declared_json = media == "application/json"
+        || (media.starts_with("application/") && media.ends_with("+json"));
+    let form = media == "application/x-www-form-urlencoded" || media == "multipart/form-data";
+    if !body.is_empty() {
+        if ruled && form {
+            return Err(format!(
+                "Content-Type {media}: the gateway reads models from JSON bodies only, and models here have routing or residency rules; send application/json"
+            ));
+        }
+        if decides && content_type.is_some() && !declared_json {
+            return Err(format!(
+                "Content-Type {media:?}: routes under {path} choose by model, which the gateway reads from JSON bodies; send Content-Type: application/json"
+            ));
+        }
+    }
     let expect_json = (decides || declared_json) && !body.is_empty();
     if expect_json {
         if let Some(enc) = headers.get(header::CONTENT_ENCODING) {
@@ -373,28 +407,132 @@ fn read_model(
                 ));
             }
         }
-        if let Some(charset) = content_type.as_deref().and_then(|t| {
-            t.split(';')
-                .skip(1)
-                .filter_map(|p| p.trim().strip_prefix("charset="))
-                .next()
-        }) {
-            let charset = charset.trim_matches('"');
-            if charset != "utf-8" && charset != "utf8" {
-                return Err(format!(
-                    "Content-Type charset {charset:?}: JSON bodies are read as UTF-8; send UTF-8 and say charset=utf-8 or nothing"
-                ));
-            }
+        if let Some(charset) = charset.filter(|c| c != "utf-8" && c != "utf8") {
+            return Err(format!(
+                "Content-Type charset {charset:?}: JSON bodies are read as UTF-8; send UTF-8 and say charset=utf-8 or nothing"
+            ));
         }
     }
-    match request::read_model(body) {
-        Ok(None) if decides && !body.is_empty() => Err(format!(
-            "the body names no \"model\", and routes under {path} choose by model; add \"model\": \"<name>\""
-        )),
-        Ok(model) => Ok(model),
-        Err(request::BodyError::NotJson(_)) if !expect_json => Ok(None),
-        Err(e) => Err(e.to_string()),
+    let body_model = match request::read_model(body) {
+        Ok(m) => m,
+        Err(request::BodyError::NotJson(_)) if !expect_json => None,
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut named: Vec<(&str, String)> = Vec::new();
+    named.extend(body_model.map(|m| ("the body", m)));
+    named.extend(
+        request::path_models(path)
+            .into_iter()
+            .map(|m| ("the path", m.to_string())),
+    );
+    named.extend(
+        query
+            .into_iter()
+            .flat_map(request::query_models)
+            .map(|m| ("the query", m)),
+    );
+    if let Some((place, m)) = named.iter().find(|(_, m)| m.chars().any(char::is_control)) {
+        return Err(format!(
+            "{place} names the model {m:?}, with a control character; send the plain name"
+        ));
     }
+    if let Some(((p1, m1), (p2, m2))) = named
+        .iter()
+        .zip(named.iter().skip(1))
+        .find(|((_, a), (_, b))| !super::config::same_model(a, b))
+    {
+        return Err(format!(
+            "{p1} names the model {m1:?} and {p2} names {m2:?}; name one model, once"
+        ));
+    }
+    let model = named.into_iter().next().map(|(_, m)| m);
+    let may_carry_data = !body.is_empty()
+        || !matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS
+        );
+    if decides && model.is_none() && may_carry_data {
+        return Err(format!(
+            "the request names no model, and routes under {path} choose by model; add \"model\": \"<name>\" to the JSON body"
+        ));
+    }
+    Ok(model)
+}
+
+/// Why a request body was not read.
+enum BodyRead {
+    TooLarge,
+    /// The gateway holds `max_buffered_bytes` of bodies already.
+    OverBudget,
+    Failed(String),
+}
+
+/// Request body bytes held by one request, counted in the gateway's total
+/// until it drops.
+struct Held<'a> {
+    total: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl Held<'_> {
+    fn grow(&mut self, add: usize, limit: usize) -> bool {
+        let before = self.total.fetch_add(add, Ordering::Relaxed);
+        if before + add > limit {
+            self.total.fetch_sub(add, Ordering::Relaxed);
+            return false;
+        }
+        self.bytes += add;
+        true
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Reads a whole request body (kept for replay on failover), at most `max`
+/// bytes, within the gateway's budget for all bodies held at once.
+async fn read_body<'a>(
+    mut body: Incoming,
+    max: usize,
+    total: &'a AtomicUsize,
+    limit: usize,
+) -> Result<(Bytes, Held<'a>), BodyRead> {
+    if body.size_hint().lower() > max as u64 {
+        return Err(BodyRead::TooLarge);
+    }
+    let mut held = Held { total, bytes: 0 };
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyRead::Failed(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if held.bytes + data.len() > max {
+            return Err(BodyRead::TooLarge);
+        }
+        if !held.grow(data.len(), limit) {
+            return Err(BodyRead::OverBudget);
+        }
+        match (&mut first, &mut more) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut m = bytes::BytesMut::with_capacity(f.len() + data.len());
+                m.extend_from_slice(f);
+                m.extend_from_slice(&data);
+                more = Some(m);
+            }
+            (Some(_), Some(m)) => m.extend_from_slice(&data),
+        }
+    }
+    let bytes = match more {
+        Some(m) => m.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    Ok((bytes, held))
 }
 
 /// `x-skymesh-residency: cn-shanghai, eastasia` → the set of regions.
@@ -461,10 +599,14 @@ const NOT_FORWARDED: [HeaderName; 14] = [
     HeaderName::from_static(RESIDENCY_HEADER),
 ];
 
+/// The upstream's framing goes too: the answer's length is what its body
+/// holds, set by hyper from the relayed body's exact size (a `Content-Length`
+/// beside `Transfer-Encoding`, or on a 204/304, would misframe the answer).
 fn strip_response_headers(headers: &mut HeaderMap) {
     for n in [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
+        header::CONTENT_LENGTH,
         header::UPGRADE,
         header::TRAILER,
     ] {
@@ -751,6 +893,15 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
         }
     };
     let path = path.as_str();
+    if let Err(e) = parts.uri.query().map_or(Ok(()), request::check_query) {
+        return refuse(
+            "none",
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            e.to_string(),
+            &key.name,
+        );
+    }
     if parts.method == Method::CONNECT {
         return refuse(
             "none",
@@ -776,7 +927,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             )
         }
     };
-    let read = Limited::new(body, g.config.max_body_bytes).collect();
+    let read = read_body(
+        body,
+        g.config.max_body_bytes,
+        &gw.buffered,
+        g.config.max_buffered_bytes,
+    );
     let Ok(read) = tokio::time::timeout(g.config.client_body_timeout, read).await else {
         return refuse(
             "none",
@@ -789,9 +945,9 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             &key.name,
         );
     };
-    let body = match read {
-        Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+    let (body, _held) = match read {
+        Ok(b) => b,
+        Err(BodyRead::TooLarge) => {
             return refuse(
                 "none",
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -803,7 +959,22 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
                 &key.name,
             )
         }
-        Err(e) => {
+        Err(BodyRead::OverBudget) => {
+            let mut resp = refuse(
+                "none",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "gateway_busy",
+                format!(
+                    "the gateway holds {} bytes of request bodies already ([ai_gateway] max_buffered_bytes); retry in a second",
+                    g.config.max_buffered_bytes
+                ),
+                &key.name,
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(1));
+            return resp;
+        }
+        Err(BodyRead::Failed(e)) => {
             return refuse(
                 "none",
                 StatusCode::BAD_REQUEST,
@@ -813,7 +984,14 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
             )
         }
     };
-    let model = match read_model(&g.config, path, &parts.headers, &body) {
+    let model = match request_model(
+        &g.config,
+        &parts.method,
+        path,
+        parts.uri.query(),
+        &parts.headers,
+        &body,
+    ) {
         Ok(m) => m,
         Err(msg) => {
             return refuse(
@@ -824,6 +1002,17 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<GwBody
                 &key.name,
             )
         }
+    };
+    // A model some route holds to regions is held to them on every route.
+    let regions = match (
+        regions,
+        model
+            .as_deref()
+            .and_then(|m| g.config.model_regions.get(&super::config::model_key(m))),
+    ) {
+        (Some(asked), Some(rule)) => Some(asked.intersection(rule).cloned().collect()),
+        (None, Some(rule)) => Some(rule.clone()),
+        (asked, None) => asked,
     };
     let Some(ri) = g
         .config
@@ -1201,8 +1390,11 @@ pub async fn serve_connection(
             )
         }
     });
-    let builder =
+    let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http2()
+        .max_concurrent_streams(crate::listen::Limits::H2_STREAMS);
     if let Err(e) = builder
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
         .await
@@ -1300,6 +1492,8 @@ mod tests {
             max_attempts: 3,
             clients: crate::listen::Limits::API,
             client_body_timeout: Duration::from_secs(60),
+            max_buffered_bytes: 1 << 30,
+            model_regions: Default::default(),
             breaker: BreakerConfig {
                 failures: 3,
                 open_for: Duration::from_secs(10),

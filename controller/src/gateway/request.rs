@@ -46,10 +46,12 @@ pub enum PathError {
 
 /// Bytes that are sent escaped in a forwarded path: the ones RFC 3986 does not
 /// allow raw in a path segment. Everything else printable goes as it is.
+/// `+` too: RFC 3986 reads it as itself, form decoders as a space, but
+/// every server reads `%2B` as `+`.
 fn needs_escape(b: u8) -> bool {
     matches!(
         b,
-        b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | b'|' | b'^' | b'[' | b']'
+        b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | b'|' | b'^' | b'[' | b']' | b'+'
     )
 }
 
@@ -124,10 +126,13 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
     let segments: Vec<&str> = text[1..].split('/').collect();
     let last = segments.len() - 1;
     for (n, seg) in segments.iter().enumerate() {
-        // A trailing '/' leaves one empty last segment, which is fine; a dot
-        // segment in any spelling servers trim ("..", "...", ". .") is not.
+        // A trailing '/' leaves one empty last segment, which is fine. A dot
+        // segment in any spelling some server reads as one is not: "..",
+        // "...", "..:x" (the part before a ':'), and "x." (Windows servers
+        // strip trailing dots, so "chat." is "chat" there).
         let empty_inside = seg.is_empty() && n != last;
-        let dots = !seg.is_empty() && seg.bytes().all(|b| b == b'.');
+        let stem = seg.split(':').next().unwrap_or_default();
+        let dots = !seg.is_empty() && (stem.bytes().all(|b| b == b'.') || stem.ends_with('.'));
         if empty_inside || dots {
             return Err(PathError::Segment {
                 path: raw.to_string(),
@@ -144,6 +149,93 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
         }
     }
     Ok(out)
+}
+
+/// Checks a query string: well-formed escapes, and no NUL or control byte
+/// in it once decoded. It is forwarded as it is.
+pub fn check_query(query: &str) -> Result<(), PathError> {
+    let bytes = query.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = if bytes[i] == b'%' {
+            let v = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| PathError::BadEscape {
+                    path: format!("?{query}"),
+                    escape: query[i..(i + 3).min(query.len())].to_string(),
+                })?;
+            i += 3;
+            v
+        } else {
+            i += 1;
+            bytes[i - 1]
+        };
+        if b < 0x20 || b == 0x7f || b == b'\\' {
+            return Err(PathError::Forbidden {
+                path: format!("?{query}"),
+                what: format!("the byte {b:#04x} in the query"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The models a query string names (`model=` in any case), decoded.
+pub fn query_models(query: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let k = decode_form(k);
+            k.trim()
+                .eq_ignore_ascii_case("model")
+                .then(|| decode_form(v))
+        })
+        .collect()
+}
+
+fn decode_form(s: &str) -> String {
+    let plus = s.replace('+', " ");
+    let bytes = plus.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(v) => {
+                out.push(v);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Path segments that name a model in the next segment, in the providers'
+/// APIs: Azure OpenAI `deployments/{m}`, legacy OpenAI `engines/{m}`, Vertex
+/// and Gemini `models/{m}:generateContent`, Bedrock `model/{m}/invoke`.
+const MODEL_SEGMENTS: [&str; 5] = ["deployments", "engines", "models", "model", "tunedmodels"];
+
+/// The models a (normalised) path names, in order.
+pub fn path_models(path: &str) -> Vec<&str> {
+    let segments: Vec<&str> = path.split('/').collect();
+    segments
+        .windows(2)
+        .filter(|w| MODEL_SEGMENTS.iter().any(|m| w[0].eq_ignore_ascii_case(m)))
+        .map(|w| w[1].split(':').next().unwrap_or_default())
+        .filter(|m| !m.is_empty())
+        .collect()
 }
 
 /// Why a body's model cannot be read.
@@ -416,6 +508,11 @@ mod tests {
             "/v1/%2",
             "/v1/%zz",
             "/v1/%+1",
+            "/v1/..:x",
+            "/v1/...:x/y",
+            "/v1/chat./completions",
+            "/v1/chat../completions",
+            "/v1/models/m.:generateContent",
             "v1/x",
             "",
             "*",
@@ -440,10 +537,43 @@ mod tests {
             ("/v1/a.b/c..d/.e", "/v1/a.b/c..d/.e"),
             ("/v1/%7b%7d", "/v1/%7B%7D"),
             ("/v1/x@y,z=1!", "/v1/x@y,z=1!"),
+            ("/v1/a+b/c%2Bd", "/v1/a%2Bb/c%2Bd"),
         ] {
             let got = normalize_path(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
             assert_eq!(got, want, "{raw:?}");
             assert_eq!(normalize_path(&got).as_deref(), Ok(want), "fixed point");
+        }
+    }
+
+    #[test]
+    fn models_in_paths_and_queries_are_found() {
+        for (path, want) in [
+            ("/v1/chat/completions", vec![]),
+            ("/v1/models", vec![]),
+            ("/v1/models/qwen-plus", vec!["qwen-plus"]),
+            ("/openai/deployments/qwen/chat/completions", vec!["qwen"]),
+            ("/v1/engines/qwen/chat/completions", vec!["qwen"]),
+            (
+                "/v1/projects/p/locations/l/publishers/google/models/gemini-pro:generateContent",
+                vec!["gemini-pro"],
+            ),
+            (
+                "/bedrock/model/anthropic.claude-v2/invoke",
+                vec!["anthropic.claude-v2"],
+            ),
+            ("/v1/Deployments/a/models/b", vec!["a", "b"]),
+        ] {
+            assert_eq!(path_models(path), want, "{path}");
+        }
+        assert_eq!(query_models("api-version=1&model=qwen"), vec!["qwen"]);
+        assert_eq!(
+            query_models("MODEL=a&x=1&%6Dodel=b+c&model"),
+            vec!["a", "b c", ""]
+        );
+        assert!(query_models("models=a&modelx=b").is_empty());
+        assert!(check_query("a=1&b=%2e%2e%2f").is_ok());
+        for bad in ["a=%00", "a=%", "a=%zz", "a=%0d%0a", "a=\\x"] {
+            assert!(check_query(bad).is_err(), "{bad}");
         }
     }
 

@@ -322,6 +322,8 @@ mod tests {
             max_attempts: 3,
             clients: crate::listen::Limits::API,
             client_body_timeout: Duration::from_secs(60),
+            max_buffered_bytes: 1 << 30,
+            model_regions: Default::default(),
             breaker: BreakerConfig {
                 failures: 2,
                 open_for: Duration::from_secs(10),
