@@ -2,6 +2,15 @@
 //! enroll (server-authenticated TLS, a join token) and then connect with mutual
 //! TLS to register and receive their netmap and its updates.
 //!
+//! Until a connection has authenticated (a client certificate of a live node,
+//! or an enrollment request read whole) it is held under [`PRE_AUTH`]: at most
+//! 256 at once, at the cap the one that has waited longest makes room (so a
+//! flood of silent connections cannot lock an agent out), 10 s from its arrival
+//! to its handshake, its stream and its first frame, which may be
+//! [`control::MAX_ENROLL_FRAME`] bytes for an enrollment. The QUIC receive
+//! windows are sized for what agents send (a registration within the prefix
+//! cap, link reports), not for the netmaps the controller sends.
+//!
 //! The hub is one task that owns the [`Fabric`]: it follows the store's node
 //! records through a watch (so a change made by any controller replica reaches
 //! every agent) and fans the resulting messages out to the sessions. Each
@@ -9,6 +18,7 @@
 //! agent's stream.
 
 use crate::fabric::{Audience, Fabric, Output};
+use crate::listen;
 use crate::metrics::Metrics;
 use crate::model::{self, NodeRecord};
 use crate::paths::{LinkOverride, LinkView, PairView, PathConfig, PathEngine};
@@ -19,8 +29,8 @@ use anyhow::{anyhow, Context, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
 use skymesh_wire::control::{
-    self, AgentMessage, ControllerMessage, Enrolled, FrameBuffer, NetMapUpdate, Refusal,
-    RefusalCode,
+    self, AgentMessage, ControllerMessage, EnrollRequest, Enrolled, FrameBuffer, NetMapUpdate,
+    Refusal, RefusalCode,
 };
 use skymesh_wire::LinkReport;
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +45,27 @@ use tokio::sync::{mpsc, oneshot};
 const SESSION_QUEUE: usize = 1024;
 /// How long an agent has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections that have not authenticated yet: how many at once, and how long
+/// each has from its arrival to a checked certificate or a whole enrollment
+/// request (`header_timeout`; the other deadlines do not apply before then).
+pub const PRE_AUTH: listen::Limits = listen::Limits {
+    max_connections: 256,
+    header_timeout: Duration::from_secs(10),
+    // Deadlines of requests on a byte stream, which a QUIC connection does not
+    // pass through the guard.
+    ..listen::Limits::API
+};
+/// What the controller lets one agent stream have in flight to it: a
+/// registration at the prefix cap is about 70 KB, a link report a few KB.
+/// Larger registrations still arrive, paced by flow control.
+const STREAM_RECEIVE_WINDOW: u32 = 256 << 10;
+/// The same for the whole connection (one stream, plus QUIC's own frames).
+const CONNECTION_RECEIVE_WINDOW: u32 = 512 << 10;
+/// Connection attempts quinn holds before the accept loop takes them, and the
+/// bytes it buffers for each and for all of them.
+const MAX_INCOMING: usize = 512;
+const INCOMING_BUFFER: u64 = 64 << 10;
+const INCOMING_BUFFER_TOTAL: u64 = 4 << 20;
 /// How often paths are recomputed from the link reports.
 const PATH_TICK: Duration = Duration::from_secs(1);
 /// After a (re)start, paths are neither computed nor sent until the agents have
@@ -82,62 +113,156 @@ pub fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
     ));
     transport.max_concurrent_uni_streams(0u8.into());
     transport.max_concurrent_bidi_streams(1u8.into());
+    transport.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
+    transport.receive_window(CONNECTION_RECEIVE_WINDOW.into());
+    transport.datagram_receive_buffer_size(None);
     cfg.transport_config(Arc::new(transport));
+    cfg.max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes. Each is admitted under
+/// [`PRE_AUTH`] until it has authenticated; at the cap with every slot busy,
+/// the newcomer is refused before its handshake.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<Control>) {
+    let guard = listen::Guard::new("control", PRE_AUTH);
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let Some(admitted) = guard.admit() else {
+            tracing::debug!(%remote, "too many unauthenticated control connections; refusing one");
+            incoming.refuse();
+            continue;
+        };
         let ctx = ctx.clone();
+        let guard = guard.clone();
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => {
-                    if let Err(e) = handle(conn, &ctx).await {
-                        tracing::debug!(%remote, error = %format!("{e:#}"), "control connection ended");
-                    }
-                }
-                Err(e) => tracing::debug!(%remote, error = %e, "control handshake failed"),
+            let mut outcome = None;
+            let slot = &mut outcome;
+            guard
+                .serve(admitted, (), |_, _| async {
+                    *slot = Some(authenticate(incoming, &ctx).await);
+                })
+                .await;
+            let result = match outcome {
+                None => Err(anyhow!(
+                    "closed before it authenticated (too slow, or made room for a newer one)"
+                )),
+                Some(Err(e)) => Err(e),
+                Some(Ok(Authenticated::Node(conn, node))) => session(conn, *node, &ctx).await,
+                Some(Ok(Authenticated::Enroll(conn, req))) => enroll(conn, *req, &ctx).await,
+            };
+            if let Err(e) = result {
+                tracing::debug!(%remote, error = %format!("{e:#}"), "control connection ended");
             }
         });
     }
 }
 
-async fn handle(conn: quinn::Connection, ctx: &Control) -> Result<()> {
-    let remote = conn.remote_address();
+/// A connection with its one stream.
+struct Conn {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// What a connection proved before it leaves [`PRE_AUTH`].
+enum Authenticated {
+    /// The current certificate of a live node.
+    Node(Conn, Box<NodeRecord>),
+    /// No certificate, and a whole enrollment request.
+    Enroll(Conn, Box<EnrollRequest>),
+}
+
+/// The handshake, the stream, and the certificate check or the enrollment
+/// request: everything the controller does for a peer it does not know yet.
+/// The caller bounds its time; this bounds its memory.
+async fn authenticate(incoming: quinn::Incoming, ctx: &Control) -> Result<Authenticated> {
+    let conn = incoming.await.context("handshake")?;
     let cert = conn
         .peer_identity()
         .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|chain| chain.into_iter().next());
-    let (mut send, mut recv) = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, conn.accept_bi())
-        .await
-        .context("no stream opened in time")??;
+    let (mut send, mut recv) = conn.accept_bi().await.context("opening the stream")?;
     let Some(cert) = cert else {
-        return enroll(&conn, &mut send, &mut recv, ctx).await;
+        // Only an enrollment request may come, so no more than one is buffered.
+        let mut frames = FrameBuffer::with_limit(
+            control::MAX_ENROLL_FRAME,
+            "the first message of a connection without a client certificate (an enrollment)",
+        );
+        let req = match read_message(&mut recv, &mut frames).await {
+            Ok(Some(AgentMessage::Enroll(req))) => req,
+            Ok(other) => {
+                let message = format!(
+                    "a connection without a client certificate may only enroll; got {}",
+                    describe(&other)
+                );
+                refuse(&conn, &mut send, RefusalCode::Protocol, message).await?;
+                unreachable_refusal()?
+            }
+            Err(e) => {
+                let code = refusal_code(&e);
+                refuse(&conn, &mut send, code, format!("{e:#}")).await?;
+                unreachable_refusal()?
+            }
+        };
+        return Ok(Authenticated::Enroll(
+            Conn { conn, send, recv },
+            Box::new(req),
+        ));
     };
 
     // A client certificate: check it is the current certificate of a live node
     // before reading anything the agent sent.
+    let remote = conn.remote_address();
     let name = pki::client_name(&cert)?;
     let sha = pki::fingerprint(&cert);
-    let node = match ctx.registry.node_for_cert(&name, &sha).await {
-        Ok(Some(node)) => node,
+    match ctx.registry.node_for_cert(&name, &sha).await {
+        Ok(Some(node)) => Ok(Authenticated::Node(
+            Conn { conn, send, recv },
+            Box::new(node),
+        )),
         Ok(None) => {
             tracing::info!(node = %name, %remote, "refused a certificate that belongs to no enrolled node (revoked or replaced)");
-            return refuse(
+            refuse(
                 &conn,
                 &mut send,
                 RefusalCode::InvalidCertificate,
                 format!("the certificate of {name:?} is revoked or unknown; enroll again with a new join token"),
             )
-            .await;
+            .await?;
+            unreachable_refusal()
         }
         Err(e) => {
-            return refuse(&conn, &mut send, RefusalCode::Unavailable, e.to_string()).await;
+            refuse(&conn, &mut send, RefusalCode::Unavailable, e.to_string()).await?;
+            unreachable_refusal()
         }
-    };
+    }
+}
 
+/// [`refuse`] always fails; this satisfies the type checker after it.
+fn unreachable_refusal<T>() -> Result<T> {
+    Err(anyhow!("refused"))
+}
+
+/// The refusal code for a message that could not be read.
+fn refusal_code(e: &anyhow::Error) -> RefusalCode {
+    match e.downcast_ref::<control::FrameError>() {
+        Some(control::FrameError::Version(_)) => RefusalCode::Version,
+        _ => RefusalCode::Protocol,
+    }
+}
+
+/// An authenticated node's session: its registration, then netmaps out and
+/// link reports in until either side ends it.
+async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
+    let Conn {
+        conn,
+        mut send,
+        mut recv,
+    } = c;
+    let remote = conn.remote_address();
     let mut frames = FrameBuffer::new();
     let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(&mut recv, &mut frames))
         .await
@@ -154,10 +279,7 @@ async fn handle(conn: quinn::Connection, ctx: &Control) -> Result<()> {
             .await;
         }
         Err(e) => {
-            let code = match e.downcast_ref::<control::FrameError>() {
-                Some(control::FrameError::Version(_)) => RefusalCode::Version,
-                _ => RefusalCode::Protocol,
-            };
+            let code = refusal_code(&e);
             return refuse(&conn, &mut send, code, format!("{e:#}")).await;
         }
     };
@@ -168,7 +290,14 @@ async fn handle(conn: quinn::Connection, ctx: &Control) -> Result<()> {
     {
         Ok(n) => n,
         Err(e) => {
-            return refuse(&conn, &mut send, RefusalCode::Unavailable, e.to_string()).await;
+            let code = match &e {
+                // Over the prefix cap, or a malformed prefix: the agent's config
+                // must change; reconnecting as is gets the same answer.
+                RegistryError::Invalid { .. } => RefusalCode::Protocol,
+                _ => RefusalCode::Unavailable,
+            };
+            tracing::info!(node = %node.name, %remote, error = %e, "registration refused");
+            return refuse(&conn, &mut send, code, e.to_string()).await;
         }
     };
     let revision = ctx.registry.store().revision().await?;
@@ -215,32 +344,13 @@ async fn handle(conn: quinn::Connection, ctx: &Control) -> Result<()> {
     result
 }
 
-async fn enroll(
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    recv: &mut quinn::RecvStream,
-    ctx: &Control,
-) -> Result<()> {
-    let mut frames = FrameBuffer::new();
-    let msg = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(recv, &mut frames))
-        .await
-        .context("no enroll message in time")?;
-    let req = match msg {
-        Ok(Some(AgentMessage::Enroll(req))) => req,
-        Ok(other) => {
-            return refuse(
-                conn,
-                send,
-                RefusalCode::Protocol,
-                format!(
-                    "a connection without a client certificate may only enroll; got {}",
-                    describe(&other)
-                ),
-            )
-            .await;
-        }
-        Err(e) => return refuse(conn, send, RefusalCode::Protocol, format!("{e:#}")).await,
-    };
+async fn enroll(c: Conn, req: EnrollRequest, ctx: &Control) -> Result<()> {
+    let Conn {
+        conn,
+        mut send,
+        recv: _recv,
+    } = c;
+    let (conn, send) = (&conn, &mut send);
     match ctx
         .registry
         .enroll(

@@ -22,6 +22,12 @@ use std::net::{IpAddr, SocketAddr};
 /// about 2.5 MB of JSON.
 pub const MAX_FRAME: usize = 8 << 20;
 
+/// Largest first frame of a connection without a client certificate: an
+/// enrollment request, whose token and P-256 certificate request make about
+/// 0.7 KB (a unit test measures it). Before a peer has authenticated, the
+/// controller buffers no more than this for it.
+pub const MAX_ENROLL_FRAME: usize = 16 << 10;
+
 /// ALPN of the control protocol; a connection that does not offer it is refused
 /// during the TLS handshake.
 pub const ALPN: &[u8] = b"skymesh-control/1";
@@ -209,6 +215,14 @@ pub enum RefusalCode {
 pub enum FrameError {
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
     TooLarge(usize),
+    /// Within [`MAX_FRAME`], but larger than the reader takes at this point of
+    /// the protocol ([`FrameBuffer::with_limit`]).
+    #[error("frame of {len} bytes exceeds the {limit}-byte limit of {what}")]
+    OverLimit {
+        len: usize,
+        limit: usize,
+        what: &'static str,
+    },
     #[error(
         "protocol version {0} is not supported (this build speaks version {PROTOCOL_VERSION})"
     )]
@@ -270,14 +284,37 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 /// Reassembles frames from a byte stream read in arbitrary pieces: the reading
 /// side of the framing, without IO. The length is checked as soon as the header
 /// is in, so an oversized frame is refused before its body is buffered.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameBuffer {
     buf: Vec<u8>,
+    /// The largest frame body taken, and what sets it (for the error).
+    limit: (usize, &'static str),
+}
+
+impl Default for FrameBuffer {
+    fn default() -> Self {
+        Self {
+            buf: Vec::new(),
+            limit: (MAX_FRAME, "the control protocol"),
+        }
+    }
 }
 
 impl FrameBuffer {
+    /// A reader of frames up to [`MAX_FRAME`].
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A reader of frames up to `limit` bytes (at most [`MAX_FRAME`]), for a
+    /// point of the protocol that needs less, such as [`MAX_ENROLL_FRAME`]; `what`
+    /// names it in the error. The caller reads at most a chunk past a frame
+    /// before asking for it, so the buffer stays within `limit` plus a chunk.
+    pub fn with_limit(limit: usize, what: &'static str) -> Self {
+        Self {
+            buf: Vec::new(),
+            limit: (limit.min(MAX_FRAME), what),
+        }
     }
 
     pub fn extend(&mut self, bytes: &[u8]) {
@@ -290,6 +327,10 @@ impl FrameBuffer {
             return Ok(None);
         };
         let len = frame_len([header[0], header[1], header[2], header[3]])?;
+        let (limit, what) = self.limit;
+        if len > limit {
+            return Err(FrameError::OverLimit { len, limit, what });
+        }
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
@@ -404,6 +445,54 @@ mod tests {
             fb.next_message::<ControllerMessage>(),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_limited_reader_refuses_a_larger_frame_at_its_header() {
+        let mut fb = FrameBuffer::with_limit(MAX_ENROLL_FRAME, "an enrollment");
+        fb.extend(&((MAX_ENROLL_FRAME + 1) as u32).to_be_bytes());
+        let err = fb
+            .next_message::<AgentMessage>()
+            .expect_err("over the limit");
+        assert!(
+            matches!(
+                err,
+                FrameError::OverLimit {
+                    len,
+                    limit: MAX_ENROLL_FRAME,
+                    what: "an enrollment"
+                } if len == MAX_ENROLL_FRAME + 1
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "frame of 16385 bytes exceeds the 16384-byte limit of an enrollment"
+        );
+        // A frame at the limit is read.
+        let msg = AgentMessage::Links(LinkReport { links: Vec::new() });
+        let frame = encode(&msg).expect("encode");
+        let mut fb = FrameBuffer::with_limit(frame.len() - 4, "a test");
+        fb.extend(&frame);
+        assert_eq!(fb.next_message::<AgentMessage>().expect("fits"), Some(msg));
+    }
+
+    /// What an enrollment request weighs, with a 64-hex-digit secret and a
+    /// P-256 CSR as the agent sends (about 0.7 KB): far below the limit for the
+    /// first frame of a connection that has not authenticated.
+    #[test]
+    fn an_enrollment_request_fits_the_enrollment_limit_many_times_over() {
+        let csr = "-----BEGIN CERTIFICATE REQUEST-----\n".to_string()
+            + &"A".repeat(64 * 7)
+            + "\n-----END CERTIFICATE REQUEST-----\n";
+        let frame = encode(&AgentMessage::Enroll(EnrollRequest {
+            token_id: "jt-0123456789ab".into(),
+            secret: "f".repeat(64),
+            csr_pem: csr,
+        }))
+        .expect("encode");
+        assert!(frame.len() < 1024, "{}", frame.len());
+        assert!(frame.len() * 8 < MAX_ENROLL_FRAME);
     }
 
     #[test]
