@@ -279,6 +279,18 @@ fn token_view(t: TokenRecord) -> TokenView {
 // ---- handlers ----
 
 async fn healthz(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
+    if let crate::store::StoreHealth::NotWritable { reason } =
+        s.registry.store().check_writable().await
+    {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_not_writable",
+            format!(
+                "the state store cannot take writes: {reason}; if the data_dir's file system is \
+                 full, free space there: the store retries by itself"
+            ),
+        ));
+    }
     let revision = s.registry.store().revision().await.map_err(|e| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

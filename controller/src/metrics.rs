@@ -22,7 +22,7 @@ pub struct Metrics {
     pub updates_sent: AtomicU64,
     pub agents_connected: AtomicI64,
     pub api_requests_unauthorized: AtomicU64,
-    /// The state store's own counters (corrupt records).
+    /// The state store's own counters (writability, write errors, corrupt records).
     pub store: Option<Arc<StoreStats>>,
 }
 
@@ -105,8 +105,22 @@ impl Metrics {
     }
 }
 
-/// The store's series: its corrupt records.
+/// The store's series: whether it takes writes, its write failures, and its corrupt records.
 fn register_store(registry: &mut Registry, stats: &StoreStats) {
+    let writable = Gauge::<i64>::default();
+    writable.set(i64::from(stats.is_writable()));
+    registry.register(
+        "store_writable",
+        "1 while the state store takes writes, 0 after a failed write until one succeeds",
+        writable,
+    );
+    let errors = Counter::<u64>::default();
+    errors.inc_by(stats.write_errors());
+    registry.register(
+        "store_write_errors",
+        "State store writes that failed in the backend (full disk, I/O error)",
+        errors,
+    );
     let corrupt = Counter::<u64>::default();
     corrupt.inc_by(stats.corrupt_reads());
     registry.register(

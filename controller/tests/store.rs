@@ -1,11 +1,13 @@
 //! The state store as an operator meets it, through the real `skymesh-controller` binary and
 //! real files: a store file that is empty, truncated, damaged or not a file stops the start
 //! and is left as it is; `backup` copies a running controller's store and `restore` puts a
-//! checked copy back; a flipped bit in a stored record is detected, reported with its key, and
-//! the other records are still listed.
+//! checked copy back; a full disk makes `/healthz` say so until space is freed, and the store
+//! recovers without a restart; a flipped bit in a stored record is detected, reported with its
+//! key, and the other records are still listed.
 
 use redb::ReadableTable;
 use serde_json::{json, Value};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// Each test runs controller processes; in parallel on a small machine they would only slow
-/// each other down.
+/// each other down, and the full-disk test must not share its tmpfs.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 const ADMIN_TOKEN: &str = "store-test-admin-token-0123456789abcdef";
@@ -152,6 +154,10 @@ impl Site {
             }
             let _ = child.wait();
         }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     fn read_log(&self, start: usize) -> String {
@@ -580,4 +586,189 @@ fn put_raw(store: &Path, key: &str, record: &[u8]) {
         .insert(key, record)
         .expect("insert");
     wtx.commit().expect("commit");
+}
+
+// ---- point 5: a full disk ----
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// A small tmpfs mounted on a temp dir, unmounted (lazily, so a failing test cannot leave it
+/// busy) when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .expect("mount a tmpfs");
+        Tmpfs { dir }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Writes a ballast file until the file system is full.
+fn fill(path: &Path) -> u64 {
+    let mut f = std::fs::File::create(path).expect("ballast");
+    let chunk = vec![0x5au8; 16 * 1024];
+    let mut written = 0;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(_) => break,
+        }
+    }
+    // Fill the last partial page too.
+    while f.write(&[0u8]).is_ok_and(|n| n == 1) {
+        written += 1;
+    }
+    written
+}
+
+#[test]
+fn a_full_disk_shows_in_healthz_and_the_store_recovers_without_a_restart() {
+    let _serial = serial();
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            !in_ci(),
+            "CI is set but not running as root: the full-disk test cannot run"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: not running as root (mounting a small tmpfs needs root)"
+        );
+        return;
+    }
+    let disk = Tmpfs::mount("4m");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut site = Site::with_data_dir(dir, disk.dir.path().join("data"));
+    site.start();
+    let pid = site.pid();
+    site.token("before-full");
+    let (code, _) = site.http("GET", "/healthz", None);
+    assert_eq!(code, 200);
+
+    let ballast = disk.dir.path().join("ballast");
+    fill(&ballast);
+    // redb may still have free pages inside its file: write until a write fails.
+    let mut failed = None;
+    for i in 0..500 {
+        let (code, body) = site.create_token(&format!("while-full-{i}"));
+        if code != 201 {
+            failed = Some((code, body));
+            break;
+        }
+    }
+    let (code, body) = failed.expect("a write fails on a full disk");
+    assert!(code >= 500, "{code} {body}");
+
+    let (code, body) = site.http("GET", "/healthz", None);
+    assert_eq!(code, 503, "healthz on a full disk: {body}");
+    assert_eq!(body["error"], "store_not_writable", "{body}");
+    let metrics = site.metrics();
+    assert_eq!(
+        metric(&metrics, "skymesh_controller_store_writable"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert!(
+        metric(&metrics, "skymesh_controller_store_write_errors_total").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    // Reads still answer.
+    assert!(site.token_names().contains(&"before-full".to_owned()));
+
+    std::fs::remove_file(&ballast).expect("free the space");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let recovered = loop {
+        let (code, _) = site.create_token("after-free");
+        if code == 201 {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        recovered,
+        "writes work again once space is free:\n{}",
+        site.read_log(1)
+    );
+    assert_eq!(site.pid(), pid, "no restart");
+    let (code, body) = site.http("GET", "/healthz", None);
+    assert_eq!(code, 200, "{body}");
+    let metrics = site.metrics();
+    assert_eq!(
+        metric(&metrics, "skymesh_controller_store_writable"),
+        Some(1.0),
+        "{metrics}"
+    );
+
+    // And the store opens cleanly afterwards with everything that was acknowledged.
+    site.stop();
+    site.start();
+    let names = site.token_names();
+    assert!(names.contains(&"before-full".to_owned()) && names.contains(&"after-free".to_owned()));
+    site.stop();
+    let mut log = String::new();
+    let _ = std::fs::File::open(site.log(1)).and_then(|mut f| f.read_to_string(&mut log));
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn healthz_recovers_by_itself_when_nothing_writes() {
+    let _serial = serial();
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            !in_ci(),
+            "CI is set but not running as root: the full-disk test cannot run"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: not running as root (mounting a small tmpfs needs root)"
+        );
+        return;
+    }
+    let disk = Tmpfs::mount("4m");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut site = Site::with_data_dir(dir, disk.dir.path().join("data"));
+    site.start();
+    let ballast = disk.dir.path().join("ballast");
+    fill(&ballast);
+    let mut failed = false;
+    for i in 0..500 {
+        if site.create_token(&format!("while-full-{i}")).0 != 201 {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "a write fails on a full disk");
+    assert_eq!(site.http("GET", "/healthz", None).0, 503);
+    std::fs::remove_file(&ballast).expect("free the space");
+    // No write comes from clients: /healthz itself finds the store writable again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while site.http("GET", "/healthz", None).0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "healthz stays 503 after space was freed"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    site.stop();
 }

@@ -180,6 +180,10 @@ pub enum StoreError {
     /// anything that is not idempotent.
     #[error("store backend: {0}")]
     Backend(String),
+    /// A write was refused without being tried: the last write failed and the backend is waiting
+    /// before it tries again. Nothing was done.
+    #[error("the state store cannot take writes now: {0}")]
+    NotWritable(String),
     /// The record under `key` failed its checksum or does not decode; it is left out of ranges
     /// (and reported in [`StoreStats`]), and reading it alone fails with this.
     #[error(
@@ -256,6 +260,10 @@ pub trait Store: Send + Sync + 'static {
     async fn revision(&self) -> Result<u64, StoreError>;
     /// The store's health counters, shared with `/metrics`.
     fn stats(&self) -> Arc<StoreStats>;
+    /// Whether writes succeed now. After a failed write the backend retries on its own (with
+    /// back-off) on the next write or on this call, so this reports recovery even when nothing
+    /// else writes.
+    async fn check_writable(&self) -> StoreHealth;
     /// A consistent copy of the whole store as of one revision, in the backend's own file
     /// format (for redb: a store file `skymesh-controller restore` takes). It holds the CA key.
     async fn backup(&self) -> Result<Vec<u8>, StoreError>;

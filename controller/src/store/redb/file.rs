@@ -188,6 +188,14 @@ pub(super) fn prepare(db: &Database, path: &Path) -> Result<u64, StoreError> {
     read_revision(&meta)
 }
 
+/// Like [`prepare`] without rewriting anything: for a reopen, where the layout is known.
+pub(super) fn check_layout(db: &Database, path: &Path) -> Result<(), StoreError> {
+    match layout(db, path)? {
+        LAYOUT_VERSION => Ok(()),
+        other => Err(other_layout(path, other)),
+    }
+}
+
 fn layout(db: &Database, path: &Path) -> Result<u64, StoreError> {
     let rtx = db.begin_read().map_err(|e| backend("begin read", e))?;
     let not_a_store = |why: String| StoreError::Unusable {

@@ -6,6 +6,11 @@
 //! `Durability::Immediate` (fsync) before the call returns, so the revision, per-key revisions and
 //! values all survive a crash together and the revision never goes back after a reopen.
 //!
+//! A write that fails in redb (a full disk, an I/O error) leaves redb refusing every later write
+//! until the file is reopened, so the store then reopens it before the next write, backing off
+//! between attempts, and reports itself not writable in [`StoreStats`] until a write succeeds.
+//! Reads keep using the open file meanwhile.
+//!
 //! Watch history lives in the in-memory [`WatchHub`] and is not durable: after a reopen, watching
 //! from before the current revision reports [`StoreError::Compacted`].
 //!
@@ -16,13 +21,14 @@ mod file;
 #[cfg(test)]
 mod tests;
 
-use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use ::redb::{Database, ReadableTable, TableDefinition, WriteTransaction};
 use tokio::sync::mpsc;
 
-use super::health::StoreStats;
+use super::health::{StoreHealth, StoreStats};
 use super::{
     record, Compare, KeyValue, Op, Store, StoreError, Txn, TxnOutcome, WatchEvent, WatchHub,
     DEFAULT_WATCH_HISTORY,
@@ -36,12 +42,17 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 /// `meta` key of the on-disk layout version, so a future layout change is detected, not misread.
 const LAYOUT: &str = "layout";
+/// `meta` key a write probe rewrites to learn whether the file takes writes again.
+const PROBE: &str = "write_probe";
 /// 1: records without an envelope (read once, then rewritten as 2 at the first open);
 /// 2: every record in a checksummed [`record`] envelope.
 const LAYOUT_VERSION: u64 = 2;
 const LEGACY_LAYOUT_VERSION: u64 = 1;
 /// Bytes of revisions before the value in a record's payload.
 const HEADER_LEN: usize = 16;
+/// First wait before reopening after a failed write; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A [`Store`] in one redb file. Cheap to share behind an `Arc`; the file is locked against a
 /// second opener until the store is dropped.
@@ -50,12 +61,26 @@ pub struct RedbStore {
 }
 
 struct Inner {
-    db: Database,
-    /// Serialises commit + publish so the watch hub sees revisions in commit order. redb already
-    /// admits one writer at a time, so this costs no concurrency.
-    write_lock: Mutex<()>,
+    path: PathBuf,
+    /// `None` only between closing the file after a failed write and a successful reopen.
+    db: RwLock<Option<Database>>,
+    /// Serialises commit + publish so the watch hub sees revisions in commit order (redb already
+    /// admits one writer at a time, so this costs no concurrency), and holds the recovery state.
+    writer: Mutex<Writer>,
     hub: WatchHub,
     stats: Arc<StoreStats>,
+}
+
+/// Set after a write failed in redb: the file must be reopened before the next write.
+#[derive(Default)]
+struct Writer {
+    broken: Option<Broken>,
+}
+
+struct Broken {
+    retry_at: Instant,
+    backoff: Duration,
+    reason: String,
 }
 
 /// What one write transaction did, before it is turned into the caller's answer.
@@ -74,8 +99,9 @@ impl RedbStore {
         let revision = file::prepare(&db, path)?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
-                db,
-                write_lock: Mutex::new(()),
+                path: path.to_owned(),
+                db: RwLock::new(Some(db)),
+                writer: Mutex::new(Writer::default()),
                 hub: WatchHub::new(revision, DEFAULT_WATCH_HISTORY),
                 stats: Arc::new(StoreStats::default()),
             }),
@@ -103,16 +129,113 @@ impl RedbStore {
 }
 
 impl Inner {
+    /// Runs `work` on the open database; fails while it is being reopened.
+    fn with_db<T>(
+        &self,
+        work: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let slot = self.db.read().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(db) => work(db),
+            None => Err(StoreError::Backend(format!(
+                "store file {} is closed after a failed write and could not be reopened yet; \
+                 it is retried with back-off",
+                self.path.display()
+            ))),
+        }
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Writer> {
+        // Writer state is replaced whole, and redb transactions are atomic, so a panic elsewhere
+        // leaves nothing half-done behind this lock.
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Checks the compares and applies the ops in one redb transaction, then publishes the
-    /// events, all under `write_lock`.
+    /// events, all under the writer lock. After a failed write, reopens the file first.
     fn write(&self, txn: Txn) -> Result<Applied, StoreError> {
-        // The guarded data is `()` and redb transactions are atomic, so a panic elsewhere leaves
-        // nothing half-done behind this lock.
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.write_once(&self.db, txn)
+        let mut writer = self.lock_writer();
+        self.recover(&mut writer)?;
+        let result = self.with_db(|db| self.write_once(db, txn));
+        self.account(&mut writer, result)
+    }
+
+    /// Notes the outcome of a write in the recovery state and the stats.
+    fn account<T>(
+        &self,
+        writer: &mut Writer,
+        result: Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        match result {
+            Ok(value) => {
+                writer.broken = None;
+                if !self.stats.is_writable() {
+                    self.stats.write_succeeded();
+                }
+                Ok(value)
+            }
+            Err(StoreError::Backend(reason)) => {
+                let backoff = writer
+                    .broken
+                    .as_ref()
+                    .map_or(FIRST_BACKOFF, |b| (b.backoff * 2).min(MAX_BACKOFF));
+                self.stats.write_failed(&reason);
+                writer.broken = Some(Broken {
+                    retry_at: Instant::now() + backoff,
+                    backoff,
+                    reason: reason.clone(),
+                });
+                Err(StoreError::Backend(reason))
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    /// After a failed write: refuses until the back-off has passed, then reopens the file.
+    fn recover(&self, writer: &mut Writer) -> Result<(), StoreError> {
+        let Some(broken) = &writer.broken else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if now < broken.retry_at {
+            return Err(StoreError::NotWritable(format!(
+                "{}; the next attempt is in {} ms",
+                broken.reason,
+                (broken.retry_at - now).as_millis()
+            )));
+        }
+        match self.reopen() {
+            Ok(()) => Ok(()),
+            // Whatever refused the reopen (a damaged file, ENOSPC during redb's repair), the
+            // store stays not writable and backs off further.
+            Err(e) => self.account(writer, Err(StoreError::Backend(e.to_string()))),
+        }
+    }
+
+    /// Closes the database (redb refuses writes after an I/O error until then) and opens it
+    /// again, with the same checks as at startup.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write().unwrap_or_else(PoisonError::into_inner);
+        // Drop first: the file lock is released only when the old handle is gone.
+        drop(slot.take());
+        let db = file::open_existing(&self.path)?;
+        file::check_layout(&db, &self.path)?;
+        *slot = Some(db);
+        tracing::info!(file = %self.path.display(), "reopened the state store after a failed write");
+        Ok(())
+    }
+
+    /// Whether writes succeed; after a failed write, tries a reopen and a small write when the
+    /// back-off allows, so recovery shows even when nothing else writes.
+    fn check_writable(&self) -> StoreHealth {
+        let mut writer = self.lock_writer();
+        // A recovery error is either the back-off still running or a failed reopen, which
+        // `recover` has accounted for already.
+        if writer.broken.is_some() && self.recover(&mut writer).is_ok() {
+            let probed = self.with_db(probe);
+            let _ = self.account(&mut writer, probed);
+        }
+        self.stats.health()
     }
 
     fn write_once(&self, db: &Database, txn: Txn) -> Result<Applied, StoreError> {
@@ -155,6 +278,23 @@ impl Inner {
             Err(other) => Err(other),
         }
     }
+}
+
+/// A write that changes no key: rewrites the probe entry in `meta`.
+fn probe(db: &Database) -> Result<(), StoreError> {
+    let wtx = db.begin_write().map_err(|e| backend("begin write", e))?;
+    {
+        let mut meta = wtx
+            .open_table(META)
+            .map_err(|e| backend("open meta table", e))?;
+        let previous = meta
+            .get(PROBE)
+            .map_err(|e| backend("read write probe", e))?
+            .map_or(0, |v| v.value());
+        meta.insert(PROBE, previous.wrapping_add(1))
+            .map_err(|e| backend("write probe", e))?;
+    }
+    wtx.commit().map_err(|e| backend("commit write probe", e))
 }
 
 enum Staged {
@@ -299,11 +439,8 @@ impl Store for RedbStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
         let key = key.to_owned();
         self.blocking(move |inner| {
-            let found = (|| {
-                let rtx = inner
-                    .db
-                    .begin_read()
-                    .map_err(|e| backend("begin read", e))?;
+            let found = inner.with_db(|db| {
+                let rtx = db.begin_read().map_err(|e| backend("begin read", e))?;
                 let kv = rtx
                     .open_table(KV)
                     .map_err(|e| backend("open kv table", e))?;
@@ -311,7 +448,7 @@ impl Store for RedbStore {
                     return Ok(None);
                 };
                 decode(&key, guard.value()).map(Some)
-            })();
+            });
             if let Err(StoreError::Corrupt { key, reason }) = &found {
                 inner.stats.corrupt_record(key, reason);
             }
@@ -323,12 +460,9 @@ impl Store for RedbStore {
     async fn range(&self, prefix: &str) -> Result<(Vec<KeyValue>, u64), StoreError> {
         let prefix = prefix.to_owned();
         self.blocking(move |inner| {
-            {
+            inner.with_db(|db| {
                 // One read transaction: the keys and the revision come from the same snapshot.
-                let rtx = inner
-                    .db
-                    .begin_read()
-                    .map_err(|e| backend("begin read", e))?;
+                let rtx = db.begin_read().map_err(|e| backend("begin read", e))?;
                 let kv = rtx
                     .open_table(KV)
                     .map_err(|e| backend("open kv table", e))?;
@@ -349,7 +483,7 @@ impl Store for RedbStore {
                     found.extend(inner.skip_corrupt(decode(key, record.value()))?);
                 }
                 Ok((found, revision))
-            }
+            })
         })
         .await
     }
@@ -389,14 +523,13 @@ impl Store for RedbStore {
 
     async fn revision(&self) -> Result<u64, StoreError> {
         self.blocking(|inner| {
-            let rtx = inner
-                .db
-                .begin_read()
-                .map_err(|e| backend("begin read", e))?;
-            let meta = rtx
-                .open_table(META)
-                .map_err(|e| backend("open meta table", e))?;
-            read_revision(&meta)
+            inner.with_db(|db| {
+                let rtx = db.begin_read().map_err(|e| backend("begin read", e))?;
+                let meta = rtx
+                    .open_table(META)
+                    .map_err(|e| backend("open meta table", e))?;
+                read_revision(&meta)
+            })
         })
         .await
     }
@@ -405,8 +538,16 @@ impl Store for RedbStore {
         Arc::clone(&self.inner.stats)
     }
 
+    async fn check_writable(&self) -> StoreHealth {
+        self.blocking(|inner| Ok(inner.check_writable()))
+            .await
+            .unwrap_or_else(|e| StoreHealth::NotWritable {
+                reason: e.to_string(),
+            })
+    }
+
     async fn backup(&self) -> Result<Vec<u8>, StoreError> {
-        self.blocking(|inner| backup::snapshot(&inner.db, &inner.stats))
+        self.blocking(|inner| inner.with_db(|db| backup::snapshot(db, &inner.stats)))
             .await
     }
 }
