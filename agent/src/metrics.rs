@@ -277,8 +277,8 @@ pub async fn serve(listener: TcpListener, status: impl Fn() -> Status + Send + S
 }
 
 /// The answer to one request.
-fn respond(
-    req: &Request<Incoming>,
+fn respond<B>(
+    req: &Request<B>,
     status: &(dyn Fn() -> Status + Send + Sync),
 ) -> Response<Full<Bytes>> {
     let reply = |code: StatusCode, text: &'static str| {
@@ -443,5 +443,53 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn answers_get_and_head_at_metrics_only() {
+        let status = || Status {
+            interface: InterfaceStatus {
+                name: "skymesh0".into(),
+                public_key: "PUB".into(),
+                listen_port: 51820,
+                address: None,
+                mtu: 1420,
+            },
+            peers: vec![],
+            drops: BTreeMap::new(),
+            handshake_cookie_replies: 0,
+            link_check_stalls: 0,
+            controller: None,
+            links: vec![],
+            routes: vec![],
+        };
+        let req = |method: Method, path: &str| {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .body(())
+                .expect("request")
+        };
+        let ok = respond(&req(Method::GET, "/metrics"), &status);
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(
+            ok.headers()[header::CONTENT_TYPE],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        assert_eq!(
+            respond(&req(Method::HEAD, "/metrics"), &status).status(),
+            StatusCode::OK
+        );
+        let post = respond(&req(Method::POST, "/metrics"), &status);
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[header::ALLOW], "GET, HEAD");
+        assert_eq!(
+            respond(&req(Method::GET, "/"), &status).status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            respond(&req(Method::GET, "/metrics/../x"), &status).status(),
+            StatusCode::NOT_FOUND
+        );
     }
 }

@@ -431,7 +431,7 @@ fn a_scrape_succeeds_while_attackers_hold_every_connection() -> Result<()> {
                 m.text
             );
             ensure!(
-                t.elapsed() < Duration::from_secs(2),
+                t.elapsed() < Duration::from_secs(5),
                 "scrape {i} took {:?}",
                 t.elapsed()
             );
