@@ -449,3 +449,96 @@ fn a_scrape_succeeds_while_attackers_hold_every_connection() -> Result<()> {
         Ok(())
     })
 }
+
+/// Issue 14.8: the admin socket caps its connections and closes a silent one after
+/// its 5 s deadline; `status` answers at once while silent clients hold more
+/// connections than the cap and the agent's descriptor budget.
+#[test]
+fn status_answers_while_silent_admin_clients_hold_the_cap() -> Result<()> {
+    use std::io::Read as _;
+    if !require_root() || !skymesh_tests::require_tool("prlimit") {
+        return Ok(());
+    }
+    e2e("admin-cap", |env| {
+        let ns = env.netns("a")?;
+        let mut a = agent(env, &ns)?;
+        a.start()?;
+        let pid = a.pid().context("pid")?.as_raw();
+        let base = open_fds(pid)?;
+        let limit = base + 100;
+        skymesh_tests::proc::check(std::process::Command::new("prlimit").args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={limit}:{limit}"),
+        ]))?;
+        let mut silent = std::os::unix::net::UnixStream::connect(&a.socket)?;
+        let opened = std::time::Instant::now();
+        // More silent clients than the cap (64) and than the descriptors left,
+        // paced so the backlog never fills.
+        let mut held = Vec::new();
+        for _ in 0..150 {
+            held.push(std::os::unix::net::UnixStream::connect(&a.socket)?);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let fds = open_fds(pid)?;
+        for i in 0..3 {
+            let t = std::time::Instant::now();
+            // `timeout` so that a status stuck behind the attackers fails the test
+            // instead of hanging it.
+            let out = skymesh_tests::proc::output(
+                std::process::Command::new("timeout")
+                    .arg("5")
+                    .arg(skymesh_tests::agent_bin()?)
+                    .args(["status", "--json", "--config", a.config_arg()?]),
+            )?;
+            ensure!(
+                out.status.success(),
+                "status {i} failed while {} silent clients are connected: {}",
+                held.len(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            ensure!(
+                t.elapsed() < Duration::from_secs(3),
+                "status {i} took {:?}",
+                t.elapsed()
+            );
+        }
+        eprintln!(
+            "{} silent admin clients; the agent holds {fds} descriptors ({base} at rest)",
+            held.len()
+        );
+        ensure!(
+            fds <= base + 64 + 8,
+            "the agent holds {fds} descriptors ({base} at rest): the admin connection cap did not hold"
+        );
+        // The first silent client was evicted or timed out; either way it is closed.
+        silent.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = [0u8; 64];
+        let n = silent
+            .read(&mut buf)
+            .context("the first silent client is still open after 10 s")?;
+        ensure!(n == 0, "the first silent client got {n} bytes");
+        ensure!(
+            opened.elapsed() < Duration::from_secs(7),
+            "closed only after {:?}",
+            opened.elapsed()
+        );
+        drop(held);
+        // Alone, a silent client is closed by the 5 s deadline.
+        let mut alone = std::os::unix::net::UnixStream::connect(&a.socket)?;
+        let t = std::time::Instant::now();
+        alone.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let n = alone
+            .read(&mut buf)
+            .context("a silent admin client is open after 10 s")?;
+        ensure!(
+            n == 0
+                && t.elapsed() >= Duration::from_secs(4)
+                && t.elapsed() <= Duration::from_secs(7),
+            "a silent admin client was closed after {:?} (want about 5 s)",
+            t.elapsed()
+        );
+        Ok(())
+    })
+}
