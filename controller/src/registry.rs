@@ -457,8 +457,11 @@ impl Registry {
         now: u64,
     ) -> Result<NodeRecord> {
         self.check_prefix_cap(name, reg)?;
-        let _guard = self.admission_lock.lock().await;
+        // Taken only by a registration that changes prefixes: a reconnect that
+        // changes nothing never waits for another node's admission.
+        let mut admitting = None;
         let key = model::node_key(name);
+        let advertised: BTreeSet<IpNet> = reg.advertise.iter().copied().collect();
         for _ in 0..MAX_ATTEMPTS {
             let Some((mut node, rev)) = self.node(name).await? else {
                 return Err(RegistryError::NotFound {
@@ -476,7 +479,12 @@ impl Registry {
             node.last_seen = now;
             let prefixes_changed = node.advertised != reg.advertise
                 || !node.rejected_prefixes.is_empty()
-                || node.prefixes.iter().any(|p| !reg.advertise.contains(p));
+                || node.prefixes.iter().any(|p| !advertised.contains(p));
+            if prefixes_changed && admitting.is_none() {
+                admitting = Some(self.admission_lock.lock().await);
+                // Read again: another admission may have committed meanwhile.
+                continue;
+            }
             let mut txn = Txn::new().when_revision(&key, rev);
             if prefixes_changed {
                 let fence = self.store.get(model::PREFIX_FENCE).await?;
