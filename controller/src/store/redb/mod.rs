@@ -97,13 +97,15 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let db = file::open_or_create(path)?;
         let revision = file::prepare(&db, path)?;
+        let stats = Arc::new(StoreStats::default());
+        report_corrupt(&db, &stats)?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 db: RwLock::new(Some(db)),
                 writer: Mutex::new(Writer::default()),
                 hub: WatchHub::new(revision, DEFAULT_WATCH_HISTORY),
-                stats: Arc::new(StoreStats::default()),
+                stats,
             }),
         })
     }
@@ -278,6 +280,22 @@ impl Inner {
             Err(other) => Err(other),
         }
     }
+}
+
+/// Checks every record once at open, so damage is in the log and the metrics from the start,
+/// not only once something reads the key.
+fn report_corrupt(db: &Database, stats: &StoreStats) -> Result<(), StoreError> {
+    let rtx = db.begin_read().map_err(|e| backend("begin read", e))?;
+    let kv = rtx
+        .open_table(KV)
+        .map_err(|e| backend("open kv table", e))?;
+    for entry in kv.iter().map_err(|e| backend("read records", e))? {
+        let (key, record) = entry.map_err(|e| backend("read records", e))?;
+        if let Err(StoreError::Corrupt { key, reason }) = decode(key.value(), record.value()) {
+            stats.corrupt_record(&key, &reason);
+        }
+    }
+    Ok(())
 }
 
 /// A write that changes no key: rewrites the probe entry in `meta`.

@@ -748,6 +748,11 @@ async fn no_single_bit_flip_in_a_stored_record_goes_undetected_and_ranges_keep_t
             wtx.commit().expect("commit");
         }
         let store = RedbStore::open(&path).expect("open");
+        assert_eq!(
+            store.stats().corrupt_keys(),
+            vec![victim.to_owned()],
+            "bit {bit}: reported at open, before any read"
+        );
         let (kvs, _) = store
             .range("/skymesh/tokens/")
             .await
