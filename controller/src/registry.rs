@@ -257,8 +257,24 @@ impl Registry {
         now: u64,
     ) -> Result<Enrollment> {
         let key_sha256 = csr_key_sha256(csr_pem)?;
-        let _guard = self.enroll_lock.lock().await;
         let token_key = model::token_key(token_id);
+        // Requests with an unknown token or a wrong secret never queue for the
+        // lock, so a flood of them cannot delay a real enrollment.
+        let Some(tkv) = self.store.get(&token_key).await? else {
+            return Err(RegistryError::TokenRefused(
+                "the join token is not valid".to_string(),
+            ));
+        };
+        let token: TokenRecord = model::decode(&tkv.key, &tkv.value)?;
+        if !constant_time_eq(
+            sha256_hex(secret.as_bytes()).as_bytes(),
+            token.secret_sha256.as_bytes(),
+        ) {
+            return Err(RegistryError::TokenRefused(
+                "the join token is not valid".to_string(),
+            ));
+        }
+        let _guard = self.enroll_lock.lock().await;
         let receipt_key = receipt_key(token_id, &key_sha256);
         for _ in 0..MAX_ATTEMPTS {
             let refused = || RegistryError::TokenRefused("the join token is not valid".to_string());
