@@ -8,7 +8,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -170,6 +170,33 @@ pub fn restore(store: &Path, from: &Path, now_unix: u64) -> Result<Restored, Sto
             e,
         )
     })?;
+    // Restore runs as root while the controller runs as its own (often dynamic) user: the new
+    // file gets the owner the controller's file or data_dir has, or the controller could not
+    // open it.
+    let owner = std::fs::metadata(store)
+        .ok()
+        .filter(std::fs::Metadata::is_file)
+        .or_else(|| store.parent().and_then(|dir| std::fs::metadata(dir).ok()));
+    if let Some(owner) = owner {
+        let ours = std::fs::metadata(&staging).map_err(|e| io(staging.display().to_string(), e))?;
+        if (ours.uid(), ours.gid()) != (owner.uid(), owner.gid()) {
+            std::os::unix::fs::chown(&staging, Some(owner.uid()), Some(owner.gid())).map_err(
+                |e| {
+                    let _ = std::fs::remove_file(&staging);
+                    io(
+                        format!(
+                            "giving {} the owner {}:{} of the store (run restore as root or as \
+                             that user)",
+                            staging.display(),
+                            owner.uid(),
+                            owner.gid()
+                        ),
+                        e,
+                    )
+                },
+            )?;
+        }
+    }
     let verified = match verify(&staging) {
         Ok(v) => v,
         Err(e) => {

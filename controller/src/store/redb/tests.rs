@@ -827,7 +827,18 @@ async fn a_backup_taken_while_serving_verifies_and_restores_keeping_the_old_file
     assert_eq!(std::fs::read(&path).expect("read"), before);
     assert!(!file::staging_path(&path, "restoring").exists());
 
+    // The controller's user owns its file; restore (as root) keeps that owner.
+    let controller_user = nix::unistd::geteuid()
+        .is_root()
+        .then(|| std::os::unix::fs::chown(&path, Some(65534), Some(65534)).expect("chown"))
+        .is_some();
+
     let restored = restore(&path, &backup_path, 1000).expect("restore");
+    if controller_user {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&path).expect("restored file");
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    }
     assert_eq!(restored.verified.records, 2);
     let aside = restored.kept_aside.expect("the old file is kept");
     assert_eq!(aside, dir.path().join("state.redb.before-restore-1000"));
