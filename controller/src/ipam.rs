@@ -12,7 +12,7 @@
 //! and IPv6 share one code path and a block search jumps past a taken range in one
 //! step instead of stepping through candidates.
 //!
-//! Overlaps are found through ordered maps keyed by prefix ([`overlapping`]): the
+//! Overlaps are found through ordered maps keyed by prefix (`overlapping`): the
 //! blocks that hold a prefix are one lookup per shorter length, the blocks inside
 //! it one contiguous range. Admitting n prefixes against m accepted ones costs
 //! O((n + m) log(n + m)), so the number of prefixes a node may advertise is a
