@@ -683,3 +683,63 @@ async fn unauthenticated_first_frames_do_not_grow_the_controllers_memory() {
     );
     assert!(grew_mib < 40.0, "+{grew_mib:.1} MiB");
 }
+
+/// The same answer is given again only within the retry window: the token's
+/// TTL, and at least 10 minutes after the enrollment. Time is injected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrollment_answer_is_given_again_only_within_the_retry_window() {
+    let f = start().await;
+    let ca = f.ctl.registry.load_or_create_ca().await.expect("ca");
+    let now = skymesh_controller::model::unix_now();
+    let (rec, secret) = f
+        .ctl
+        .registry
+        .create_token(
+            NewToken {
+                name: "aws-gw".into(),
+                site: "aws".into(),
+                cloud: "aws".into(),
+                region: "us-west-2".into(),
+                ttl: Some(60),
+                reusable: false,
+            },
+            now,
+        )
+        .await
+        .expect("token");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let csr = |key: &rcgen::KeyPair| {
+        rcgen::CertificateParams::default()
+            .serialize_request(key)
+            .expect("csr")
+            .pem()
+            .expect("pem")
+    };
+    let registry = &f.ctl.registry;
+    let first = registry
+        .enroll(&ca, &rec.id, &secret, &csr(&key), now)
+        .await
+        .expect("enrolls");
+    // A new CSR for the same key (signatures differ), after the token expired
+    // but within the 10-minute minimum: the same answer.
+    let again = registry
+        .enroll(&ca, &rec.id, &secret, &csr(&key), now + 300)
+        .await
+        .expect("the same answer");
+    assert_eq!(again.node.name, first.node.name);
+    assert_eq!(again.certificate_pem, first.certificate_pem);
+    // A wrong secret gets nothing.
+    let wrong = registry
+        .enroll(&ca, &rec.id, &"0".repeat(64), &csr(&key), now + 300)
+        .await
+        .expect_err("wrong secret");
+    assert!(wrong.to_string().contains("not valid"), "{wrong}");
+    // After the window, the token is simply expired.
+    let late = registry
+        .enroll(&ca, &rec.id, &secret, &csr(&key), now + 601)
+        .await
+        .expect_err("window closed");
+    assert!(late.to_string().contains("expired"), "{late}");
+    assert_eq!(registry.nodes().await.expect("nodes").len(), 1);
+    f.ctl.shutdown().await;
+}
