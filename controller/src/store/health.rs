@@ -125,7 +125,7 @@ impl StoreStats {
         self.corrupt_reads.load(Ordering::Relaxed)
     }
 
-    /// The keys currently known to hold a corrupt record (at most [`MAX_CORRUPT_KEYS`]).
+    /// The keys currently known to hold a corrupt record (at most `MAX_CORRUPT_KEYS`).
     pub fn corrupt_keys(&self) -> Vec<String> {
         self.corrupt_keys
             .lock()

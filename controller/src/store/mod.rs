@@ -1,5 +1,5 @@
 //! The controller's state store: the [`Store`] trait every backend implements, its value types,
-//! and the in-process [`WatchHub`] that a backend without native watch uses to fan out events.
+//! and the in-process `WatchHub` that a backend without native watch uses to fan out events.
 //!
 //! Owns the semantics of durable controller state (nodes, certificates, join tokens, IP
 //! allocations, prefixes), modelled one-to-one on etcd v3's KV API so an etcd backend can slot in:
@@ -11,7 +11,7 @@
 //! Does not own what the values mean (callers encode them) nor key layout beyond "UTF-8 string,
 //! prefix-ranged". The default backend is [`redb::RedbStore`], an embedded crash-safe file.
 //!
-//! What every backend shares lives here too: the checksummed [`record`] envelope each stored
+//! What every backend shares lives here too: the checksummed `record` envelope each stored
 //! value is wrapped in, and the [`health::StoreStats`] each backend reports to `/healthz` and
 //! `/metrics`.
 

@@ -1,6 +1,6 @@
 //! [`RedbStore`]: the default [`Store`] backend, one embedded crash-safe redb file.
 //!
-//! Owns the on-disk layout: table `kv` maps each key to a [`record`](super::record) envelope
+//! Owns the on-disk layout: table `kv` maps each key to a `record` envelope
 //! around `create_revision (u64 BE) ++ mod_revision (u64 BE) ++ value`; table `meta` holds the
 //! store revision and the layout version. Every write is one redb transaction committed with
 //! `Durability::Immediate` (fsync) before the call returns, so the revision, per-key revisions and
@@ -11,7 +11,7 @@
 //! between attempts, and reports itself not writable in [`StoreStats`] until a write succeeds.
 //! Reads keep using the open file meanwhile.
 //!
-//! Watch history lives in the in-memory [`WatchHub`] and is not durable: after a reopen, watching
+//! Watch history lives in the in-memory `WatchHub` and is not durable: after a reopen, watching
 //! from before the current revision reports [`StoreError::Compacted`].
 //!
 //! Must not hold anything that matters only in memory besides that watch history.
