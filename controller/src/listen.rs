@@ -14,7 +14,7 @@
 //! What a connection is doing is learnt from three places: [`Watched`] sees
 //! its bytes (the first byte of a request head, a blocked write), [`InFlight`]
 //! guards mark a request from its head to the end of its answer, and
-//! [`supervise`] turns the state into one deadline at a time. It owns no
+//! `supervise` turns the state into one deadline at a time. It owns no
 //! protocol: hyper parses, this module only closes.
 
 use std::collections::HashMap;

@@ -20,7 +20,7 @@ struct Cli {
         global = true
     )]
     api: String,
-    /// File holding the admin bearer token (the controller's [api] admin_token_file).
+    /// File holding the admin bearer token (the controller's `[api] admin_token_file`).
     #[arg(
         long,
         env = "SKYMESH_TOKEN_FILE",

@@ -105,7 +105,7 @@ impl Health {
     }
 
     /// The upstream's own time to first byte at `now`: the median of its newest
-    /// answers (see [`TTFB_SAMPLES`] and [`TTFB_MAX_AGE`]).
+    /// answers (see `TTFB_SAMPLES` and `TTFB_MAX_AGE`).
     pub fn ttfb(&self, now: Instant) -> Option<Duration> {
         self.ttfb.median(now)
     }

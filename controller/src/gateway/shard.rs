@@ -7,7 +7,7 @@
 //!
 //! Whichever shard wakes first accepts, so left alone one busy shard would take
 //! most clients and the other cores would idle. Each accepted connection goes
-//! to the shard serving the fewest client connections ([`Load::assign`]), as
+//! to the shard serving the fewest client connections (`Load::assign`), as
 //! Envoy's exact connection balancer does; a connection changes threads once,
 //! before its first byte is read, and stays there.
 //!

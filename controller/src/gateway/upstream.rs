@@ -276,7 +276,7 @@ impl Pool {
     }
 
     /// Closes the idle HTTP/1.1 connections that are closed already or have
-    /// idled [`IDLE_TIMEOUT`] by `now`, and forgets a closed h2 connection;
+    /// idled `IDLE_TIMEOUT` by `now`, and forgets a closed h2 connection;
     /// returns how many idle connections are left.
     pub fn sweep(&self, now: Instant) -> usize {
         let p = &self.0;
