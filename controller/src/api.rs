@@ -52,6 +52,8 @@ pub struct ApiState {
     pub gateway: Option<Arc<crate::gateway::Gateway>>,
     /// This API's listener guards, whose counters /metrics shows.
     pub api_guard: Arc<crate::listen::Guard>,
+    /// The control endpoint's guard over unauthenticated connections.
+    pub control_guard: Arc<crate::listen::Guard>,
 }
 
 /// Every route: method, path, summary. The router and the OpenAPI document are
@@ -324,7 +326,7 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
         )],
         {
             let mut text = s.metrics.render(&nodes);
-            let mut listeners = vec![("api", &*s.api_guard)];
+            let mut listeners = vec![("api", &*s.api_guard), ("control", &*s.control_guard)];
             if let Some(gw) = &s.gateway {
                 text.push_str(&gw.render_metrics());
                 listeners.push(("ai_gateway", &*gw.clients));

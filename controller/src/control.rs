@@ -79,6 +79,8 @@ pub struct Control {
     pub ca: Arc<Ca>,
     pub hub: Hub,
     pub metrics: Arc<Metrics>,
+    /// Connections that have not authenticated yet, under [`PRE_AUTH`].
+    pub pre_auth: Arc<listen::Guard>,
 }
 
 /// The rustls + QUIC server configuration: our chain, client certificates
@@ -127,11 +129,12 @@ pub fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
 /// [`PRE_AUTH`] until it has authenticated; at the cap with every slot busy,
 /// the newcomer is refused before its handshake.
 pub async fn serve(endpoint: quinn::Endpoint, ctx: Arc<Control>) {
-    let guard = listen::Guard::new("control", PRE_AUTH);
+    let guard = ctx.pre_auth.clone();
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
         let Some(admitted) = guard.admit() else {
             tracing::debug!(%remote, "too many unauthenticated control connections; refusing one");
+            // Counted by the guard as refused at the cap.
             incoming.refuse();
             continue;
         };

@@ -701,15 +701,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// the family, as the encoder writes them; see `prom::classic_text`).
 pub fn render(out: &mut String, listeners: &[(&str, &Guard)]) {
     use std::fmt::Write;
-    let _ = writeln!(out, "# HELP skymesh_controller_http_connections Client connections open, per listener.\n# TYPE skymesh_controller_http_connections gauge");
+    let _ = writeln!(out, "# HELP skymesh_controller_listener_connections Client connections open, per listener (for control: those not authenticated yet).\n# TYPE skymesh_controller_listener_connections gauge");
     for (name, g) in listeners {
         let _ = writeln!(
             out,
-            "skymesh_controller_http_connections{{listener=\"{name}\"}} {}",
+            "skymesh_controller_listener_connections{{listener=\"{name}\"}} {}",
             g.open()
         );
     }
-    let _ = writeln!(out, "# HELP skymesh_controller_http_connections_closed Client connections a listener closed or refused, by reason.\n# TYPE skymesh_controller_http_connections_closed counter");
+    let _ = writeln!(out, "# HELP skymesh_controller_listener_connections_closed Client connections a listener closed or refused, by reason.\n# TYPE skymesh_controller_listener_connections_closed counter");
     for (name, g) in listeners {
         let s = &g.stats;
         for (reason, n) in [
@@ -721,16 +721,16 @@ pub fn render(out: &mut String, listeners: &[(&str, &Guard)]) {
         ] {
             let _ = writeln!(
                 out,
-                "skymesh_controller_http_connections_closed_total{{listener=\"{name}\",reason=\"{reason}\"}} {}",
+                "skymesh_controller_listener_connections_closed_total{{listener=\"{name}\",reason=\"{reason}\"}} {}",
                 n.load(Ordering::Relaxed)
             );
         }
     }
-    let _ = writeln!(out, "# HELP skymesh_controller_http_accept_errors Failed accepts (out of descriptors and the like), each followed by a back-off.\n# TYPE skymesh_controller_http_accept_errors counter");
+    let _ = writeln!(out, "# HELP skymesh_controller_listener_accept_errors Failed accepts (out of descriptors and the like), each followed by a back-off.\n# TYPE skymesh_controller_listener_accept_errors counter");
     for (name, g) in listeners {
         let _ = writeln!(
             out,
-            "skymesh_controller_http_accept_errors_total{{listener=\"{name}\"}} {}",
+            "skymesh_controller_listener_accept_errors_total{{listener=\"{name}\"}} {}",
             g.stats.accept_errors.load(Ordering::Relaxed)
         );
     }

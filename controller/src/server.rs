@@ -105,6 +105,7 @@ pub async fn start_with(
         .with_context(|| format!("binding the API {} ([api] listen)", config.api_listen))?;
     let api_addr = api_listener.local_addr()?;
     let api_guard = crate::listen::Guard::new("api", crate::listen::Limits::API);
+    let control_guard = crate::listen::Guard::new("control", control::PRE_AUTH);
 
     let mut tasks = tokio::task::JoinSet::new();
     let gateway = match &config.ai_gateway {
@@ -115,6 +116,7 @@ pub async fn start_with(
     };
     {
         let ctx = Arc::new(Control {
+            pre_auth: control_guard.clone(),
             registry: registry.clone(),
             ca: ca.clone(),
             hub: hub.clone(),
@@ -136,6 +138,7 @@ pub async fn start_with(
             control_advertise: config.control_advertise.clone(),
             gateway: gateway.as_ref().map(|(g, _)| g.clone()),
             api_guard: api_guard.clone(),
+            control_guard: control_guard.clone(),
         });
         let app = api::router(state);
         tasks.spawn(async move {

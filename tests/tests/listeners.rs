@@ -265,9 +265,9 @@ fn silent_half_sent_and_idle_connections_are_closed() -> Result<()> {
         );
         let m = metrics(&c)?;
         for series in [
-            "skymesh_controller_http_connections_closed_total{listener=\"api\",reason=\"header_timeout\"}",
-            "skymesh_controller_http_connections_closed_total{listener=\"ai_gateway\",reason=\"header_timeout\"}",
-            "skymesh_controller_http_connections_closed_total{listener=\"ai_gateway\",reason=\"idle_timeout\"}",
+            "skymesh_controller_listener_connections_closed_total{listener=\"api\",reason=\"header_timeout\"}",
+            "skymesh_controller_listener_connections_closed_total{listener=\"ai_gateway\",reason=\"header_timeout\"}",
+            "skymesh_controller_listener_connections_closed_total{listener=\"ai_gateway\",reason=\"idle_timeout\"}",
         ] {
             ensure!(sample(&m, series) >= 1.0, "{series} did not count:\n{m}");
         }
@@ -312,17 +312,24 @@ fn an_operator_gets_in_while_an_attacker_holds_the_cap() -> Result<()> {
             "the gateway's client got {status:?}"
         );
         let m = metrics(&c)?;
-        let open_api = sample(&m, "skymesh_controller_http_connections{listener=\"api\"}");
+        ensure!(
+            m.contains("skymesh_controller_listener_connections{listener=\"control\"}"),
+            "the control endpoint's guard is not in /metrics"
+        );
+        let open_api = sample(
+            &m,
+            "skymesh_controller_listener_connections{listener=\"api\"}",
+        );
         let open_gw = sample(
             &m,
-            "skymesh_controller_http_connections{listener=\"ai_gateway\"}",
+            "skymesh_controller_listener_connections{listener=\"ai_gateway\"}",
         );
         ensure!(
             open_api <= 512.0 && open_gw <= 16.0,
             "over the cap: api {open_api}, gateway {open_gw}"
         );
         ensure!(
-            sample(&m, "skymesh_controller_http_connections_closed_total{listener=\"api\",reason=\"evicted\"}") >= 188.0,
+            sample(&m, "skymesh_controller_listener_connections_closed_total{listener=\"api\",reason=\"evicted\"}") >= 188.0,
             "the API did not make room:\n{m}"
         );
         // The controller's own descriptors stay bounded by the caps.
