@@ -6,7 +6,7 @@
 //! module reads the config and key files; it must not open sockets or devices.
 
 mod fields;
-mod paths;
+pub(crate) mod paths;
 
 use crate::keys::PrivateKey;
 use crate::probe::ProbeConfig;
@@ -645,6 +645,19 @@ impl Validator<'_> {
                 is_dir: false,
             });
         }
+        // Files the agent writes in its state dir would be overwritten.
+        for c in claimed.iter().filter(|c| !c.is_dir) {
+            if let Some(file) = paths::agent_file_collision(c.path, &config.state_dir) {
+                return Err(self.invalid(
+                    c.key,
+                    Quoted(&c.path.to_string_lossy()),
+                    format!(
+                        "the agent writes its own {file:?} there (in state.dir) and would overwrite it; keep this file at a path of its own, like {:?}",
+                        config.state_dir.join("private.key").display().to_string()
+                    ),
+                ));
+            }
+        }
         match paths::socket_collision(&config.admin_socket, &claimed) {
             None => Ok(()),
             Some(c) => Err(self.invalid(
@@ -1080,6 +1093,78 @@ mod tests {
         // Still accepted: a listener on all addresses, a mapped unicast endpoint.
         std::fs::write(&fx.key, format!("{}\n", PrivateKey::generate().to_base64())).expect("key");
         Config::parse(&file, &with_peer("endpoint = \"[::ffff:198.51.100.7]:51820\"\n[metrics]\nlisten = \"0.0.0.0:9586\"\n")).expect("valid");
+    }
+
+    /// A configured file may not be one the agent writes in its state dir
+    /// (enrollment and the netmap cache would overwrite it), however spelt.
+    #[test]
+    fn configured_files_are_not_the_agents_own_state_files() {
+        let fx = fixture("state-files");
+        let d = fx.dir.display().to_string();
+        std::fs::create_dir_all(fx.dir.join("state")).expect("state dir");
+        let mode = |key: &str, token: &str| {
+            format!(
+                "[interface]\nprivate_key_file = {key:?}\n[state]\ndir = \"{d}/state\"\n[controller]\njoin_token_file = {token:?}\n"
+            )
+        };
+        let plain_token = format!("{d}/token");
+        for (key, token, field) in [
+            (
+                format!("{d}/state/control.key"),
+                plain_token.clone(),
+                "interface.private_key_file",
+            ),
+            (
+                format!("{d}/state/./netmap.json"),
+                plain_token.clone(),
+                "interface.private_key_file",
+            ),
+            (
+                format!("{d}/state//ca.crt"),
+                plain_token.clone(),
+                "interface.private_key_file",
+            ),
+            (
+                format!("{d}/state/.control.key.skymesh-tmp"),
+                plain_token.clone(),
+                "interface.private_key_file",
+            ),
+            (
+                fx.key.display().to_string(),
+                format!("{d}/state/controller.json"),
+                "controller.join_token_file",
+            ),
+            (
+                fx.key.display().to_string(),
+                format!("{d}/state/x/../control.crt"),
+                "controller.join_token_file",
+            ),
+        ] {
+            if key.contains("/state/") {
+                std::fs::copy(&fx.key, &key).ok();
+                let mut perms = std::fs::metadata(&key).map(|m| m.permissions()).ok();
+                if let Some(p) = perms.as_mut() {
+                    use std::os::unix::fs::PermissionsExt;
+                    p.set_mode(0o600);
+                    std::fs::set_permissions(&key, p.clone()).ok();
+                }
+            }
+            let err = Config::parse(&fx.dir.join("agent.toml"), &mode(&key, &token))
+                .expect_err("refused")
+                .to_string();
+            assert!(
+                err.contains(field) && err.contains("would overwrite"),
+                "{key} {token}: {err}"
+            );
+        }
+        // A key of its own in the state dir is fine.
+        let own = format!("{d}/state/private.key");
+        std::fs::copy(&fx.key, &own).expect("copy");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600)).expect("mode");
+        }
+        Config::parse(&fx.dir.join("agent.toml"), &mode(&own, &plain_token)).expect("valid");
     }
 
     /// The admin socket may not be any other configured path, however it is spelt.

@@ -7,6 +7,7 @@
 //! trust root. The identity (control key, certificate, CA, controller list) lives
 //! in the state dir, the key with mode 0600.
 
+use crate::config::paths::{temp_name, STATE_FILES};
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -25,10 +26,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-const IDENTITY_FILE: &str = "controller.json";
-const KEY_FILE: &str = "control.key";
-const CERT_FILE: &str = "control.crt";
-const CA_FILE: &str = "ca.crt";
+const IDENTITY_FILE: &str = STATE_FILES[0];
+const KEY_FILE: &str = STATE_FILES[1];
+const CERT_FILE: &str = STATE_FILES[2];
+const CA_FILE: &str = STATE_FILES[3];
+const CACHE_FILE: &str = STATE_FILES[4];
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Backoff between reconnects: exponential from 250 ms to 30 s, with full jitter
@@ -108,7 +110,10 @@ impl Identity {
 
 /// Writes a file atomically (temp file + rename) with mode 0600.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} names no file", path.display()))?;
+    let tmp = path.with_file_name(temp_name(&name.to_string_lossy()));
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -655,7 +660,7 @@ fn fingerprint(der: &[u8]) -> String {
 /// Where the agent caches its last netmap (mode 0600), to keep forwarding and
 /// restart while the controller is unreachable.
 pub fn cache_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("netmap.json")
+    state_dir.join(CACHE_FILE)
 }
 
 pub fn save_cache(state_dir: &Path, full: &FullNetMap) -> Result<()> {

@@ -37,6 +37,34 @@ pub(super) fn resolve(path: &Path) -> PathBuf {
     absolute
 }
 
+/// The files the agent writes in its state dir (controller mode): its
+/// identity, its control-plane key and certificate, the controller's CA and
+/// the cached netmap. Each is written through a temporary file of
+/// [`temp_name`]. A configured file there would be overwritten.
+pub(crate) const STATE_FILES: [&str; 5] = [
+    "controller.json",
+    "control.key",
+    "control.crt",
+    "ca.crt",
+    "netmap.json",
+];
+
+/// The temporary file a state file is written through before it is renamed
+/// into place; unique per file, so writing one never touches another.
+pub(crate) fn temp_name(file: &str) -> String {
+    format!(".{file}.skymesh-tmp")
+}
+
+/// The first file the agent writes in `state_dir` that `path` would be, if
+/// any (its name, for the error).
+pub(super) fn agent_file_collision(path: &Path, state_dir: &Path) -> Option<String> {
+    let path = resolve(path);
+    STATE_FILES
+        .iter()
+        .flat_map(|f| [f.to_string(), temp_name(f)])
+        .find(|f| resolve(&state_dir.join(f)) == path)
+}
+
 /// A configured path the admin socket must not take over.
 pub(super) struct Claimed<'a> {
     /// The config key that names it, like `interface.private_key_file`.
