@@ -128,7 +128,7 @@ fn peer_key(i: usize) -> PrivateKey {
     PrivateKey::from_bytes([0x22 + i as u8; 32])
 }
 
-/// The node under test and its two scripted peers, sessions established.
+/// The node under test and its two scripted peers.
 pub struct Mesh {
     pub node: Node,
     pub setup: Setup,
@@ -141,8 +141,6 @@ pub struct Mesh {
     /// Per peer, what the other peer sent, TTL one less: what the node may
     /// forward to it as a transit.
     forwardable: [Vec<Vec<u8>>; 2],
-    /// Packets the node wrote to its TUN, for the seed generator.
-    pub tun_log: Vec<Vec<u8>>,
     /// Datagrams the peers sent to the node, for the seed generator.
     pub wire_log: Vec<Vec<u8>>,
 }
@@ -172,7 +170,6 @@ impl Mesh {
             from_tun: Vec::new(),
             sent_by: [Vec::new(), Vec::new()],
             forwardable: [Vec::new(), Vec::new()],
-            tun_log: Vec::new(),
             wire_log: Vec::new(),
         }
     }
@@ -282,7 +279,6 @@ impl Mesh {
                 .handle_datagram(underlay(from as u8 + 2), &datagram, &mut tun, &mut out, now);
             for (_, inner) in tun.iter() {
                 self.check_tun(from, inner);
-                self.tun_log.push(inner.to_vec());
             }
             to_node.extend(self.deliver_to_peers(&out));
         }
