@@ -51,9 +51,11 @@ pub fn decrement_ttl(packet: &mut [u8]) -> bool {
 /// The Internet checksum (RFC 1071) of `bytes`, an odd last byte padded with zero:
 /// write it into a header whose checksum field is zero.
 pub fn internet_checksum(bytes: &[u8]) -> u16 {
-    let mut sum: u32 = bytes
+    // u64: no input a u32 sum would overflow on (past ~128 KiB) can be long
+    // enough to overflow this.
+    let mut sum: u64 = bytes
         .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .map(|w| u64::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
         .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);

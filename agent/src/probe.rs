@@ -134,12 +134,13 @@ impl Probe {
         }
         let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
         let p = packet.get(..total)?;
-        let b = p.get(HEADER..)?;
+        // The IPv4 total length may end inside the probe's fixed part.
+        let b = p.get(HEADER..).filter(|b| b.len() >= PAYLOAD)?;
         if b[2] != VERSION {
             return None;
         }
         let n = usize::from(b[3]);
-        if b.len() != PAYLOAD + 4 * n {
+        if n > MAX_DOWN || b.len() != PAYLOAD + 4 * n {
             return None;
         }
         let be = |i: usize| u16::from_be_bytes([b[i], b[i + 1]]);
@@ -488,6 +489,38 @@ mod tests {
             down: vec![B, A],
         };
         assert_eq!(wire(&q), q);
+    }
+
+    /// Found by the `packet` fuzz target: an IPv4 total length that ends
+    /// inside the probe's fixed part panicked; a down list longer than any
+    /// encoder writes is refused too.
+    #[test]
+    fn a_total_length_inside_the_probe_or_a_long_down_list_is_refused() {
+        let p = Probe {
+            seq: 1,
+            echo: None,
+            rx_count: 0,
+            down: Vec::new(),
+        };
+        let mut buf = [0u8; 600];
+        let len = p.encode(A, B, &mut buf);
+        for total in [20u16, 21, 22, 23, 31] {
+            let mut b = buf;
+            b[2..4].copy_from_slice(&total.to_be_bytes());
+            assert_eq!(Probe::decode(&b[..len]), None, "total {total}");
+        }
+        let long = Probe {
+            down: vec![A; MAX_DOWN + 1],
+            ..p
+        };
+        // encode caps the list; forge a longer one by hand.
+        let len = long.encode(A, B, &mut buf);
+        let mut forged = buf[..len].to_vec();
+        forged.extend(std::iter::repeat_n(0u8, 4));
+        let total = u16::try_from(forged.len()).expect("len");
+        forged[2..4].copy_from_slice(&total.to_be_bytes());
+        forged[HEADER + 3] = u8::try_from(MAX_DOWN + 1).expect("n");
+        assert_eq!(Probe::decode(&forged), None);
     }
 
     #[test]

@@ -76,7 +76,8 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
             i += 1;
             continue;
         }
-        let escape = &raw[i..(i + 3).min(raw.len())];
+        // Bytes, not a str slice: the escape may run into a multi-byte char.
+        let escape = String::from_utf8_lossy(&bytes[i..(i + 3).min(bytes.len())]).into_owned();
         let value = bytes
             .get(i + 1..i + 3)
             .and_then(|h| std::str::from_utf8(h).ok())
@@ -84,7 +85,7 @@ pub fn normalize_path(raw: &str) -> Result<String, PathError> {
             .and_then(|h| u8::from_str_radix(h, 16).ok())
             .ok_or_else(|| PathError::BadEscape {
                 path: raw.to_string(),
-                escape: escape.to_string(),
+                escape: escape.clone(),
             })?;
         let what = match value {
             b'%' => Some("'%' (double encoding)"),
@@ -165,7 +166,8 @@ pub fn check_query(query: &str) -> Result<(), PathError> {
                 .and_then(|h| u8::from_str_radix(h, 16).ok())
                 .ok_or_else(|| PathError::BadEscape {
                     path: format!("?{query}"),
-                    escape: query[i..(i + 3).min(query.len())].to_string(),
+                    escape: String::from_utf8_lossy(&bytes[i..(i + 3).min(bytes.len())])
+                        .into_owned(),
                 })?;
             i += 3;
             v
@@ -508,6 +510,8 @@ mod tests {
             "/v1/%2",
             "/v1/%zz",
             "/v1/%+1",
+            "/v1/%a\u{e9}",
+            "/v1/%\u{e9}",
             "/v1/..:x",
             "/v1/...:x/y",
             "/v1/chat./completions",
@@ -572,7 +576,7 @@ mod tests {
         );
         assert!(query_models("models=a&modelx=b").is_empty());
         assert!(check_query("a=1&b=%2e%2e%2f").is_ok());
-        for bad in ["a=%00", "a=%", "a=%zz", "a=%0d%0a", "a=\\x"] {
+        for bad in ["a=%00", "a=%", "a=%zz", "a=%0d%0a", "a=\\x", "a=%a\u{e9}"] {
             assert!(check_query(bad).is_err(), "{bad}");
         }
     }
