@@ -189,6 +189,7 @@ mod store_cli {
 
     pub(crate) fn restore(config_path: &Path, from: &Path) -> Result<()> {
         let config = Config::load(config_path)?;
+        redb::refuse_dangling(&config.data_dir, "[state] data_dir")?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -257,6 +258,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Run { config: path } => {
             let config = skymesh_controller::config::Config::load(&path)?;
+            skymesh_controller::store::redb::refuse_dangling(&config.data_dir, "[state] data_dir")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

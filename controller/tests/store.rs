@@ -772,3 +772,55 @@ fn healthz_recovers_by_itself_when_nothing_writes() {
     }
     site.stop();
 }
+
+// ---- a store path that is a symlink ----
+
+#[test]
+fn a_dangling_symlink_at_the_store_or_data_dir_stops_the_start_and_is_kept() {
+    let _serial = serial();
+    let mut site = Site::new();
+    std::fs::create_dir_all(&site.data).expect("data dir");
+    let unmounted = site.dir.path().join("unmounted-disk/state.redb");
+    let store = site.store();
+    std::os::unix::fs::symlink(&unmounted, &store).expect("symlink");
+    let (status, log) = site.start_refused();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&store.display().to_string())
+            && log.contains(&unmounted.display().to_string())
+            && log.contains("mount"),
+        "the error names the link, its target and the fix:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read_link(&store).expect("still a symlink"),
+        unmounted
+    );
+    assert!(!unmounted.exists(), "nothing created at the target");
+    assert!(!log.contains("ca_fingerprint"), "no CA created:\n{log}");
+
+    // The same for the data dir itself.
+    std::fs::remove_file(&store).expect("remove the link");
+    std::fs::remove_dir(&site.data).expect("remove the data dir");
+    let unmounted_dir = site.dir.path().join("unmounted-disk/data");
+    std::os::unix::fs::symlink(&unmounted_dir, &site.data).expect("symlink");
+    let (status, log) = site.start_refused();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains(&site.data.display().to_string()) && log.contains("mount"),
+        "data dir:\n{log}"
+    );
+    assert_eq!(
+        std::fs::read_link(&site.data).expect("still a symlink"),
+        unmounted_dir
+    );
+
+    // A symlink to a valid store is opened through: the disk is mounted.
+    std::fs::remove_file(&site.data).expect("remove the link");
+    let (mut real, _) = written_store(&["kept"]);
+    std::fs::create_dir_all(&site.data).expect("data dir");
+    std::os::unix::fs::symlink(real.store(), &store).expect("symlink");
+    site.start();
+    assert_eq!(site.token_names(), vec!["kept".to_owned()]);
+    site.stop();
+    real.stop();
+}

@@ -201,6 +201,11 @@ pub enum StoreError {
         .path.display()
     )]
     Unusable { path: PathBuf, reason: String },
+    /// The store is not where it was: a dangling symlink (a disk that did not mount), or a
+    /// data_dir whose `store.id` says a store was created there and is now gone. Nothing is
+    /// created in its place, as a new store would have a new CA.
+    #[error("{reason}")]
+    Missing { path: PathBuf, reason: String },
     /// Another process (a running controller) has the store file open.
     #[error(
         "store file {} is in use by another process: is a controller already running on \

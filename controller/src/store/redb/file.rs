@@ -22,11 +22,39 @@ use super::{
 /// The first bytes of every redb file (its "magic number").
 const REDB_MAGIC: [u8; 9] = [b'r', b'e', b'd', b'b', 0x1A, 0x0A, 0xA9, 0x0D, 0x0A];
 
-/// Opens the store at `path`, or creates a new one when nothing exists there at all.
+/// Opens the store at `path`, or creates a new one when nothing exists there at all: not a file,
+/// not a symlink (a dangling one is a store on a disk that did not mount). A symlink to a store
+/// file is opened through.
 pub(super) fn open_or_create(path: &Path) -> Result<Database, StoreError> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        refuse_dangling(dir, "the data_dir")?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => create(path),
+        _ => {
+            refuse_dangling(path, "the store file")?;
+            open_existing(path)
+        }
+    }
+}
+
+/// Refuses `path` when it is a symlink whose target does not exist: creating anything there
+/// would start a new store (and CA) beside the real one, on the disk that did not mount.
+pub fn refuse_dangling(path: &Path, what: &str) -> Result<(), StoreError> {
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return Ok(());
+    }
     match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => create(path),
-        _ => open_existing(path),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let target = std::fs::read_link(path).unwrap_or_default();
+            Err(StoreError::Backend(format!(
+                "{what} {} is a symlink to {}, which does not exist; nothing was created, since a                  new store would replace the CA, every node and every token. Mount the disk that                  holds it, or restore a backup with `skymesh-controller restore`",
+                path.display(),
+                target.display()
+            )))
+        }
+        _ => Ok(()),
     }
 }
 

@@ -35,6 +35,7 @@ use super::{
 };
 
 pub use backup::{is_in_use, restore, verify, Restored, Verified};
+pub use file::refuse_dangling;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
