@@ -179,8 +179,8 @@ pub async fn bind(path: &Path) -> Result<AdminSocket> {
     Ok(AdminSocket { listener, file })
 }
 
-/// Makes room for the socket: nothing there is fine, a socket nobody answers on is
-/// deleted, anything else is refused.
+/// Makes room for the socket: nothing there is fine, a socket whose connect is
+/// refused (nobody listens) is deleted, anything else is refused.
 async fn remove_stale_socket(path: &Path) -> Result<()> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -209,11 +209,20 @@ async fn remove_stale_socket(path: &Path) -> Result<()> {
             crate::config::DEFAULT_ADMIN_SOCKET
         );
     }
-    if UnixStream::connect(path).await.is_ok() {
-        bail!(
+    // Only ECONNREFUSED proves nobody holds the socket. A datagram socket or a
+    // seqpacket listener (EPROTOTYPE), a listener with a full backlog (EAGAIN) or a
+    // socket we may not open (EACCES) may all belong to a live program.
+    match UnixStream::connect(path).await {
+        Ok(_) => bail!(
             "admin socket {} is in use by a running agent; stop it first or set [admin] socket to another path",
             path.display()
-        );
+        ),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
+        Err(e) => bail!(
+            "[admin] socket = {:?}: a socket is there and connecting to it failed with \"{e}\", not \"connection refused\"; it may belong to a live program, so the agent will not delete it. Set [admin] socket to a path of its own (default {}), or remove the socket if you know it is stale",
+            path.display().to_string(),
+            crate::config::DEFAULT_ADMIN_SOCKET
+        ),
     }
     std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))
 }

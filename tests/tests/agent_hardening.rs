@@ -542,3 +542,99 @@ fn status_answers_while_silent_admin_clients_hold_the_cap() -> Result<()> {
         Ok(())
     })
 }
+
+/// A live socket of another program that a stream `connect` cannot reach.
+#[derive(Debug, Clone, Copy)]
+enum LiveSocket {
+    /// Like /run/systemd/journal/socket: connect gives EPROTOTYPE.
+    Datagram,
+    /// A seqpacket listener: connect gives EPROTOTYPE.
+    SeqpacketListener,
+    /// A stream listener whose backlog is full: connect gives EAGAIN.
+    FullBacklog,
+}
+
+/// Binds `what` at `path`; the descriptors returned keep it alive.
+fn bind_live(what: LiveSocket, path: &std::path::Path) -> Result<Vec<std::os::fd::OwnedFd>> {
+    use nix::sys::socket::{
+        bind, connect, listen, socket, AddressFamily, Backlog, SockFlag, SockType, UnixAddr,
+    };
+    use std::os::fd::AsRawFd as _;
+    let addr = UnixAddr::new(path)?;
+    let kind = match what {
+        LiveSocket::Datagram => SockType::Datagram,
+        LiveSocket::SeqpacketListener => SockType::SeqPacket,
+        LiveSocket::FullBacklog => SockType::Stream,
+    };
+    let fd = socket(AddressFamily::Unix, kind, SockFlag::empty(), None)?;
+    bind(fd.as_raw_fd(), &addr)?;
+    let mut keep = Vec::new();
+    if !matches!(what, LiveSocket::Datagram) {
+        listen(&fd, Backlog::new(0)?)?;
+    }
+    keep.push(fd);
+    if let LiveSocket::FullBacklog = what {
+        for _ in 0..64 {
+            let c = socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_NONBLOCK,
+                None,
+            )?;
+            match connect(c.as_raw_fd(), &addr) {
+                Ok(()) => keep.push(c),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(keep),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        anyhow::bail!("the backlog of {} never filled", path.display());
+    }
+    Ok(keep)
+}
+
+/// Issue 14.1 re-review: a live socket the agent's stream connect cannot reach (a
+/// datagram socket, a seqpacket listener, a stream listener with a full backlog) is
+/// not stale: `run` refuses, naming the path, and the socket survives. Only a socket
+/// nobody listens on (ECONNREFUSED) is replaced.
+#[test]
+fn run_never_deletes_a_live_socket_it_cannot_connect_to() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    e2e("live-socket-kept", |env| {
+        let ns = env.netns("a")?;
+        let mut a = agent(env, &ns)?;
+        for what in [
+            LiveSocket::Datagram,
+            LiveSocket::SeqpacketListener,
+            LiveSocket::FullBacklog,
+        ] {
+            let keep = bind_live(what, &a.socket)?;
+            let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::symlink_metadata(&a.socket)?);
+            a.spawn_with_env(&[])?;
+            let exit = a
+                .wait_exit(Duration::from_secs(15))?
+                .with_context(|| format!("{what:?}: the agent started over a live socket"))?;
+            let log = a.log();
+            let socket = a.socket.display().to_string();
+            ensure!(!exit.success(), "{what:?}: exit {exit}");
+            ensure!(
+                log.contains(&socket),
+                "{what:?}: the error does not name the path:\n{log}"
+            );
+            let after = std::fs::symlink_metadata(&a.socket)
+                .with_context(|| format!("{what:?}: the live socket {socket} was deleted"))?;
+            ensure!(
+                std::os::unix::fs::MetadataExt::ino(&after) == ino,
+                "{what:?}: the live socket was replaced"
+            );
+            drop(keep);
+            std::fs::remove_file(&a.socket)?;
+        }
+        // A stale stream socket (bound, then closed) is still replaced.
+        drop(std::os::unix::net::UnixListener::bind(&a.socket)?);
+        a.start()?;
+        a.stop()?;
+        Ok(())
+    })
+}
