@@ -144,10 +144,40 @@ pub struct Config {
     pub ai_gateway: Option<crate::gateway::config::GatewayConfig>,
 }
 
+/// Largest config file read.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+/// Largest token file (admin token) read.
+pub const MAX_TOKEN_BYTES: u64 = 64 * 1024;
+
+/// Reads a text file a user named, refusing one larger than `limit` bytes before holding more
+/// than that in memory (a device such as `/dev/zero` never ends). `what` names the setting.
+pub fn read_text_bounded(path: &Path, limit: u64, what: &str) -> Result<String> {
+    use std::io::Read;
+    let file =
+        std::fs::File::open(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {what} {}", path.display()))?;
+    if bytes.len() as u64 > limit {
+        bail!(
+            "{what} {}: larger than the limit of {} KiB; name the right file (a text file, not a \
+             device or a backup)",
+            path.display(),
+            limit / 1024
+        );
+    }
+    String::from_utf8(bytes).map_err(|_| {
+        anyhow!(
+            "{what} {}: not UTF-8 text; name the right file",
+            path.display()
+        )
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = read_text_bounded(path, MAX_CONFIG_BYTES, "config file")?;
         Self::parse(&text).map_err(|e| anyhow!("{}: {e:#}", path.display()))
     }
 
@@ -258,6 +288,33 @@ fn paths_config(f: &PathsFile) -> Result<PathConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_and_admin_token_files_are_read_up_to_their_limits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("big.toml");
+        std::fs::write(&config, vec![b'#'; 2 * 1024 * 1024]).expect("write");
+        let e = format!("{:#}", Config::load(&config).expect_err("refused"));
+        assert!(e.contains("big.toml") && e.contains("1024 KiB"), "{e}");
+        let e = format!(
+            "{:#}",
+            Config::load(Path::new("/dev/zero")).expect_err("refused")
+        );
+        assert!(e.contains("/dev/zero") && e.contains("1024 KiB"), "{e}");
+
+        let token = dir.path().join("admin.token");
+        std::fs::write(&token, vec![b'a'; 100 * 1024]).expect("write");
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        let e = format!(
+            "{:#}",
+            crate::server::load_or_create_admin_token(&token).expect_err("refused")
+        );
+        assert!(
+            e.contains("admin_token_file") && e.contains("64 KiB"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn example_config_is_valid() {

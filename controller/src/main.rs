@@ -133,15 +133,13 @@ mod store_cli {
 
     /// Asks the running controller for a copy: only the process holding the store can read it.
     fn from_api(config: &Config) -> Result<Vec<u8>> {
-        let token = std::fs::read_to_string(&config.admin_token_file)
-            .with_context(|| {
-                format!(
-                    "reading [api] admin_token_file {}",
-                    config.admin_token_file.display()
-                )
-            })?
-            .trim()
-            .to_owned();
+        let token = skymesh_controller::config::read_text_bounded(
+            &config.admin_token_file,
+            skymesh_controller::config::MAX_TOKEN_BYTES,
+            "[api] admin_token_file",
+        )?
+        .trim()
+        .to_owned();
         let mut addr = config.api_listen;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr {

@@ -177,10 +177,13 @@ pub fn load_or_create_admin_token(path: &Path) -> Result<String> {
                     path.display()
                 );
             }
-            let token = std::fs::read_to_string(path)
-                .with_context(|| format!("reading [api] admin_token_file {}", path.display()))?
-                .trim()
-                .to_string();
+            let token = crate::config::read_text_bounded(
+                path,
+                crate::config::MAX_TOKEN_BYTES,
+                "[api] admin_token_file",
+            )?
+            .trim()
+            .to_string();
             if token.len() < 16 {
                 bail!(
                     "[api] admin_token_file {}: the token is shorter than 16 characters; put a long random string there (or delete the file to have one generated)",

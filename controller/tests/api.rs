@@ -9,7 +9,7 @@ use skymesh_controller::config::Config;
 use skymesh_controller::server::{self, Controller};
 use skymesh_wire::control::Register;
 use skymesh_wire::{JoinToken, PublicKey};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -877,5 +877,72 @@ async fn skymeshctl_refuses_out_of_range_numbers_naming_the_flag() {
         .trim(),
         "10.0.0.0/16"
     );
+    f.ctl.shutdown().await;
+}
+
+/// A name is one path segment: `nodes show ../../healthz` asks for a node by that name, never
+/// for another route; names the API cannot hold (`.`, `..`, empty) are refused naming the
+/// argument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skymeshctl_sends_each_argument_as_one_path_segment() {
+    let f = start().await;
+    let ctl = Ctl { f: &f };
+    let created = ctl.ok(&[
+        "--json",
+        "join-token",
+        "create",
+        "--name",
+        "victim",
+        "--site",
+        "s1",
+        "--cloud",
+        "aws",
+        "--region",
+        "eu-west-1",
+    ]);
+    let id = serde_json::from_str::<Value>(&created).expect("json")["id"]
+        .as_str()
+        .expect("token id")
+        .to_owned();
+    let err = ctl.fails(&["nodes", "show", "../../healthz"]);
+    assert!(err.contains("404") || err.contains("not found"), "{err}");
+    let err = ctl.fails(&["nodes", "revoke", &format!("../join-tokens/{id}")]);
+    assert!(err.contains("404") || err.contains("not found"), "{err}");
+    let err = ctl.fails(&["nodes", "revoke", "%2e%2e"]);
+    assert!(err.contains("404") || err.contains("not found"), "{err}");
+    for name in ["..", ".", ""] {
+        let err = ctl.fails(&["nodes", "show", name]);
+        assert!(
+            err.contains("NAME") || err.contains("name"),
+            "{name:?}: the refusal names the argument: {err}"
+        );
+    }
+    let listed = ctl.ok(&["--json", "join-token", "list"]);
+    assert!(listed.contains(&id), "the token was not revoked: {listed}");
+    f.ctl.shutdown().await;
+}
+
+/// The admin token file is read up to a bound: a huge file (or a device that never ends) is
+/// refused naming the path and the limit, not read into memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skymeshctl_refuses_a_token_file_over_its_limit() {
+    let f = start().await;
+    let big = f.root.join("big.token");
+    std::fs::write(&big, vec![b'a'; 200 * 1024]).expect("big token file");
+    for file in [big.as_path(), Path::new("/dev/zero")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_skymeshctl"))
+            .args(["nodes", "list"])
+            .env("SKYMESH_API", format!("http://{}", f.ctl.api_addr))
+            .env("SKYMESH_TOKEN_FILE", file)
+            .output()
+            .expect("run skymeshctl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: accepted", file.display());
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains("64 KiB"),
+            "{}: the error names the file and the limit: {err}",
+            file.display()
+        );
+    }
     f.ctl.shutdown().await;
 }

@@ -6,6 +6,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use skymesh_controller::api::limits::{check_flag, parse_ttl, PrefixLen, WeightMs};
+use skymesh_controller::config::{read_text_bounded, MAX_TOKEN_BYTES};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -216,15 +217,13 @@ impl Api {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let token = std::fs::read_to_string(&cli.token_file)
-        .with_context(|| {
-            format!(
-                "reading the admin token from {} (set --token-file or SKYMESH_TOKEN_FILE)",
-                cli.token_file.display()
-            )
-        })?
-        .trim()
-        .to_string();
+    let token = read_text_bounded(
+        &cli.token_file,
+        MAX_TOKEN_BYTES,
+        "the admin token file (--token-file, SKYMESH_TOKEN_FILE)",
+    )?
+    .trim()
+    .to_string();
     let api = Api {
         base: cli.api.clone(),
         token,
@@ -241,11 +240,19 @@ fn run(cli: Cli) -> Result<()> {
         Command::Nodes { command } => match command {
             NodesCmd::List => show(&api.call("GET", "/v1/nodes", None)?, &nodes_table),
             NodesCmd::Show { name } => show(
-                &api.call("GET", &format!("/v1/nodes/{name}"), None)?,
+                &api.call(
+                    "GET",
+                    &format!("/v1/nodes/{}", segment("NAME", &name)?),
+                    None,
+                )?,
                 &node_detail,
             ),
             NodesCmd::Revoke { name } => show(
-                &api.call("DELETE", &format!("/v1/nodes/{name}"), None)?,
+                &api.call(
+                    "DELETE",
+                    &format!("/v1/nodes/{}", segment("NAME", &name)?),
+                    None,
+                )?,
                 &|_| format!("revoked node {name}\n"),
             ),
         },
@@ -284,7 +291,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             TokenCmd::List => show(&api.call("GET", "/v1/join-tokens", None)?, &tokens_table),
             TokenCmd::Revoke { id } => show(
-                &api.call("DELETE", &format!("/v1/join-tokens/{id}"), None)?,
+                &api.call(
+                    "DELETE",
+                    &format!("/v1/join-tokens/{}", segment("ID", &id)?),
+                    None,
+                )?,
                 &|_| format!("revoked join token {id}\n"),
             ),
         },
@@ -302,13 +313,17 @@ fn run(cli: Cli) -> Result<()> {
             } => show(
                 &api.call(
                     "PUT",
-                    &format!("/v1/links/{a}/{b}"),
+                    &format!("/v1/links/{}/{}", segment("A", &a)?, segment("B", &b)?),
                     Some(json!({"disabled": disable, "weight_ms": weight_ms, "pin": pin})),
                 )?,
                 &override_text,
             ),
             LinksCmd::Clear { a, b } => show(
-                &api.call("PUT", &format!("/v1/links/{a}/{b}"), Some(json!({})))?,
+                &api.call(
+                    "PUT",
+                    &format!("/v1/links/{}/{}", segment("A", &a)?, segment("B", &b)?),
+                    Some(json!({})),
+                )?,
                 &override_text,
             ),
         },
@@ -337,6 +352,26 @@ fn run(cli: Cli) -> Result<()> {
         },
     }
     Ok(())
+}
+
+/// Everything but RFC 3986's unreserved characters is escaped in a path segment.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// `value` as one URL path segment, exactly as the API will read it back: a `/` or `%` in a name
+/// never reaches another route. `.`, `..` and the empty name would be resolved away by the URL
+/// parser, so they are refused, naming the argument.
+fn segment(arg: &str, value: &str) -> Result<String> {
+    if value.is_empty() || value == "." || value == ".." {
+        return Err(anyhow!(
+            "<{arg}> {value:?}: not a name the API can hold; give the name as `nodes list` \
+             (or `join-token list`) shows it"
+        ));
+    }
+    Ok(percent_encoding::utf8_percent_encode(value, SEGMENT).to_string())
 }
 
 /// Left-aligned columns, two spaces apart.
