@@ -293,8 +293,13 @@ pub async fn query(path: &Path) -> Result<Status> {
         )
     })?;
     stream.write_all(b"status\n").await?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).await?;
+    let mut bytes = Vec::new();
+    (&mut stream)
+        .take(crate::config::bounded::STATUS_LIMIT + 1)
+        .read_to_end(&mut bytes)
+        .await?;
+    let body = crate::config::bounded::into_string(bytes, crate::config::bounded::STATUS_LIMIT)
+        .with_context(|| format!("reading the answer on admin socket {}", path.display()))?;
     serde_json::from_str(&body).with_context(|| format!("unexpected answer from the agent: {body}"))
 }
 

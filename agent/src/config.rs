@@ -5,6 +5,7 @@
 //! Every error names the file, the key, the bad value and what is expected. This
 //! module reads the config and key files; it must not open sockets or devices.
 
+pub mod bounded;
 mod fields;
 pub(crate) mod paths;
 
@@ -170,10 +171,11 @@ pub struct Interface {
 impl Config {
     /// Reads and validates `file`, including the private key file it names.
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(file).map_err(|e| ConfigError::Read {
-            file: file.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let text =
+            bounded::read_file(file, bounded::CONFIG_LIMIT).map_err(|e| ConfigError::Read {
+                file: file.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         Self::parse(file, &text)
     }
 
@@ -348,7 +350,7 @@ impl Validator<'_> {
                 ),
             ));
         }
-        let text = std::fs::read_to_string(path)
+        let text = bounded::read_file(path, bounded::SECRET_LIMIT)
             .map_err(|e| self.invalid(key, &shown, format!("cannot read the key file: {e}")))?;
         PrivateKey::from_base64(&text).map_err(|e| {
             self.invalid(

@@ -486,7 +486,7 @@ async fn ensure_identity(config: &Config, mode: &ControllerMode) -> Result<contr
             config.file.display()
         );
     };
-    let text = std::fs::read_to_string(path).with_context(|| {
+    let text = crate::config::bounded::read_file(path, crate::config::bounded::SECRET_LIMIT).with_context(|| {
         format!(
             "reading [controller] join_token_file {} (create it with the token `skymeshctl join-token create` printed)",
             path.display()

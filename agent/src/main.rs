@@ -2,10 +2,10 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use skymesh_agent::config::Config;
+use skymesh_agent::config::{bounded, Config};
 use skymesh_agent::keys::PrivateKey;
 use skymesh_agent::{admin, daemon};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -84,12 +84,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 );
             }
             let text = if token == "-" {
-                let mut t = String::new();
-                std::io::stdin()
-                    .take(8192)
-                    .read_to_string(&mut t)
-                    .context("reading the token from stdin")?;
-                t
+                bounded::read_to_string(std::io::stdin(), bounded::SECRET_LIMIT)
+                    .context("reading the join token from stdin (`join -`)")?
             } else {
                 token
             };
@@ -135,10 +131,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Pubkey => {
-            let mut text = String::new();
-            std::io::stdin()
-                .take(1024)
-                .read_to_string(&mut text)
+            let text = bounded::read_to_string(std::io::stdin(), bounded::SECRET_LIMIT)
                 .context("reading the private key from stdin")?;
             match PrivateKey::from_base64(&text) {
                 Ok(key) => {

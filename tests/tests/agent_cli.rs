@@ -484,3 +484,56 @@ fn check_config_refuses_nonsense_values() -> Result<()> {
         )
     })
 }
+
+/// Runs `skymesh-agent ARGS` with `input` on stdin and returns its exit code and
+/// everything it printed.
+fn run_with_stdin(args: &[&str], input: &[u8]) -> Result<(Option<i32>, String)> {
+    let out = output_with_stdin(&mut agent_command(args)?, input)?;
+    let msg = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok((out.status.code(), msg))
+}
+
+/// Issue 14.5 re-review: every input read whole is capped. A config over 1 MiB, a
+/// private key file, a join token file and a `join -` token over 64 KiB are refused,
+/// naming the path (or stdin) and the limit, instead of read until the OOM killer.
+#[test]
+fn oversized_inputs_are_refused_naming_the_limit() -> Result<()> {
+    e2e("oversized-inputs", |env| {
+        let base = ConfigCase::new(env)?;
+        let mut big = base.text.clone();
+        big.push_str(&"# padding\n".repeat(110_000));
+        refused(env, "big-config", &big, &["1048576"])?;
+
+        let big_key = env.path("big.key");
+        write_secret(&big_key, &"A".repeat(70_000))?;
+        let with_big_key = base.edit(
+            &base.key_file.display().to_string(),
+            &big_key.display().to_string(),
+        )?;
+        refused(env, "big-key", &with_big_key, &["big.key", "65536"])?;
+
+        let key = base.key_file.display().to_string();
+        let state = env.path("state");
+        let controller = env.path("controller.toml");
+        std::fs::write(
+            &controller,
+            format!(
+                "[interface]\nprivate_key_file = \"{key}\"\n[state]\ndir = \"{}\"\n[controller]\n[node]\nadvertise = [\"10.0.0.0/16\"]\n",
+                state.display()
+            ),
+        )?;
+        let controller = controller.to_str().context("UTF-8 path")?;
+        let (code, msg) =
+            run_with_stdin(&["join", "-", "--config", controller], &vec![b'x'; 70_000])?;
+        ensure!(code == Some(1), "join - with 70 KB: exit {code:?}\n{msg}");
+        ensure!(
+            msg.contains("stdin") && msg.contains("65536"),
+            "join -: the message does not name stdin and the limit:\n{msg}"
+        );
+        Ok(())
+    })
+}
