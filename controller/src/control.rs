@@ -11,11 +11,20 @@
 //! windows are sized for what agents send (a registration within the prefix
 //! cap, link reports), not for the netmaps the controller sends.
 //!
+//! Once authenticated, a node has one session (a newer connection closes its
+//! older one before anything is read from it), at most twice
+//! as many sessions as enrolled nodes are open in all, and every frame an agent
+//! sends is bounded by what it needs: its registration by the configured prefix
+//! cap ([`control::max_register_frame`]), a link report by the enrolled nodes
+//! ([`control::max_links_frame`]). A larger header is refused at once.
+//!
 //! The hub is one task that owns the [`Fabric`]: it follows the store's node
 //! records through a watch (so a change made by any controller replica reaches
 //! every agent) and fans the resulting messages out to the sessions. Each
 //! session is a task per agent connection that writes the hub's frames to the
 //! agent's stream.
+
+mod sessions;
 
 use crate::fabric::{Audience, Fabric, Output};
 use crate::listen;
@@ -35,10 +44,12 @@ use skymesh_wire::control::{
 use skymesh_wire::LinkReport;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot};
+
+use sessions::{Admission, Sessions};
 
 /// Frames queued for one agent before it counts as too slow and is dropped (it
 /// reconnects and gets a full netmap).
@@ -266,8 +277,29 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
         mut recv,
     } = c;
     let remote = conn.remote_address();
-    let mut frames = FrameBuffer::new();
-    let first = tokio::time::timeout(FIRST_MESSAGE_TIMEOUT, read_message(&mut recv, &mut frames))
+    let _ticket = match ctx.hub.admit_session(&node.name, conn.clone()) {
+        Admission::Admitted { ticket, replaced } => {
+            if let Some(older) = replaced {
+                tracing::info!(node = %node.name, %remote, "a newer session of the node replaces its older one");
+                older.close(2u8.into(), b"replaced by a newer session of this node");
+            }
+            ticket
+        }
+        Admission::AtCap { open, cap } => {
+            tracing::warn!(node = %node.name, %remote, open, cap, "at the cap of authenticated control sessions; refusing one");
+            conn.close(
+                3u8.into(),
+                b"the controller is at its cap of sessions; retry later",
+            );
+            return Err(anyhow!("refused at the session cap ({open} of {cap} open)"));
+        }
+    };
+    let mut frames = FrameBuffer::with_limit(
+        control::max_register_frame(ctx.registry.max_prefixes()),
+        "a registration at the configured prefix cap",
+    );
+    let deadline = tokio::time::Instant::now() + FIRST_MESSAGE_TIMEOUT;
+    let first = tokio::time::timeout_at(deadline, read_message(&mut recv, &mut frames))
         .await
         .context("no register message in time")?;
     let reg = match first {
@@ -282,6 +314,19 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
             .await;
         }
         Err(e) => {
+            if let Some(&control::FrameError::OverLimit { len, .. }) = e.downcast_ref() {
+                let cap = ctx.registry.max_prefixes();
+                let message = format!(
+                    "{e:#}: node {:?} may advertise at most {cap} prefixes (`max_prefixes_per_node` \
+                     in the controller config's [network] table); aggregate them into fewer, \
+                     larger prefixes, or raise the cap",
+                    node.name
+                );
+                tracing::info!(node = %node.name, %remote, error = %message, "registration refused");
+                let rest = (len + 4).saturating_sub(frames.pending());
+                return refuse_then_discard(&conn, &mut send, &mut recv, rest, deadline, message)
+                    .await;
+            }
             let code = refusal_code(&e);
             return refuse(&conn, &mut send, code, format!("{e:#}")).await;
         }
@@ -310,6 +355,10 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
     ctx.metrics.agents_connected.fetch_add(1, Ordering::Relaxed);
     let result = async {
         loop {
+            frames.set_limit(
+                control::max_links_frame(ctx.hub.enrolled()),
+                "a link report for the enrolled nodes",
+            );
             tokio::select! {
                 out = rx.recv() => match out {
                     Some(SessionMsg::Frame(frame)) => {
@@ -320,12 +369,16 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
                     }
                     None => return Ok(()),
                 },
-                msg = read_message(&mut recv, &mut frames) => match msg? {
-                    None => return Ok(()),
-                    Some(AgentMessage::Links(report)) => {
+                msg = read_message(&mut recv, &mut frames) => match msg {
+                    Err(e) => {
+                        let code = refusal_code(&e);
+                        return refuse(&conn, &mut send, code, format!("{e:#}")).await;
+                    }
+                    Ok(None) => return Ok(()),
+                    Ok(Some(AgentMessage::Links(report))) => {
                         ctx.hub.report(&registered.name, report);
                     }
-                    Some(other) => {
+                    Ok(Some(other)) => {
                         return refuse(&conn, &mut send, RefusalCode::Protocol,
                             format!("unexpected {} after register", describe(&Some(other)))).await;
                     }
@@ -412,6 +465,41 @@ async fn refuse(
     Err(anyhow!("refused ({code:?}): {message}"))
 }
 
+/// [`refuse`] for a frame too large to read: the refusal goes out at once, then
+/// the rest of the frame (`rest` bytes) is read and thrown away until
+/// `deadline`, so an agent that writes its whole frame before it reads
+/// (as agents do) gets to read why. Memory stays one chunk.
+async fn refuse_then_discard(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    rest: usize,
+    deadline: tokio::time::Instant,
+    message: String,
+) -> Result<()> {
+    let code = RefusalCode::Protocol;
+    let frame = control::encode(&ControllerMessage::Refused(Refusal {
+        code,
+        message: message.clone(),
+    }))?;
+    let _ = send.write_all(&frame).await;
+    let _ = send.finish();
+    let _ = tokio::time::timeout_at(deadline, async {
+        let mut buf = [0u8; 16 * 1024];
+        let mut left = rest;
+        while left > 0 {
+            match recv.read(&mut buf[..left.min(16 * 1024)]).await {
+                Ok(Some(n)) => left = left.saturating_sub(n),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    conn.close(1u8.into(), b"refused");
+    Err(anyhow!("refused ({code:?}): {message}"))
+}
+
 fn describe(msg: &Option<AgentMessage>) -> &'static str {
     match msg {
         None => "end of stream",
@@ -490,6 +578,11 @@ pub struct PathsSnapshot {
 pub struct Hub {
     cmds: mpsc::UnboundedSender<HubCmd>,
     online: Arc<Mutex<HashMap<String, u64>>>,
+    /// The authenticated sessions, one per node.
+    sessions: Arc<Sessions<quinn::Connection>>,
+    /// Nodes enrolled as of the hub's last event: what the session cap and the
+    /// link report bound scale with.
+    enrolled: Arc<AtomicUsize>,
 }
 
 impl Hub {
@@ -502,9 +595,12 @@ impl Hub {
     ) -> Self {
         let (cmds, rx) = mpsc::unbounded_channel();
         let online = Arc::new(Mutex::new(HashMap::new()));
+        let enrolled = Arc::new(AtomicUsize::new(0));
         let hub = Self {
             cmds,
             online: online.clone(),
+            sessions: Sessions::new(),
+            enrolled: enrolled.clone(),
         };
         tokio::spawn(async move {
             let mut state = HubState {
@@ -520,6 +616,7 @@ impl Hub {
                 pending: Vec::new(),
                 next_id: 0,
                 online,
+                enrolled,
             };
             if let Err(e) = state.run(rx).await {
                 tracing::error!(error = %format!("{e:#}"), "netmap hub stopped");
@@ -574,6 +671,24 @@ impl Hub {
         rx.await.map_err(|_| anyhow!("the netmap hub has stopped"))
     }
 
+    /// Takes an authenticated session of `node` in: at most one per node (the
+    /// older one is handed back to close), at most [`sessions::cap`] in all.
+    fn admit_session(&self, node: &str, conn: quinn::Connection) -> Admission<quinn::Connection> {
+        self.sessions
+            .admit(node, conn, self.enrolled.load(Ordering::Relaxed))
+    }
+
+    /// Nodes enrolled, as the hub last saw the store.
+    pub fn enrolled(&self) -> usize {
+        self.enrolled.load(Ordering::Relaxed)
+    }
+
+    /// Authenticated control sessions open now, replaced ones still closing
+    /// included.
+    pub fn sessions_open(&self) -> usize {
+        self.sessions.open()
+    }
+
     /// Connected nodes, with the unix time their session started.
     pub fn online(&self) -> HashMap<String, u64> {
         self.online.lock().map(|m| m.clone()).unwrap_or_default()
@@ -599,6 +714,7 @@ struct HubState {
     )>,
     next_id: u64,
     online: Arc<Mutex<HashMap<String, u64>>>,
+    enrolled: Arc<AtomicUsize>,
 }
 
 impl HubState {
@@ -670,6 +786,7 @@ impl HubState {
                 .collect::<Vec<_>>();
             match self.registry.store().watch(model::NODES, rev).await {
                 Ok(w) => {
+                    self.enrolled.store(nodes.len(), Ordering::Relaxed);
                     self.fabric = Fabric::new(self.mtu, nodes);
                     self.revision = rev;
                     return Ok(w);
@@ -685,7 +802,12 @@ impl HubState {
             WatchEvent::Put(kv) => {
                 self.revision = self.revision.max(kv.mod_revision);
                 match model::decode::<NodeRecord>(&kv.key, &kv.value) {
-                    Ok(node) => self.fabric.handle_put(node, kv.mod_revision),
+                    Ok(node) => {
+                        if !self.fabric.contains(&node.name) {
+                            self.enrolled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.fabric.handle_put(node, kv.mod_revision)
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "ignoring an unreadable node record");
                         Vec::new()
@@ -695,6 +817,9 @@ impl HubState {
             WatchEvent::Delete { key, revision } => {
                 self.revision = self.revision.max(revision);
                 let name = key.strip_prefix(model::NODES).unwrap_or(&key).to_string();
+                if self.fabric.contains(&name) {
+                    self.enrolled.fetch_sub(1, Ordering::Relaxed);
+                }
                 self.fabric.handle_delete(&name, revision)
             }
         };

@@ -150,6 +150,12 @@ impl Registry {
         self
     }
 
+    /// The most prefixes one node may advertise (and underlay subnets it may
+    /// list): what bounds a registration's size on the wire.
+    pub fn max_prefixes(&self) -> usize {
+        self.max_prefixes
+    }
+
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
     }

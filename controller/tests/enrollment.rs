@@ -134,7 +134,13 @@ async fn a_node_over_the_prefix_cap_is_refused_at_once_and_joins_go_on() {
         }
     };
     let refused_in = started.elapsed();
-    for needle in ["150000 prefixes", "cap of 1000", "max_prefixes_per_node"] {
+    // The registration is refused at its frame header, before it is read:
+    // the reason names the size bound, the cap and the key to change.
+    for needle in [
+        "limit of a registration",
+        "at most 1000 prefixes",
+        "max_prefixes_per_node",
+    ] {
         assert!(reason.contains(needle), "{needle:?} in {reason:?}");
     }
     let late = tokio::time::timeout(T, join)
@@ -741,5 +747,188 @@ async fn an_enrollment_answer_is_given_again_only_within_the_retry_window() {
         .expect_err("window closed");
     assert!(late.to_string().contains("expired"), "{late}");
     assert_eq!(registry.nodes().await.expect("nodes").len(), 1);
+    f.ctl.shutdown().await;
+}
+
+// ---- connections that have authenticated ----
+
+/// A QUIC client holding a real node's certificate: enrolled through the
+/// registry with a key of its own, as an agent that went rogue (or a stolen
+/// state dir) would present it.
+async fn node_client(f: &Fixture, name: &str) -> quinn::Endpoint {
+    use rustls::pki_types::pem::PemObject;
+    let ca = f.ctl.registry.load_or_create_ca().await.expect("ca");
+    let (rec, secret) = f
+        .ctl
+        .registry
+        .create_token(
+            NewToken {
+                name: name.into(),
+                site: name.into(),
+                cloud: "aws".into(),
+                region: "us-west-2".into(),
+                ttl: Some(3600),
+                reusable: false,
+            },
+            skymesh_controller::model::unix_now(),
+        )
+        .await
+        .expect("token");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let enrolled = f
+        .ctl
+        .registry
+        .enroll(
+            &ca,
+            &rec.id,
+            &secret,
+            &csr,
+            skymesh_controller::model::unix_now(),
+        )
+        .await
+        .expect("enrolled");
+    let cert =
+        rustls::pki_types::CertificateDer::from_pem_slice(enrolled.certificate_pem.as_bytes())
+            .expect("cert");
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
+        key.serialize_der(),
+    ));
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone()).expect("ca");
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert], key)
+        .expect("client cert");
+    tls.alpn_protocols = vec![skymesh_wire::control::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls");
+    let mut cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into().expect("idle")));
+    cfg.transport_config(std::sync::Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("udp");
+    endpoint.set_default_client_config(cfg);
+    endpoint
+}
+
+/// One enrolled node's certificate used to open many connections, each
+/// announcing a large first frame and sending it slowly: the controller used
+/// to buffer up to 8 MiB for each (100 connections: +340 MB). Now a header
+/// larger than a registration at the prefix cap is refused at once, naming
+/// the limit; a newer connection of the node closes its older one before
+/// anything is read, so at most one is held; and other agents keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_certificate_cannot_make_the_controller_buffer_without_limit() {
+    const CONNS: usize = 40;
+    let f = start().await;
+    let mut good = {
+        let identity = control::enroll(&f.token("good-gw").await, &f.state_dir("good-gw"))
+            .await
+            .expect("enroll");
+        let (tx, events) = mpsc::channel(1024);
+        tokio::spawn(control::run_session(
+            identity,
+            register(1, slash24s(Ipv4Addr::new(10, 1, 0, 0), 1)),
+            tx,
+        ));
+        events
+    };
+    loop {
+        match tokio::time::timeout(T, good.recv()).await.expect("netmap") {
+            Some(ControlEvent::NetMap(_)) => break,
+            Some(_) => continue,
+            None => panic!("the good agent's session ended"),
+        }
+    }
+    let bad = node_client(&f, "bad-gw").await;
+
+    // A header announcing 8 MiB (within the protocol's frame limit) is refused
+    // at once, naming the registration limit derived from the prefix cap.
+    let conn = connect(&bad, f.ctl.control_addr).await.expect("handshake");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    send.write_all(&(8u32 << 20).to_be_bytes())
+        .await
+        .expect("header");
+    let _ = send.write_all(&vec![b' '; 16 << 10]).await;
+    match answer(&mut recv, Duration::from_secs(5)).await {
+        Some(skymesh_wire::control::ControllerMessage::Refused(r)) => {
+            assert_eq!(r.code, RefusalCode::Protocol);
+            assert!(
+                r.message.contains("112384-byte limit of a registration"),
+                "{}",
+                r.message
+            );
+        }
+        other => panic!("expected a refusal naming the limit, got {other:?}"),
+    }
+
+    // Many connections, each within the limit but sent slowly: a newer one
+    // closes the older, so one stays.
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        let Some(conn) = connect(&bad, f.ctl.control_addr).await else {
+            continue;
+        };
+        let Ok((mut send, recv)) = conn.open_bi().await else {
+            continue;
+        };
+        let _ = send.write_all(&(100_000u32).to_be_bytes()).await;
+        let _ = send.write_all(&vec![b' '; 60_000]).await;
+        conns.push((conn, send, recv));
+    }
+    let settle = Instant::now() + Duration::from_secs(5);
+    let mut open = conns.len();
+    while Instant::now() < settle {
+        open = conns
+            .iter()
+            .filter(|(c, _, _)| c.close_reason().is_none())
+            .count();
+        if open <= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "{} connections with one node's certificate, each 60 KB into a 100 KB first frame: {open} still open",
+        conns.len()
+    );
+    assert_eq!(conns.len(), CONNS, "every connection authenticated");
+    assert!(open <= 1, "{open} sessions of one node held");
+
+    // The good agent still gets news: a node that joins now reaches it.
+    let late = control::enroll(&f.token("late-gw").await, &f.state_dir("late-gw"))
+        .await
+        .expect("a join goes through");
+    let (tx, _late_events) = mpsc::channel(1024);
+    tokio::spawn(control::run_session(
+        late,
+        register(2, slash24s(Ipv4Addr::new(10, 2, 0, 0), 1)),
+        tx,
+    ));
+    let deadline = Instant::now() + T;
+    'seen: loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, good.recv())
+            .await
+            .expect("the good agent hears of late-gw")
+        {
+            Some(ControlEvent::Update(u)) if u.upsert.iter().any(|p| p.name == "late-gw") => {
+                break 'seen
+            }
+            Some(ControlEvent::NetMap(m)) if m.netmap.peers.iter().any(|p| p.name == "late-gw") => {
+                break 'seen
+            }
+            Some(_) => continue,
+            None => panic!("the good agent's session ended"),
+        }
+    }
+    drop(conns);
     f.ctl.shutdown().await;
 }

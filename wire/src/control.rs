@@ -28,6 +28,46 @@ pub const MAX_FRAME: usize = 8 << 20;
 /// controller buffers no more than this for it.
 pub const MAX_ENROLL_FRAME: usize = 16 << 10;
 
+/// What a frame of an authenticated agent may hold besides its lists: the
+/// envelope, a key, a version string and a few configured endpoints.
+pub const FRAME_BASE: usize = 16 << 10;
+
+/// The longest compact JSON of one prefix in a list, with its quotes and
+/// comma: `"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128",` (a unit test
+/// measures it).
+pub const MAX_PREFIX_JSON: usize = 48;
+
+/// The longest compact JSON of one link sample, with its comma: a peer name
+/// of 63 bytes (a DNS label, as the controller names nodes) and three `u32`s
+/// at their maximum (a unit test measures it).
+pub const MAX_LINK_SAMPLE_JSON: usize = 160;
+
+/// Largest `Register` frame when a node may advertise `max_prefixes` prefixes
+/// and as many underlay subnets: what the controller takes as the first frame
+/// of an authenticated connection. Derived from the configured prefix cap, so
+/// the two cannot drift apart; at most [`MAX_FRAME`].
+pub const fn max_register_frame(max_prefixes: usize) -> usize {
+    let lists = max_prefixes
+        .saturating_mul(2)
+        .saturating_mul(MAX_PREFIX_JSON);
+    let len = FRAME_BASE.saturating_add(lists);
+    if len < MAX_FRAME {
+        len
+    } else {
+        MAX_FRAME
+    }
+}
+
+/// Largest `Links` frame of an agent with `peers` peers; at most [`MAX_FRAME`].
+pub const fn max_links_frame(peers: usize) -> usize {
+    let len = FRAME_BASE.saturating_add(peers.saturating_mul(MAX_LINK_SAMPLE_JSON));
+    if len < MAX_FRAME {
+        len
+    } else {
+        MAX_FRAME
+    }
+}
+
 /// ALPN of the control protocol; a connection that does not offer it is refused
 /// during the TLS handshake.
 pub const ALPN: &[u8] = b"skymesh-control/1";
@@ -317,6 +357,13 @@ impl FrameBuffer {
         }
     }
 
+    /// Changes the limit for the frames still to come (bytes already received
+    /// stay), for a protocol whose later frames need another bound than its
+    /// first one; `limit` is capped at [`MAX_FRAME`] as in [`Self::with_limit`].
+    pub fn set_limit(&mut self, limit: usize, what: &'static str) {
+        self.limit = (limit.min(MAX_FRAME), what);
+    }
+
     pub fn extend(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -493,6 +540,54 @@ mod tests {
         .expect("encode");
         assert!(frame.len() < 1024, "{}", frame.len());
         assert!(frame.len() * 8 < MAX_ENROLL_FRAME);
+    }
+
+    /// The bounds an authenticated agent's frames are held to fit the largest
+    /// frame an agent can legitimately send: every prefix the longest IPv6
+    /// text, every link sample the longest name and numbers.
+    #[test]
+    fn a_worst_case_registration_and_link_report_fit_their_bounds() {
+        let longest: IpNet = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff/128"
+            .parse()
+            .expect("cidr");
+        assert!(serde_json::to_string(&longest).expect("json").len() < MAX_PREFIX_JSON);
+        for cap in [1, 10, 1000, 5000] {
+            let msg = AgentMessage::Register(Register {
+                public_key: PublicKey::from_bytes([0xff; 32]),
+                listen_port: u16::MAX,
+                endpoints: vec![
+                    "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+                        .parse()
+                        .expect("addr");
+                    16
+                ],
+                advertise: vec![longest; cap],
+                underlay: vec![longest; cap],
+                agent_version: "v".repeat(256),
+                transit: true,
+            });
+            let len = encode(&msg).expect("encode").len() - 4;
+            assert!(len <= max_register_frame(cap), "{cap}: {len}");
+        }
+        assert_eq!(max_register_frame(1000), 16384 + 96_000);
+        assert_eq!(max_register_frame(usize::MAX), MAX_FRAME);
+
+        let sample = crate::path::LinkSample {
+            peer: "p".repeat(63),
+            up: false,
+            rtt_us: u32::MAX,
+            jitter_us: u32::MAX,
+            loss_ppm: u32::MAX,
+        };
+        assert!(serde_json::to_string(&sample).expect("json").len() < MAX_LINK_SAMPLE_JSON);
+        for peers in [0, 1, 100, 10_000] {
+            let msg = AgentMessage::Links(LinkReport {
+                links: vec![sample.clone(); peers],
+            });
+            let len = encode(&msg).expect("encode").len() - 4;
+            assert!(len <= max_links_frame(peers), "{peers}: {len}");
+        }
+        assert_eq!(max_links_frame(usize::MAX), MAX_FRAME);
     }
 
     #[test]
