@@ -169,6 +169,14 @@ pub enum EnrollError {
         controller: String,
         source: control::FrameError,
     },
+    /// The controller address can never be dialled (port 0, the unspecified,
+    /// broadcast or a multicast address). Permanent. A host name that does not
+    /// resolve is not this: DNS can come back, so that is [`EnrollError::Unreachable`].
+    #[error("cannot enroll")]
+    Undialable {
+        #[from]
+        source: skymesh_wire::TokenError,
+    },
     /// No answer: the network, a timeout, a dropped connection. Transient.
     #[error("enrolling with {controller}")]
     Unreachable {
@@ -181,7 +189,9 @@ impl EnrollError {
     /// Whether retrying with the same token and controller list cannot help.
     pub fn is_permanent(&self) -> bool {
         match self {
-            EnrollError::PinMismatch { .. } | EnrollError::Version { .. } => true,
+            EnrollError::PinMismatch { .. }
+            | EnrollError::Version { .. }
+            | EnrollError::Undialable { .. } => true,
             EnrollError::Unreachable { .. } => false,
         }
     }
@@ -243,6 +253,11 @@ pub async fn enroll(token: &JoinToken, state_dir: &Path) -> Result<Identity> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut last_err = anyhow!("the token names no controller");
     for addr in &token.controllers {
+        // A token that did not come through JoinToken::decode is checked here too.
+        if let Err(e) = skymesh_wire::token::check_controller(addr) {
+            last_err = EnrollError::from(e).into();
+            continue;
+        }
         let pinned = Arc::new(PinnedCa {
             pin: token.ca_sha256.clone(),
             provider: provider.clone(),
@@ -720,6 +735,10 @@ mod tests {
             source: "timed out".into(),
         };
         assert!(!is_permanent(&unreachable.into()));
+        let undialable = EnrollError::from(
+            skymesh_wire::token::check_controller("0.0.0.0:0").expect_err("refused"),
+        );
+        assert!(format!("{:#}", anyhow::Error::from(undialable)).contains("0.0.0.0:0"));
         // Context added on the way up does not change the kind.
         let wrapped = anyhow::Error::from(EnrollError::PinMismatch {
             controller: "c".into(),
@@ -730,6 +749,29 @@ mod tests {
         assert!(is_permanent(&wrapped));
         // An error of no known kind is retried.
         assert!(!is_permanent(&anyhow!("something else")));
+    }
+
+    /// Issue 14.4 re-review: a controller address no agent can dial ends the join
+    /// at once instead of being retried for ever.
+    #[tokio::test]
+    async fn an_undialable_controller_is_a_permanent_join_error() {
+        let dir = std::env::temp_dir().join(format!(
+            "skymesh-undialable-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        for bad in ["0.0.0.0:0", "255.255.255.255:1", "224.0.0.1:7443"] {
+            let token = JoinToken {
+                controllers: vec![bad.into()],
+                ca_sha256: "ab".repeat(32),
+                id: "t-1".into(),
+                secret: "s".into(),
+            };
+            let err = enroll(&token, &dir).await.expect_err("enrolled");
+            assert!(is_permanent(&err), "{bad}: {err:#}");
+            assert!(format!("{err:#}").contains(bad), "{err:#}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -46,6 +46,51 @@ pub enum TokenError {
     NoController,
     #[error("the join token's CA fingerprint {0:?} is not 64 hex digits")]
     Fingerprint(String),
+    /// A controller endpoint no agent can ever dial; retrying cannot help.
+    #[error("the join token's controller endpoint {value:?} {problem}; create a token with the controller's reachable address (`skymeshctl join-token create`)")]
+    Controller {
+        value: String,
+        problem: &'static str,
+    },
+}
+
+/// Checks that `addr`, a token's `host:port`, could ever be dialled: a port other
+/// than 0, and an IP address (when it is one) that names a single reachable host,
+/// not "any" (0.0.0.0, ::), broadcast or multicast. A host name is left to DNS,
+/// which may change, so only its port is checked.
+pub fn check_controller(addr: &str) -> Result<(), TokenError> {
+    let refuse = |problem| {
+        Err(TokenError::Controller {
+            value: addr.to_string(),
+            problem,
+        })
+    };
+    if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+        let ip = sock.ip();
+        if sock.port() == 0 {
+            return refuse("has port 0, which cannot be dialled");
+        }
+        if ip.is_unspecified() {
+            return refuse("is the unspecified address (\"any\"), which names no host");
+        }
+        if ip.is_multicast() {
+            return refuse("is a multicast address, not one controller");
+        }
+        if ip == std::net::IpAddr::V4(std::net::Ipv4Addr::BROADCAST) {
+            return refuse("is the broadcast address, not one controller");
+        }
+        return Ok(());
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && !host.contains(':') => {
+            match port.parse::<u16>() {
+                Ok(0) => refuse("has port 0, which cannot be dialled"),
+                Ok(_) => Ok(()),
+                Err(_) => refuse("has no valid port (want host:port, port 1-65535)"),
+            }
+        }
+        _ => refuse("is not host:port (want e.g. 203.0.113.2:7443 or [2001:db8::1]:7443)"),
+    }
 }
 
 impl JoinToken {
@@ -64,6 +109,9 @@ impl JoinToken {
             serde_json::from_slice(&json).map_err(|e| TokenError::Damaged(e.to_string()))?;
         if token.controllers.is_empty() {
             return Err(TokenError::NoController);
+        }
+        for c in &token.controllers {
+            check_controller(c)?;
         }
         if token.ca_sha256.len() != 64
             || !token
@@ -126,6 +174,40 @@ mod tests {
             JoinToken::decode(&t.encode()),
             Err(TokenError::NoController)
         );
+    }
+
+    #[test]
+    fn controllers_that_can_never_be_dialled_are_refused() {
+        for bad in [
+            "0.0.0.0:0",
+            "0.0.0.0:7443",
+            "[::]:7443",
+            "255.255.255.255:1",
+            "224.0.0.1:7443",
+            "[ff02::1]:7443",
+            "203.0.113.2:0",
+            "controller.example:0",
+            "controller.example",
+            "controller.example:http",
+        ] {
+            let mut t = token();
+            t.controllers = vec!["203.0.113.2:7443".into(), bad.into()];
+            match JoinToken::decode(&t.encode()) {
+                Err(e @ TokenError::Controller { .. }) => {
+                    assert!(e.to_string().contains(bad), "{e}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for good in [
+            "203.0.113.2:7443",
+            "[2001:db8::1]:7443",
+            "controller.example:7443",
+        ] {
+            let mut t = token();
+            t.controllers = vec![good.into()];
+            assert!(JoinToken::decode(&t.encode()).is_ok(), "{good}");
+        }
     }
 
     #[test]
