@@ -352,7 +352,9 @@ fn an_empty_truncated_or_damaged_store_file_stops_the_start_and_is_kept() {
     );
     std::fs::remove_dir(&store).expect("remove the directory");
 
-    // Only a path where nothing exists is a new store.
+    // Only a path where nothing exists is a new store, and only once the marker of the lost one
+    // is removed on purpose.
+    std::fs::remove_file(site.data.join("store.id")).expect("remove the marker");
     site.start();
     assert_eq!(site.token_names(), Vec::<String>::new());
     site.stop();
@@ -823,4 +825,63 @@ fn a_dangling_symlink_at_the_store_or_data_dir_stops_the_start_and_is_kept() {
     assert_eq!(site.token_names(), vec!["kept".to_owned()]);
     site.stop();
     real.stop();
+}
+
+// ---- the store file removed or replaced under a running controller ----
+
+#[test]
+fn a_store_file_removed_or_replaced_while_running_refuses_writes_and_the_next_start() {
+    let _serial = serial();
+    let mut site = Site::new();
+    site.start();
+    site.token("before");
+    let store = site.store();
+
+    // Replaced: another file now sits at the path.
+    let copy = site.data.join("copy.redb");
+    std::fs::copy(&store, &copy).expect("copy");
+    let held = site.dir.path().join("held.redb");
+    std::fs::rename(&store, &held).expect("move the store away");
+    std::fs::rename(&copy, &store).expect("replace");
+    let (code, body) = site.http("GET", "/healthz", None);
+    assert_eq!(code, 503, "healthz with the store replaced: {body}");
+    assert!(body.to_string().contains("replaced"), "{body}");
+    let (code, body) = site.create_token("during-replace");
+    assert!(
+        code >= 500,
+        "a write into the old file is refused: {code} {body}"
+    );
+    assert_eq!(
+        metric(&site.metrics(), "skymesh_controller_store_writable"),
+        Some(0.0)
+    );
+
+    // Removed: nothing at the path.
+    std::fs::remove_file(&store).expect("remove");
+    let (code, body) = site.http("GET", "/healthz", None);
+    assert_eq!(code, 503, "healthz with the store removed: {body}");
+    assert!(body.to_string().contains("removed"), "{body}");
+    let (code, body) = site.create_token("during-remove");
+    assert!(
+        code >= 500,
+        "a write into the unlinked file is refused: {code} {body}"
+    );
+
+    // Put back: the same file again, and writes resume.
+    std::fs::rename(&held, &store).expect("put back");
+    let (code, body) = site.http("GET", "/healthz", None);
+    assert_eq!(code, 200, "healthz with the store back: {body}");
+    site.token("after");
+    site.stop();
+
+    // The store is gone at the next start: refused, nothing created.
+    std::fs::remove_file(&store).expect("remove");
+    let (status, log) = site.start_refused();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("store.id") && log.contains("skymesh-controller restore"),
+        "the error names the marker and the fix:\n{log}"
+    );
+    assert!(!store.exists(), "no new store was created");
+    assert!(!log.contains("ca_fingerprint"), "no CA created:\n{log}");
 }

@@ -30,12 +30,80 @@ pub(super) fn open_or_create(path: &Path) -> Result<Database, StoreError> {
         refuse_dangling(dir, "the data_dir")?;
     }
     match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => create(path),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            refuse_if_created_before(path)?;
+            create(path)
+        }
         _ => {
             refuse_dangling(path, "the store file")?;
             open_existing(path)
         }
     }
+}
+
+/// Name of the marker beside the store: it exists once a store was created (or opened) in this
+/// data_dir, so a missing store file there is a loss, not a first start.
+pub const MARKER: &str = "store.id";
+
+fn marker_path(store: &Path) -> PathBuf {
+    store.with_file_name(MARKER)
+}
+
+fn refuse_if_created_before(path: &Path) -> Result<(), StoreError> {
+    let marker = marker_path(path);
+    if std::fs::symlink_metadata(&marker).is_err() {
+        return Ok(());
+    }
+    Err(StoreError::Missing {
+        path: path.to_owned(),
+        reason: format!(
+            "store file {} is gone, but {} says this data_dir held a store: nothing was created, \
+             since a new store would replace the CA, every node and every token. Restore a \
+             backup with `skymesh-controller restore --config <file> --from <backup>`, or \
+             remove {} to start over with an empty store on purpose",
+            path.display(),
+            marker.display(),
+            marker.display()
+        ),
+    })
+}
+
+/// Writes the marker beside an opened store if it is not there yet (stores created before the
+/// marker existed get it at their next start).
+pub(super) fn mark_created(path: &Path) -> Result<(), StoreError> {
+    use std::io::Write;
+    let marker = marker_path(path);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&marker);
+    match file {
+        Ok(mut f) => f
+            .write_all(
+                format!(
+                    "A skymesh store lives beside this file ({}); while this file exists a \
+                     missing store is refused at start, not re-created.\n",
+                    path.file_name().unwrap_or_default().to_string_lossy()
+                )
+                .as_bytes(),
+            )
+            .and_then(|()| f.sync_all())
+            .and_then(|()| sync_parent(&marker))
+            .map_err(|e| unreadable(&marker, &e)),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(unreadable(&marker, &e)),
+    }
+}
+
+/// Device and inode of what `path` leads to.
+pub(super) type Identity = (u64, u64);
+
+pub(super) fn identity(path: &Path) -> Result<Identity, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| unreadable(path, &e))?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 /// Refuses `path` when it is a symlink whose target does not exist: creating anything there

@@ -70,6 +70,11 @@ struct Inner {
     writer: Mutex<Writer>,
     hub: WatchHub,
     stats: Arc<StoreStats>,
+    /// Device and inode of the file opened at `path`: a path that no longer leads to it (the
+    /// file removed or replaced) would take writes into an unlinked file, lost at the next start.
+    identity: Mutex<file::Identity>,
+    /// Set while `path` does not lead to the open file; writes are refused meanwhile.
+    moved: std::sync::atomic::AtomicBool,
 }
 
 /// Set after a write failed in redb: the file must be reopened before the next write.
@@ -97,6 +102,8 @@ impl RedbStore {
     /// Blocking: it may fsync; call it at startup or from `spawn_blocking`.
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
         let db = file::open_or_create(path)?;
+        let identity = file::identity(path)?;
+        file::mark_created(path)?;
         let revision = file::prepare(&db, path)?;
         let stats = Arc::new(StoreStats::default());
         report_corrupt(&db, &stats)?;
@@ -107,6 +114,8 @@ impl RedbStore {
                 writer: Mutex::new(Writer::default()),
                 hub: WatchHub::new(revision, DEFAULT_WATCH_HISTORY),
                 stats,
+                identity: Mutex::new(identity),
+                moved: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -158,6 +167,7 @@ impl Inner {
     /// events, all under the writer lock. After a failed write, reopens the file first.
     fn write(&self, txn: Txn) -> Result<Applied, StoreError> {
         let mut writer = self.lock_writer();
+        self.check_identity()?;
         self.recover(&mut writer)?;
         let result = self.with_db(|db| self.write_once(db, txn));
         self.account(&mut writer, result)
@@ -194,6 +204,38 @@ impl Inner {
         }
     }
 
+    /// Refuses while `path` does not lead to the open file (removed, or replaced by another),
+    /// and reports it in the stats; clears that once the same file is back.
+    fn check_identity(&self) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering;
+        let opened = *self.identity.lock().unwrap_or_else(PoisonError::into_inner);
+        let problem = match file::identity(&self.path) {
+            Ok(now) if now == opened => None,
+            Ok(_) => Some("was replaced by another file"),
+            Err(_) => Some("was removed"),
+        };
+        match problem {
+            None => {
+                if self.moved.swap(false, Ordering::AcqRel) {
+                    self.stats.write_succeeded();
+                }
+                Ok(())
+            }
+            Some(what) => {
+                let reason = format!(
+                    "store file {} {what} while the controller runs (store_file_replaced); \
+                     writes are refused so that nothing acknowledged is lost. Put the file back \
+                     at that path, or stop the controller and restore a backup with \
+                     `skymesh-controller restore`",
+                    self.path.display()
+                );
+                self.moved.store(true, Ordering::Release);
+                self.stats.write_failed(&reason);
+                Err(StoreError::NotWritable(reason))
+            }
+        }
+    }
+
     /// After a failed write: refuses until the back-off has passed, then reopens the file.
     fn recover(&self, writer: &mut Writer) -> Result<(), StoreError> {
         let Some(broken) = &writer.broken else {
@@ -223,6 +265,7 @@ impl Inner {
         drop(slot.take());
         let db = file::open_existing(&self.path)?;
         file::check_layout(&db, &self.path)?;
+        *self.identity.lock().unwrap_or_else(PoisonError::into_inner) = file::identity(&self.path)?;
         *slot = Some(db);
         tracing::info!(file = %self.path.display(), "reopened the state store after a failed write");
         Ok(())
@@ -232,6 +275,9 @@ impl Inner {
     /// back-off allows, so recovery shows even when nothing else writes.
     fn check_writable(&self) -> StoreHealth {
         let mut writer = self.lock_writer();
+        if self.check_identity().is_err() {
+            return self.stats.health();
+        }
         // A recovery error is either the back-off still running or a failed reopen, which
         // `recover` has accounted for already.
         if writer.broken.is_some() && self.recover(&mut writer).is_ok() {

@@ -664,6 +664,17 @@ async fn only_a_missing_path_is_created_and_an_unusable_file_is_refused_as_it_is
     assert!(expect_unusable(&path, "bare redb").contains("not a skymesh store"));
     std::fs::remove_file(&path).expect("remove");
 
+    // The marker says a store was created here: its loss is refused until the operator removes
+    // the marker on purpose.
+    assert!(matches!(
+        RedbStore::open(&path),
+        Err(StoreError::Missing { .. })
+    ));
+    assert!(
+        !path.exists(),
+        "nothing created while the marker says a store is gone"
+    );
+    std::fs::remove_file(path.with_file_name(file::MARKER)).expect("remove the marker");
     let store = RedbStore::open(&path).expect("a missing path is a new store");
     assert_eq!(store.revision().await.expect("revision"), 0);
     assert!(
