@@ -93,6 +93,7 @@ impl Identity {
 
     fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        refuse_foreign_enrollment_files(dir)?;
         write_private(&dir.join(KEY_FILE), self.key_pem.as_bytes())?;
         write_private(&dir.join(CERT_FILE), self.cert_pem.as_bytes())?;
         write_private(&dir.join(CA_FILE), self.ca_pem.as_bytes())?;
@@ -106,6 +107,32 @@ impl Identity {
             serde_json::to_string_pretty(&file)?.as_bytes(),
         )
     }
+}
+
+/// The enrollment files are the agent's own only when the identity file (written
+/// last) exists and parses. Without it, a certificate or CA file already in the
+/// state dir belongs to something else (state.dir = /etc/openvpn, say) and is not
+/// replaced. (The control key is checked where it is made: an existing one is
+/// reused only if it parses as a key.)
+fn refuse_foreign_enrollment_files(dir: &Path) -> Result<()> {
+    let identity = dir.join(IDENTITY_FILE);
+    let own = crate::config::bounded::read_file(&identity, crate::config::bounded::SECRET_LIMIT)
+        .ok()
+        .is_some_and(|t| serde_json::from_str::<IdentityFile>(&t).is_ok());
+    if own {
+        return Ok(());
+    }
+    for name in [CERT_FILE, CA_FILE, IDENTITY_FILE] {
+        let path = dir.join(name);
+        if std::fs::symlink_metadata(&path).is_ok() {
+            bail!(
+                "[state] dir: {} exists but the agent did not write it (there is no complete enrollment in {}), so the agent will not replace it; set [state] dir to a directory of the agent's own (e.g. /var/lib/skymesh), or remove the file if it is a left-over of this agent",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes a file atomically (temp file + rename) with mode 0600.
@@ -678,15 +705,39 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
     state_dir.join(CACHE_FILE)
 }
 
+/// Replaces the cached netmap, but only a file the agent can show is its own: none
+/// yet, or one that parses as a cached netmap. Anything else (another program's
+/// `netmap.json`, or a damaged cache) is refused and kept as it is, never
+/// deleted or moved: the operator decides what it is.
 pub fn save_cache(state_dir: &Path, full: &FullNetMap) -> Result<()> {
-    write_private(&cache_path(state_dir), &serde_json::to_vec(full)?)
+    let path = cache_path(state_dir);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+        Ok(meta) => {
+            let own = meta.is_file()
+                && std::fs::read(&path)
+                    .ok()
+                    .is_some_and(|b| serde_json::from_slice::<FullNetMap>(&b).is_ok());
+            if !own {
+                bail!(
+                    "[state] dir: {} is not a netmap cache of this agent (another program's file, or a damaged cache), so the agent will not replace it; set [state] dir to a directory of the agent's own (e.g. /var/lib/skymesh), or move the file away if it is a damaged cache",
+                    path.display()
+                );
+            }
+        }
+    }
+    write_private(&path, &serde_json::to_vec(full)?)
 }
 
 pub fn load_cache(state_dir: &Path) -> Result<Option<FullNetMap>> {
     let path = cache_path(state_dir);
     match std::fs::read(&path) {
         Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
-            format!("the cached netmap {} is damaged; remove it", path.display())
+            format!(
+                "{} is not a netmap cache of this agent; the agent will not use or replace it (move it away if it is a damaged cache, or set [state] dir to a directory of the agent's own)",
+                path.display()
+            )
         })?)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -771,6 +822,86 @@ mod tests {
             assert!(is_permanent(&err), "{bad}: {err:#}");
             assert!(format!("{err:#}").contains(bad), "{err:#}");
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn scratch(what: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "skymesh-{what}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    }
+
+    fn full_netmap(seq: u64) -> FullNetMap {
+        serde_json::from_value(serde_json::json!({
+            "seq": seq,
+            "node": {"name": "a", "overlay_ip": "100.96.0.1", "prefixes": [], "rejected_prefixes": []},
+            "netmap": {"version": skymesh_wire::PROTOCOL_VERSION, "address": "100.96.0.1/32", "mtu": 1420, "peers": []},
+        }))
+        .expect("a cached netmap")
+    }
+
+    /// Issue 14.2 re-review: a `netmap.json` the agent cannot show is its own
+    /// (another program's, or damaged) is refused and kept; its own is replaced.
+    #[test]
+    fn the_netmap_cache_replaces_only_its_own_file() {
+        let dir = scratch("cache-own");
+        let path = cache_path(&dir);
+        save_cache(&dir, &full_netmap(1)).expect("absent: written");
+        save_cache(&dir, &full_netmap(2)).expect("own: replaced");
+        assert_eq!(load_cache(&dir).expect("load").expect("cached").seq, 2);
+        for foreign in ["{\"openvpn\": true}\n", "{\"seq\": 3, \"node\""] {
+            std::fs::write(&path, foreign).expect("foreign file");
+            let err = save_cache(&dir, &full_netmap(4)).expect_err("replaced a foreign file");
+            assert!(
+                format!("{err:#}").contains(&path.display().to_string()),
+                "{err:#}"
+            );
+            assert!(format!("{err:#}").contains("[state] dir"), "{err:#}");
+            assert_eq!(std::fs::read_to_string(&path).expect("kept"), foreign);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 14.2 re-review: enrollment never replaces a `ca.crt` or
+    /// `control.crt` that no complete enrollment of this agent wrote.
+    #[test]
+    fn enrollment_never_replaces_foreign_files_in_the_state_dir() {
+        let identity = |dir: &Path| Identity {
+            node: "a".into(),
+            controllers: vec!["192.0.2.1:7443".into()],
+            ca_pem: "ca".into(),
+            cert_pem: "cert".into(),
+            key_pem: enrollment_key(dir).expect("key").serialize_pem(),
+        };
+        for name in [CA_FILE, CERT_FILE, IDENTITY_FILE] {
+            let dir = scratch("enroll-foreign");
+            let path = dir.join(name);
+            std::fs::write(&path, "someone else's\n").expect("foreign file");
+            let err = identity(&dir)
+                .save(&dir)
+                .expect_err("replaced a foreign file");
+            assert!(
+                format!("{err:#}").contains(&path.display().to_string()),
+                "{err:#}"
+            );
+            assert_eq!(
+                std::fs::read_to_string(&path).expect("kept"),
+                "someone else's\n"
+            );
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        // An empty dir, and a complete enrollment of its own, are written.
+        let dir = scratch("enroll-own");
+        identity(&dir).save(&dir).expect("empty dir");
+        identity(&dir).save(&dir).expect("own files");
+        assert_eq!(
+            Identity::load(&dir).expect("load").expect("enrolled").node,
+            "a"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
