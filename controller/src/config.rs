@@ -175,6 +175,62 @@ pub fn read_text_bounded(path: &Path, limit: u64, what: &str) -> Result<String> 
     })
 }
 
+/// Address ranges an overlay can never use: "this network", loopback, link-local, multicast and
+/// reserved (with broadcast). Documentation ranges are allowed: labs use them for underlays and
+/// overlays alike.
+const RESERVED_POOLS: [&str; 8] = [
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/8",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// The overlay pool must be a routable unicast range of a sane size: at least /8 (IPv4) or /16
+/// (IPv6) long, and overlapping none of [`RESERVED_POOLS`].
+fn check_overlay_pool(text: &str, pool: IpNet) -> Result<()> {
+    let min = if pool.addr().is_ipv4() { 8 } else { 16 };
+    if pool.prefix_len() < min {
+        bail!(
+            "[network] overlay_pool = {text:?}: wider than /{min}, so it overlaps loopback, \
+             multicast or the underlays; use a private range such as \"100.96.0.0/12\" or \
+             \"fd00:1::/48\""
+        );
+    }
+    for reserved in RESERVED_POOLS {
+        let reserved: IpNet = reserved.parse().expect("a valid built-in prefix");
+        if reserved.contains(&pool) || pool.contains(&reserved) {
+            bail!(
+                "[network] overlay_pool = {text:?}: overlaps {reserved} (loopback, link-local, \
+                 multicast or reserved addresses), which cannot carry overlay traffic; use a \
+                 private range such as \"100.96.0.0/12\" or \"fd00:1::/48\""
+            );
+        }
+    }
+    Ok(())
+}
+
+/// An advertised address agents dial must be one host: not unspecified, multicast or broadcast.
+/// Host names are left to the agents' resolver.
+fn check_advertise(entry: &str) -> Result<()> {
+    let Ok(addr) = entry.parse::<SocketAddr>() else {
+        return Ok(());
+    };
+    let ip = addr.ip();
+    let broadcast = matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    if ip.is_unspecified() || ip.is_multicast() || broadcast {
+        bail!(
+            "[control] advertise entry {entry:?}: an unspecified, multicast or broadcast address \
+             cannot be dialled; advertise the address agents reach this controller at, e.g. \
+             \"203.0.113.2:7443\""
+        );
+    }
+    Ok(())
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = read_text_bounded(path, MAX_CONFIG_BYTES, "config file")?;
@@ -192,12 +248,17 @@ impl Config {
         if f.control.advertise.is_empty() {
             bail!("[control] advertise = []: list at least one host:port agents can reach, e.g. [\"203.0.113.2:7443\"]");
         }
+        let mut seen = std::collections::HashSet::new();
         for a in &f.control.advertise {
             let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
                 !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
             });
             if !ok {
                 bail!("[control] advertise entry {a:?}: expected host:port, e.g. \"203.0.113.2:7443\"");
+            }
+            check_advertise(a)?;
+            if !seen.insert(a.to_ascii_lowercase()) {
+                bail!("[control] advertise entry {a:?}: listed more than once; list each address once");
             }
         }
         let api_listen = f.api.listen.parse().map_err(|_| {
@@ -219,6 +280,7 @@ impl Config {
                 overlay_pool.trunc()
             );
         }
+        check_overlay_pool(&f.network.overlay_pool, overlay_pool)?;
         let max = if overlay_pool.addr().is_ipv4() {
             30
         } else {
@@ -288,6 +350,61 @@ fn paths_config(f: &PathsFile) -> Result<PathConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlay_pools_and_advertise_addresses_that_cannot_work_are_refused() {
+        for pool in [
+            "0.0.0.0/0",
+            "0.0.0.0/8",
+            "127.0.0.0/8",
+            "127.1.0.0/16",
+            "224.0.0.0/4",
+            "239.1.0.0/16",
+            "169.254.0.0/16",
+            "168.0.0.0/6",
+            "240.0.0.0/8",
+            "::/0",
+            "::1/128",
+            "::/96",
+            "fe80::/10",
+            "fe80::/64",
+            "ff00::/8",
+            "ff02::/16",
+            "fc00::/7",
+        ] {
+            let text =
+                format!("[control]\nadvertise = [\"a:1\"]\n[network]\noverlay_pool = \"{pool}\"\n");
+            let e = format!("{:#}", Config::parse(&text).expect_err(pool));
+            assert!(
+                e.contains(&format!("[network] overlay_pool = \"{pool}\"")) && e.contains("use"),
+                "{pool}: {e}"
+            );
+        }
+        for pool in ["100.96.0.0/12", "10.0.0.0/8", "192.0.2.0/24", "fd00:1::/48"] {
+            let text =
+                format!("[control]\nadvertise = [\"a:1\"]\n[network]\noverlay_pool = \"{pool}\"\n");
+            Config::parse(&text).unwrap_or_else(|e| panic!("{pool}: {e:#}"));
+        }
+        for (advertise, needle) in [
+            (r#"["0.0.0.0:7443"]"#, "\"0.0.0.0:7443\""),
+            (r#"["[::]:7443"]"#, "\"[::]:7443\""),
+            (r#"["224.0.0.1:7443"]"#, "\"224.0.0.1:7443\""),
+            (r#"["[ff02::1]:7443"]"#, "\"[ff02::1]:7443\""),
+            (r#"["255.255.255.255:7443"]"#, "\"255.255.255.255:7443\""),
+            (r#"["a.example:7443", "A.example:7443"]"#, "more than once"),
+            (r#"["[::1]:7443", "[::1]:7443"]"#, "more than once"),
+        ] {
+            let text = format!("[control]\nadvertise = {advertise}\n");
+            let e = format!("{:#}", Config::parse(&text).expect_err(advertise));
+            assert!(
+                e.contains("[control] advertise") && e.contains(needle),
+                "{advertise}: {e}"
+            );
+        }
+        let advertise = r#"["203.0.113.2:7443", "[2001:db8::1]:7443", "ctl.example:7443"]"#;
+        let text = format!("[control]\nadvertise = {advertise}\n");
+        Config::parse(&text).unwrap_or_else(|e| panic!("{advertise}: {e:#}"));
+    }
 
     #[test]
     fn config_and_admin_token_files_are_read_up_to_their_limits() {
