@@ -9,7 +9,11 @@
 //! Enrollments and prefix admissions have a lock each, so that however many
 //! prefixes a node registers, no enrollment waits for them; an admission's work
 //! is bounded by the per-node prefix cap ([`Registry::with_max_prefixes`]) and
-//! runs off the async workers.
+//! runs off the async workers. A revocation takes neither lock (the prefix
+//! fence orders it against admissions), and a reconnect whose prefix set has
+//! not changed takes the admission lock only when a prefix it was refused may
+//! have been freed since (the fence moved): a node reconnecting in a loop with
+//! refused prefixes redoes no admission and makes nobody wait.
 //!
 //! An enrollment also stores a receipt, `/skymesh/enrollments/<token id>/<key
 //! sha256>`: the answer it gave, for the token and the agent's control key. An
@@ -29,7 +33,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use skymesh_wire::control::{Register, RejectedPrefix};
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -128,8 +132,14 @@ pub struct Registry {
     /// overlay address). Held only across work bounded by one enrollment request.
     enroll_lock: tokio::sync::Mutex<()>,
     /// Serializes this controller's prefix admissions (they compete for the
-    /// prefix fence); never taken by an enrollment.
+    /// prefix fence); never taken by an enrollment or a revocation.
     admission_lock: tokio::sync::Mutex<()>,
+    /// For each node with refused prefixes, the prefix fence's revision its
+    /// stored admission was computed at: while the fence has not moved, no
+    /// prefix anywhere was freed, so admitting its unchanged set again would
+    /// refuse the same prefixes, and a reconnect skips it. A cache: without an
+    /// entry (a restart, another replica) the admission runs once more.
+    settled: std::sync::Mutex<HashMap<String, u64>>,
 }
 
 impl Registry {
@@ -140,6 +150,7 @@ impl Registry {
             max_prefixes: DEFAULT_MAX_PREFIXES_PER_NODE,
             enroll_lock: tokio::sync::Mutex::new(()),
             admission_lock: tokio::sync::Mutex::new(()),
+            settled: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -499,19 +510,29 @@ impl Registry {
             node.agent_version = reg.agent_version.clone();
             node.transit = reg.transit;
             node.last_seen = now;
-            let prefixes_changed = node.advertised != reg.advertise
-                || !node.rejected_prefixes.is_empty()
+            let fence = self.store.get(model::PREFIX_FENCE).await?;
+            let fence_rev = fence.as_ref().map_or(0, |kv| kv.mod_revision);
+            let set_changed = node.advertised != reg.advertise
                 || node.prefixes.iter().any(|p| !advertised.contains(p));
+            // A refused prefix may be free now, but only if the fence moved
+            // since the node's admission (a release bumps it).
+            let recheck =
+                !node.rejected_prefixes.is_empty() && self.settled_at(name) != Some(fence_rev);
+            let prefixes_changed = set_changed || recheck;
             if prefixes_changed && admitting.is_none() {
                 admitting = Some(self.admission_lock.lock().await);
                 // Read again: another admission may have committed meanwhile.
                 continue;
             }
             let mut txn = Txn::new().when_revision(&key, rev);
+            let mut claims = false;
             if prefixes_changed {
-                let fence = self.store.get(model::PREFIX_FENCE).await?;
-                let fence_rev = fence.as_ref().map_or(0, |kv| kv.mod_revision);
                 let admission = self.admit(name, reg).await?;
+                // Only a change of what the node holds moves the fence: an
+                // admission that refuses what it refused before claims and
+                // frees nothing, and must not make every other node with
+                // refused prefixes admit again.
+                claims = admission.accepted != node.prefixes;
                 node.advertised = reg.advertise.clone();
                 node.prefixes = admission.accepted;
                 node.rejected_prefixes = admission
@@ -529,16 +550,46 @@ impl Registry {
                 for r in &node.rejected_prefixes {
                     tracing::warn!(node = %name, prefix = %r.cidr, reason = %r.reason, "advertised prefix refused");
                 }
-                txn = txn
-                    .when_revision(model::PREFIX_FENCE, fence_rev)
-                    .put(model::PREFIX_FENCE, now.to_string().into_bytes());
+                txn = txn.when_revision(model::PREFIX_FENCE, fence_rev);
+                if claims {
+                    txn = txn.put(model::PREFIX_FENCE, now.to_string().into_bytes());
+                }
             }
             let txn = txn.put(&key, model::encode(&node));
-            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
+            if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
+                if prefixes_changed {
+                    self.settle(
+                        name,
+                        (!node.rejected_prefixes.is_empty()).then_some(if claims {
+                            revision
+                        } else {
+                            fence_rev
+                        }),
+                    );
+                }
                 return Ok(node);
             }
         }
         Err(RegistryError::Busy)
+    }
+
+    /// The fence revision `name`'s stored admission is current with, if known.
+    fn settled_at(&self, name: &str) -> Option<u64> {
+        self.settled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+    }
+
+    /// Records (or with `None` forgets) the fence revision `name`'s stored
+    /// admission is current with.
+    fn settle(&self, name: &str, fence_rev: Option<u64>) {
+        let mut settled = self.settled.lock().unwrap_or_else(|e| e.into_inner());
+        match fence_rev {
+            Some(rev) => settled.insert(name.to_string(), rev),
+            None => settled.remove(name),
+        };
     }
 
     /// Refuses a registration with more prefixes (or underlay subnets) than the
@@ -617,8 +668,11 @@ impl Registry {
     /// Removes a node: it leaves every netmap (the watch sees the delete), its
     /// prefixes are freed and its certificate no longer matches any node. Its
     /// overlay address stays reserved for its name. False if there was no node.
+    ///
+    /// It takes no lock: the fence compare orders it against admissions, so it
+    /// never waits for one to be computed.
     pub async fn revoke_node(&self, name: &str) -> Result<bool> {
-        let _guard = self.admission_lock.lock().await;
+        self.settle(name, None);
         let key = model::node_key(name);
         for _ in 0..MAX_ATTEMPTS {
             let Some(kv) = self.store.get(&key).await? else {

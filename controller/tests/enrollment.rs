@@ -752,11 +752,11 @@ async fn an_enrollment_answer_is_given_again_only_within_the_retry_window() {
 
 // ---- connections that have authenticated ----
 
-/// A QUIC client holding a real node's certificate: enrolled through the
-/// registry with a key of its own, as an agent that went rogue (or a stolen
-/// state dir) would present it.
-async fn node_client(f: &Fixture, name: &str) -> quinn::Endpoint {
-    use rustls::pki_types::pem::PemObject;
+/// Enrolls `name` through the registry with a key of its own.
+async fn enroll_direct(
+    f: &Fixture,
+    name: &str,
+) -> (skymesh_controller::registry::Enrollment, rcgen::KeyPair) {
     let ca = f.ctl.registry.load_or_create_ca().await.expect("ca");
     let (rec, secret) = f
         .ctl
@@ -792,6 +792,16 @@ async fn node_client(f: &Fixture, name: &str) -> quinn::Endpoint {
         )
         .await
         .expect("enrolled");
+    (enrolled, key)
+}
+
+/// A QUIC client holding a real node's certificate: enrolled through the
+/// registry with a key of its own, as an agent that went rogue (or a stolen
+/// state dir) would present it.
+async fn node_client(f: &Fixture, name: &str) -> quinn::Endpoint {
+    use rustls::pki_types::pem::PemObject;
+    let ca = f.ctl.registry.load_or_create_ca().await.expect("ca");
+    let (enrolled, key) = enroll_direct(f, name).await;
     let cert =
         rustls::pki_types::CertificateDer::from_pem_slice(enrolled.certificate_pem.as_bytes())
             .expect("cert");
@@ -930,5 +940,93 @@ async fn one_node_certificate_cannot_make_the_controller_buffer_without_limit() 
         }
     }
     drop(conns);
+    f.ctl.shutdown().await;
+}
+
+/// A node whose prefixes are all refused (1,000 of them, inside another
+/// node's) reconnecting in a tight loop, from several connections at once,
+/// while an operator revokes a third node: the revocation takes no longer
+/// than it does on a quiet controller, however many reconnects are queued.
+/// Each of those reconnects used to redo the admission under the lock the
+/// revocation takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reconnecting_with_refused_prefixes_does_not_hold_up_a_revocation() {
+    const LOOPS: usize = 16;
+    let f = start().await;
+    let registry = f.ctl.registry.clone();
+    let observed: std::net::SocketAddr = "203.0.113.9:40000".parse().expect("addr");
+    let now = skymesh_controller::model::unix_now;
+    for name in ["holder-gw", "looper-gw", "victim-gw", "quiet-gw"] {
+        enroll_direct(&f, name).await;
+    }
+    registry
+        .register(
+            "holder-gw",
+            &register(1, vec!["10.0.0.0/8".parse().expect("cidr")]),
+            observed,
+            now(),
+        )
+        .await
+        .expect("holder registers");
+    let refused = register(2, slash24s(Ipv4Addr::new(10, 0, 0, 0), 1000));
+    let started = Instant::now();
+    let node = registry
+        .register("looper-gw", &refused, observed, now())
+        .await
+        .expect("looper registers");
+    let admission = started.elapsed();
+    assert!(node.prefixes.is_empty());
+    assert_eq!(node.rejected_prefixes.len(), 1000);
+
+    // A revocation on a quiet controller.
+    let started = Instant::now();
+    assert!(registry.revoke_node("quiet-gw").await.expect("revoke"));
+    let quiet = started.elapsed();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reconnects = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let loops: Vec<_> = (0..LOOPS)
+        .map(|_| {
+            let (registry, refused, stop, reconnects) = (
+                registry.clone(),
+                refused.clone(),
+                stop.clone(),
+                reconnects.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = registry
+                        .register("looper-gw", &refused, observed, now())
+                        .await;
+                    reconnects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    assert!(registry.revoke_node("victim-gw").await.expect("revoke"));
+    let busy = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in loops {
+        l.await.expect("loop");
+    }
+    println!(
+        "admission of 1000 refused prefixes {admission:?}; revoke quiet {quiet:?}, \
+         with {LOOPS} reconnect loops {busy:?}; {} reconnects",
+        reconnects.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        busy < quiet * 4 + Duration::from_millis(100),
+        "revoke took {busy:?} behind {LOOPS} reconnect loops (quiet: {quiet:?}, one admission: {admission:?})"
+    );
+    // Nothing the loop did changed what the looper holds.
+    let (node, _) = registry
+        .node("looper-gw")
+        .await
+        .expect("read")
+        .expect("node");
+    assert!(node.prefixes.is_empty());
+    assert_eq!(node.rejected_prefixes.len(), 1000);
     f.ctl.shutdown().await;
 }
