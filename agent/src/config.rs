@@ -371,6 +371,13 @@ impl Validator<'_> {
         })
     }
 
+    /// A prefix routed to a peer (see [`fields::routed_prefix`]).
+    fn routed_cidr(&self, key: &str, text: &str) -> Result<IpNet, ConfigError> {
+        let net = self.cidr(key, text)?;
+        fields::routed_prefix(net).map_err(|problem| self.invalid(key, Quoted(text), problem))?;
+        Ok(net)
+    }
+
     fn socket_addr(&self, key: &str, text: &str) -> Result<SocketAddr, ConfigError> {
         text.parse::<SocketAddr>().map_err(|_| {
             self.invalid(
@@ -403,19 +410,10 @@ impl Validator<'_> {
     }
 
     fn peer(&self, i: usize, raw: &RawPeer, own: &PrivateKey) -> Result<PeerSpec, ConfigError> {
+        fields::peer_name(&raw.name).map_err(|problem| {
+            self.invalid(&format!("peers[{i}].name"), Quoted(&raw.name), problem)
+        })?;
         let at = format!("peers[{i}] ({:?})", raw.name);
-        if raw.name.is_empty()
-            || !raw
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        {
-            return Err(self.invalid(
-                &format!("peers[{i}].name"),
-                Quoted(&raw.name),
-                "expected a non-empty name of letters, digits, '-', '_' or '.'",
-            ));
-        }
         let public_key: PublicKey = raw.public_key.parse().map_err(|e| {
             self.invalid(
                 &format!("{at}.public_key"),
@@ -439,7 +437,7 @@ impl Validator<'_> {
             .allowed_ips
             .iter()
             .enumerate()
-            .map(|(j, c)| self.cidr(&format!("{at}.allowed_ips[{j}]"), c))
+            .map(|(j, c)| self.routed_cidr(&format!("{at}.allowed_ips[{j}]"), c))
             .collect::<Result<Vec<_>, _>>()?;
         let persistent_keepalive = match raw.persistent_keepalive {
             None | Some(0) => None,
@@ -501,7 +499,7 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, c)| {
                 let key = format!("node.advertise[{i}]");
-                let net = self.cidr(&key, c)?;
+                let net = self.routed_cidr(&key, c)?;
                 if net.trunc() != net {
                     return Err(self.invalid(
                         &key,
@@ -729,6 +727,55 @@ impl Validator<'_> {
                 Quoted(&own.to_string()),
                 format!("this node's own address lies inside {prefix}, an allowed_ips entry of peer {:?}; traffic to it would loop", peer.name),
             ));
+        }
+        for (i, peer) in config.peers.iter().enumerate() {
+            let at = format!("peers[{i}] ({:?})", peer.name);
+            // Across peers, NetMap::validate refuses overlaps; within one peer a
+            // repeated or nested entry is a typo the kernel would silently merge.
+            for (j, prefix) in peer.allowed_ips.iter().enumerate() {
+                if let Some(other) = peer.allowed_ips[..j]
+                    .iter()
+                    .find(|o| o.contains(prefix) || prefix.contains(*o))
+                {
+                    let problem = if other == prefix {
+                        "is listed twice; remove the repeated entry".to_string()
+                    } else {
+                        format!("overlaps {other}, another entry of this peer; keep only the one you mean")
+                    };
+                    return Err(self.invalid(
+                        &format!("{at}.allowed_ips[{j}]"),
+                        Quoted(&prefix.to_string()),
+                        problem,
+                    ));
+                }
+            }
+            let Some(endpoint) = peer.endpoint else {
+                continue;
+            };
+            // Handshakes to a peer whose endpoint is routed into the tunnel would
+            // themselves be tunnelled: the link could never come up.
+            if let Some((owner, prefix)) = config
+                .peers
+                .iter()
+                .flat_map(|p| p.allowed_ips.iter().map(move |a| (p, a)))
+                .find(|(_, a)| a.contains(&endpoint.ip().to_canonical()))
+            {
+                return Err(self.invalid(
+                    &format!("{at}.endpoint"),
+                    Quoted(&endpoint.to_string()),
+                    format!("lies inside {prefix}, an allowed_ips entry of peer {:?}; the handshakes would be routed into the tunnel. Use the peer's underlay address, outside every allowed_ips", owner.name),
+                ));
+            }
+            if let Some(other) = config.peers[..i]
+                .iter()
+                .find(|p| p.endpoint == Some(endpoint))
+            {
+                return Err(self.invalid(
+                    &format!("{at}.endpoint"),
+                    Quoted(&endpoint.to_string()),
+                    format!("peer {:?} has the same endpoint; one address and port is one WireGuard peer, so one of them is a typo", other.name),
+                ));
+            }
         }
         Ok(())
     }

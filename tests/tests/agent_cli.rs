@@ -537,3 +537,100 @@ fn oversized_inputs_are_refused_naming_the_limit() -> Result<()> {
         Ok(())
     })
 }
+
+/// Issue 14.12 re-review: check-config refuses, naming the key, the value and why,
+/// prefixes that can never be a VPC or overlay destination, repeated entries,
+/// endpoints routed into the tunnel, a shared endpoint and an overlong peer name.
+#[test]
+fn check_config_refuses_prefixes_and_endpoints_that_cannot_route() -> Result<()> {
+    let long_name = "a".repeat(300);
+    let cases: &[(&str, &str, &str, &[&str])] = &[
+        (
+            "loopback",
+            "10.20.0.0/16",
+            "127.0.0.0/8",
+            &["peers[1]", "127.0.0.0/8", "loopback"],
+        ),
+        (
+            "multicast",
+            "10.20.0.0/16",
+            "224.0.0.0/4",
+            &["peers[1]", "224.0.0.0/4", "multicast"],
+        ),
+        (
+            "unspecified",
+            "10.20.0.0/16",
+            "0.0.0.0/32",
+            &["peers[1]", "0.0.0.0/32"],
+        ),
+        (
+            "broadcast",
+            "10.20.0.0/16",
+            "255.255.255.255/32",
+            &["peers[1]", "255.255.255.255/32"],
+        ),
+        (
+            "link-local",
+            "10.20.0.0/16",
+            "169.254.0.0/16",
+            &["peers[1]", "169.254.0.0/16", "link-local"],
+        ),
+        (
+            "default-route",
+            "10.20.0.0/16",
+            "::/0",
+            &["peers[1]", "::/0", "default route"],
+        ),
+        (
+            "repeated-prefix",
+            "\"10.20.0.0/16\"]",
+            "\"10.20.0.0/16\", \"10.20.0.0/16\"]",
+            &["peers[1]", "allowed_ips[2]", "listed twice"],
+        ),
+        (
+            "endpoint-in-own-prefix",
+            "10.10.0.0/16",
+            "198.51.100.0/24",
+            &[
+                "peers[0]",
+                "endpoint",
+                "198.51.100.7:51820",
+                "198.51.100.0/24",
+            ],
+        ),
+        (
+            "endpoint-in-other-prefix",
+            "10.20.0.0/16",
+            "198.51.100.0/24",
+            &["peers[0]", "endpoint", "198.51.100.7:51820", "aws-gw"],
+        ),
+        (
+            "shared-endpoint",
+            "allowed_ips = [\"100.96.0.3/32\"",
+            "endpoint = \"198.51.100.7:51820\"\nallowed_ips = [\"100.96.0.3/32\"",
+            &["peers[1]", "endpoint", "gcp-gw", "same endpoint"],
+        ),
+        (
+            "long-name",
+            "name = \"aws-gw\"",
+            "",
+            &["peers[1].name", "63"],
+        ),
+    ];
+    e2e("routing-nonsense", |env| {
+        let base = ConfigCase::new(env)?;
+        let mut failed = Vec::new();
+        for (case, from, to, must_name) in cases {
+            let to = if *case == "long-name" {
+                format!("name = \"{long_name}\"")
+            } else {
+                (*to).to_string()
+            };
+            if let Err(e) = refused(env, case, &base.edit(from, &to)?, must_name) {
+                failed.push(format!("{e:#}"));
+            }
+        }
+        ensure!(failed.is_empty(), "{}", failed.join("\n---\n"));
+        Ok(())
+    })
+}

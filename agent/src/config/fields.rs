@@ -78,6 +78,75 @@ fn first_host(net: IpNet) -> IpAddr {
     net.hosts().next().unwrap_or(net.addr())
 }
 
+/// The longest peer name: a DNS label's length, ample for a name and short enough
+/// for a metric label and a status line.
+pub(super) const MAX_PEER_NAME: usize = 63;
+
+/// A peer's name: 1 to [`MAX_PEER_NAME`] letters, digits, '-', '_' or '.'.
+pub(super) fn peer_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_PEER_NAME
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "expected a name of 1 to {MAX_PEER_NAME} letters, digits, '-', '_' or '.' (it is a metric label and a status line), like \"gcp-gw\""
+        ));
+    }
+    Ok(())
+}
+
+/// Address ranges no VPC or overlay prefix may touch, each with what it is.
+const NOT_ROUTABLE: &[(&str, &str)] = &[
+    (
+        "0.0.0.0/8",
+        "\"this network\" (0.0.0.0/8, never a destination)",
+    ),
+    (
+        "127.0.0.0/8",
+        "loopback (127.0.0.0/8, never leaves the host)",
+    ),
+    (
+        "169.254.0.0/16",
+        "link-local (169.254.0.0/16, never routed)",
+    ),
+    ("224.0.0.0/4", "multicast (224.0.0.0/4)"),
+    ("240.0.0.0/4", "reserved and broadcast (240.0.0.0/4)"),
+    (
+        "::/127",
+        "the unspecified and loopback addresses (::/128, ::1/128)",
+    ),
+    (
+        "::ffff:0:0/96",
+        "IPv4-mapped addresses (write the IPv4 prefix instead)",
+    ),
+    ("fe80::/10", "link-local (fe80::/10, never routed)"),
+    ("ff00::/8", "multicast (ff00::/8)"),
+];
+
+/// A prefix routed to a peer (`allowed_ips`, `[node] advertise`): one a VPC or the
+/// overlay can hold. Not a default route (/0), which would pull every packet,
+/// the tunnel's own included, into the tunnel (skymesh routes VPC prefixes, it is
+/// not an exit node), and nothing that overlaps loopback, multicast, link-local,
+/// broadcast or unspecified addresses, which are never a remote destination.
+pub(super) fn routed_prefix(net: IpNet) -> Result<(), String> {
+    if net.prefix_len() == 0 {
+        return Err("a default route would send every packet, the tunnel's own included, into the tunnel; skymesh routes VPC and overlay prefixes: list those, like \"10.10.0.0/16\"".into());
+    }
+    for (range, what) in NOT_ROUTABLE {
+        let Ok(range) = range.parse::<IpNet>() else {
+            continue;
+        };
+        if range.contains(&net) || net.contains(&range) {
+            return Err(format!(
+                "overlaps {what}, which is never a remote network; list the VPC or overlay prefixes behind the peer, like \"10.10.0.0/16\""
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Where packets are sent: a peer's endpoint, or an endpoint this node advertises.
 /// An IPv4-mapped IPv6 address is judged as the IPv4 address it reaches.
 pub(super) fn endpoint(addr: SocketAddr) -> Result<SocketAddr, String> {
@@ -186,6 +255,47 @@ mod tests {
         peer_key(&PrivateKey::generate().public_key(), &own).expect("a real peer key");
         private_key(&PrivateKey::from_bytes([0; 32])).expect_err("all-zero private key");
         private_key(&own).expect("a real private key");
+    }
+
+    /// Issue 14.12 re-review: prefixes that can never be a VPC or overlay
+    /// destination are refused; real ones pass.
+    #[test]
+    fn routed_prefixes_by_kind() {
+        for bad in [
+            "127.0.0.0/8",
+            "127.0.0.1/32",
+            "224.0.0.0/4",
+            "239.1.0.0/16",
+            "0.0.0.0/32",
+            "0.0.0.0/0",
+            "0.0.0.0/1",
+            "255.255.255.255/32",
+            "169.254.0.0/16",
+            "::/0",
+            "::1/128",
+            "::/128",
+            "fe80::/64",
+            "ff02::/16",
+            "::ffff:10.0.0.0/104",
+        ] {
+            let net: IpNet = bad.parse().expect(bad);
+            assert!(routed_prefix(net).is_err(), "{bad}");
+        }
+        for good in [
+            "10.0.0.0/8",
+            "100.96.0.2/32",
+            "192.0.2.0/24",
+            "172.16.0.0/12",
+            "8.8.8.0/24",
+            "fd00:10::/48",
+            "2001:db8::/32",
+        ] {
+            let net: IpNet = good.parse().expect(good);
+            assert_eq!(routed_prefix(net), Ok(()), "{good}");
+        }
+        assert!(peer_name(&"a".repeat(MAX_PEER_NAME)).is_ok());
+        assert!(peer_name(&"a".repeat(MAX_PEER_NAME + 1)).is_err());
+        assert!(peer_name("").is_err());
     }
 
     #[test]
