@@ -82,8 +82,7 @@ mod store_cli {
 
     use anyhow::{bail, Context, Result};
     use skymesh_controller::config::Config;
-    use skymesh_controller::store::redb::{self, RedbStore};
-    use skymesh_controller::store::Store;
+    use skymesh_controller::store::redb;
     use std::io::{Read, Write};
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     use std::path::Path;
@@ -91,6 +90,14 @@ mod store_cli {
     pub(crate) fn backup(config_path: &Path, out: &Path) -> Result<()> {
         let config = Config::load(config_path)?;
         let store = config.data_dir.join("state.redb");
+        if redb::is_store_own_name(&store, out) {
+            bail!(
+                "--out {}: a name the store {} uses for itself (the store, its staging and \
+                 kept-aside files, store.id); write the backup elsewhere, best off this disk",
+                out.display(),
+                store.display()
+            );
+        }
         if std::fs::symlink_metadata(out).is_ok() {
             bail!(
                 "--out {}: the file exists; give a new file name (a backup never overwrites a file)",
@@ -178,11 +185,7 @@ mod store_cli {
                 store.display()
             );
         }
-        let store = RedbStore::open(store)?;
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        Ok(rt.block_on(store.backup())?)
+        Ok(redb::copy_stopped(store)?)
     }
 
     pub(crate) fn restore(config_path: &Path, from: &Path) -> Result<()> {

@@ -885,3 +885,53 @@ fn a_store_file_removed_or_replaced_while_running_refuses_writes_and_the_next_st
     assert!(!store.exists(), "no new store was created");
     assert!(!log.contains("ca_fingerprint"), "no CA created:\n{log}");
 }
+
+// ---- backup and restore never touch the store's own files ----
+
+#[test]
+fn backup_and_restore_refuse_the_stores_own_files() {
+    let _serial = serial();
+    let (site, _) = written_store(&["t0"]);
+    let good = site.dir.path().join("good.redb");
+    let (ok, out, err) = site.cli(&["backup", "--out", good.to_str().expect("utf-8")]);
+    assert!(ok, "backup while stopped: {out}{err}");
+    let live = std::fs::read(site.store()).expect("store");
+    assert_eq!(
+        std::fs::read(site.store()).expect("store"),
+        live,
+        "a backup of a stopped store leaves the store file as it is"
+    );
+
+    // --out may not be a name the store uses for itself, however it is spelled.
+    let data = site.data.display().to_string();
+    for out in [
+        format!("{data}/state.redb.restoring"),
+        format!("{data}/state.redb.creating"),
+        format!("{data}/./state.redb.creating"),
+        format!("{data}/../data/state.redb.restoring"),
+        format!("{data}/state.redb.anything"),
+    ] {
+        let (ok, _, err) = site.cli(&["backup", "--out", &out]);
+        assert!(
+            !ok && err.contains("--out") && err.contains("store"),
+            "{out}: {err}"
+        );
+        assert!(!Path::new(&out).exists(), "{out} was written");
+    }
+
+    // restore --from a file that is the staging file, or the live store: refused, kept intact.
+    let backup = std::fs::read(&good).expect("backup");
+    let staging = site.data.join("state.redb.restoring");
+    std::fs::write(&staging, &backup).expect("a backup under the staging name");
+    let linked = site.dir.path().join("linked.redb");
+    std::fs::hard_link(site.store(), &linked).expect("hard link to the store");
+    for from in [staging.clone(), site.store(), linked] {
+        let (ok, _, err) = site.cli(&["restore", "--from", from.to_str().expect("utf-8")]);
+        assert!(!ok && err.contains("--from"), "{}: {err}", from.display());
+    }
+    assert_eq!(
+        std::fs::read(&staging).expect("the staging-named backup is kept"),
+        backup
+    );
+    assert_eq!(std::fs::read(site.store()).expect("store"), live);
+}

@@ -130,6 +130,52 @@ pub fn verify(path: &Path) -> Result<Verified, StoreError> {
     Ok(Verified { records, revision })
 }
 
+/// Whether `path` names the store file at `store` or one of the files the store keeps beside it
+/// (`<store>.<anything>`: staging, kept-aside, and the `store.id` marker), however the directory is
+/// spelled: compared by the directory's device and inode and the file name.
+pub fn is_store_own_name(store: &Path, path: &Path) -> bool {
+    use std::ffi::OsStr;
+    let dir_of = |p: &Path| match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let identity = |d: &Path| std::fs::metadata(d).ok().map(|m| (m.dev(), m.ino()));
+    let (Some(name), Some(store_name)) = (path.file_name(), store.file_name()) else {
+        return false;
+    };
+    if identity(&dir_of(path)).is_none() || identity(&dir_of(path)) != identity(&dir_of(store)) {
+        return false;
+    }
+    let mut prefix = store_name.to_os_string();
+    prefix.push(".");
+    name == store_name
+        || name == OsStr::new(file::MARKER)
+        || name
+            .as_encoded_bytes()
+            .starts_with(prefix.as_encoded_bytes())
+}
+
+/// The bytes of a store file no controller runs on, read under its lock (so none starts
+/// meanwhile) without opening it as a database: nothing of the source is upgraded or repaired.
+pub fn copy_stopped(store: &Path) -> Result<Vec<u8>, StoreError> {
+    use std::io::Read;
+    match lock(store)? {
+        None => Err(StoreError::InUse {
+            path: store.to_owned(),
+        }),
+        Some(None) => Err(StoreError::Backend(format!(
+            "no store file at {}: nothing to back up",
+            store.display()
+        ))),
+        Some(Some(mut held)) => {
+            let mut bytes = Vec::new();
+            held.read_to_end(&mut bytes)
+                .map_err(|e| StoreError::Backend(format!("reading {}: {e}", store.display())))?;
+            Ok(bytes)
+        }
+    }
+}
+
 /// Whether a running process (a controller) holds the store file at `path` open.
 pub fn is_in_use(path: &Path) -> Result<bool, StoreError> {
     Ok(lock(path)?.is_none())
@@ -164,6 +210,22 @@ pub fn restore(store: &Path, from: &Path, now_unix: u64) -> Result<Restored, Sto
         });
     };
     let staging = file::staging_path(store, "restoring");
+    // The source must be neither the staging file (copying onto itself truncates it, and the
+    // error path removes it) nor the live store, by any name or hard link.
+    let source =
+        std::fs::metadata(from).map_err(|e| io(format!("--from {}", from.display()), e))?;
+    let is_source = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| (m.dev(), m.ino()) == (source.dev(), source.ino()))
+    };
+    if is_source(&staging) || is_source(store) {
+        return Err(StoreError::Backend(format!(
+            "--from {} is the store file {} or its restore staging file {}; nothing was changed. \
+             Copy the backup to another name outside the data_dir and restore from that",
+            from.display(),
+            store.display(),
+            staging.display()
+        )));
+    }
     copy_private(from, &staging).map_err(|e| {
         io(
             format!("copying {} to {}", from.display(), staging.display()),

@@ -34,7 +34,7 @@ use super::{
     DEFAULT_WATCH_HISTORY,
 };
 
-pub use backup::{is_in_use, restore, verify, Restored, Verified};
+pub use backup::{copy_stopped, is_in_use, is_store_own_name, restore, verify, Restored, Verified};
 pub use file::refuse_dangling;
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
