@@ -7,6 +7,7 @@
 //! trust root. The identity (control key, certificate, CA, controller list) lives
 //! in the state dir, the key with mode 0600.
 
+use crate::config::bounded;
 use crate::config::paths::{temp_name, STATE_FILES};
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -67,7 +68,7 @@ impl Identity {
     /// The identity in `dir`, `None` if this agent never enrolled.
     pub fn load(dir: &Path) -> Result<Option<Self>> {
         let path = dir.join(IDENTITY_FILE);
-        let text = match std::fs::read_to_string(&path) {
+        let text = match bounded::read_file(&path, bounded::SECRET_LIMIT) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
@@ -80,7 +81,8 @@ impl Identity {
         })?;
         let read = |name: &str| {
             let p = dir.join(name);
-            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+            bounded::read_file(&p, bounded::SECRET_LIMIT)
+                .with_context(|| format!("reading {}", p.display()))
         };
         Ok(Some(Self {
             node: file.node,
@@ -116,7 +118,7 @@ impl Identity {
 /// reused only if it parses as a key.)
 fn refuse_foreign_enrollment_files(dir: &Path) -> Result<()> {
     let identity = dir.join(IDENTITY_FILE);
-    let own = crate::config::bounded::read_file(&identity, crate::config::bounded::SECRET_LIMIT)
+    let own = bounded::read_file(&identity, bounded::SECRET_LIMIT)
         .ok()
         .is_some_and(|t| serde_json::from_str::<IdentityFile>(&t).is_ok());
     if own {
@@ -247,7 +249,7 @@ const ENROLL_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// new one, saved (mode 0600) before it is sent anywhere.
 fn enrollment_key(state_dir: &Path) -> Result<rcgen::KeyPair> {
     let path = state_dir.join(KEY_FILE);
-    match std::fs::read_to_string(&path) {
+    match bounded::read_file(&path, bounded::SECRET_LIMIT) {
         Ok(pem) => rcgen::KeyPair::from_pem(&pem).with_context(|| {
             format!(
                 "{} is not a usable control key; remove it and join again",
@@ -716,9 +718,9 @@ pub fn save_cache(state_dir: &Path, full: &FullNetMap) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
         Ok(meta) => {
             let own = meta.is_file()
-                && std::fs::read(&path)
+                && bounded::read_file(&path, bounded::CACHE_LIMIT)
                     .ok()
-                    .is_some_and(|b| serde_json::from_slice::<FullNetMap>(&b).is_ok());
+                    .is_some_and(|t| serde_json::from_str::<FullNetMap>(&t).is_ok());
             if !own {
                 bail!(
                     "[state] dir: {} is not a netmap cache of this agent (another program's file, or a damaged cache), so the agent will not replace it; set [state] dir to a directory of the agent's own (e.g. /var/lib/skymesh), or move the file away if it is a damaged cache",
@@ -732,8 +734,8 @@ pub fn save_cache(state_dir: &Path, full: &FullNetMap) -> Result<()> {
 
 pub fn load_cache(state_dir: &Path) -> Result<Option<FullNetMap>> {
     let path = cache_path(state_dir);
-    match std::fs::read(&path) {
-        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+    match bounded::read_file(&path, bounded::CACHE_LIMIT) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| {
             format!(
                 "{} is not a netmap cache of this agent; the agent will not use or replace it (move it away if it is a damaged cache, or set [state] dir to a directory of the agent's own)",
                 path.display()
@@ -901,6 +903,20 @@ mod tests {
         assert_eq!(
             Identity::load(&dir).expect("load").expect("enrolled").node,
             "a"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 14.5 re-review: the state files are read with a cap too.
+    #[test]
+    fn oversized_state_files_are_refused_naming_the_limit() {
+        let dir = scratch("state-oversized");
+        let big = vec![b' '; bounded::SECRET_LIMIT as usize + 1];
+        std::fs::write(dir.join(IDENTITY_FILE), &big).expect("identity");
+        let err = Identity::load(&dir).expect_err("read an oversized identity");
+        assert!(
+            format!("{err:#}").contains("limit of 65536 bytes"),
+            "{err:#}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

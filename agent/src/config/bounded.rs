@@ -10,6 +10,9 @@ use std::path::Path;
 pub const CONFIG_LIMIT: u64 = 1 << 20;
 /// The largest private key or join token read (64 KiB; a real one is under 1 KiB).
 pub const SECRET_LIMIT: u64 = 64 << 10;
+/// The largest cached netmap read from the state dir (64 MiB; 10,000 peers take
+/// a few MiB).
+pub const CACHE_LIMIT: u64 = 64 << 20;
 /// The largest `status` answer read from the admin socket (16 MiB).
 pub const STATUS_LIMIT: u64 = 16 << 20;
 
