@@ -634,3 +634,51 @@ fn check_config_refuses_prefixes_and_endpoints_that_cannot_route() -> Result<()>
         Ok(())
     })
 }
+
+/// Issue 14.4 re-review: `join` with a token whose controller can never be dialled
+/// stops at once, naming the address, instead of retrying for ever.
+#[test]
+fn join_with_an_undialable_controller_stops_naming_it() -> Result<()> {
+    e2e("join-undialable", |env| {
+        let base = ConfigCase::new(env)?;
+        let config = env.path("controller.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[interface]\nprivate_key_file = \"{}\"\n[state]\ndir = \"{}\"\n[controller]\n[node]\nadvertise = [\"10.0.0.0/16\"]\n",
+                base.key_file.display(),
+                env.path("state").display()
+            ),
+        )?;
+        let config = config.to_str().context("UTF-8 path")?;
+        for bad in ["0.0.0.0:0", "255.255.255.255:1", "224.0.0.1:7443"] {
+            let token = skymesh_wire::JoinToken {
+                controllers: vec![bad.into()],
+                ca_sha256: "ab".repeat(32),
+                id: "t-1".into(),
+                secret: "s".into(),
+            }
+            .encode();
+            // A join that retries is stopped by timeout(1) after 10 s (exit 124).
+            let mut cmd = Command::new("timeout");
+            cmd.arg("10").arg(skymesh_tests::agent_bin()?);
+            cmd.args(["join", &token, "--config", config]);
+            let out = skymesh_tests::proc::output(&mut cmd)?;
+            let msg = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&out.stdout)
+            );
+            ensure!(
+                out.status.code() == Some(1),
+                "{bad}: exit {}\n{msg}",
+                out.status
+            );
+            ensure!(
+                msg.contains(bad),
+                "{bad}: the message does not name it:\n{msg}"
+            );
+        }
+        Ok(())
+    })
+}
