@@ -593,10 +593,11 @@ fn read_credential_file(path: &Path) -> Result<String> {
             path.display()
         );
     }
-    Ok(std::fs::read_to_string(path)
-        .with_context(|| format!("reading credential_file {}", path.display()))?
-        .trim()
-        .to_string())
+    Ok(
+        crate::config::read_text_bounded(path, crate::config::MAX_TOKEN_BYTES, "credential_file")?
+            .trim()
+            .to_string(),
+    )
 }
 
 fn route(
@@ -764,6 +765,19 @@ pub fn decode_hex32(hex: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_file_is_read_up_to_its_limit() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("big.key");
+        std::fs::write(&path, vec![b'k'; 64 * 1024 + 1]).expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("mode");
+        let err = format!("{:#}", read_credential_file(&path).expect_err("over the limit"));
+        assert!(err.contains("credential_file") && err.contains("limit"), "{err}");
+        std::fs::write(&path, b"sk-secret\n").expect("write");
+        assert_eq!(read_credential_file(&path).expect("read"), "sk-secret");
+    }
 
     const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 

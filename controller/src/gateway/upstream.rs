@@ -367,9 +367,10 @@ pub fn pools(cfg: &UpstreamConfig, fabric: Arc<Fabric>, n: usize) -> Result<Vec<
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &cfg.ca_file {
-        let pem = std::fs::read(path).with_context(|| {
-            format!("upstream {}: reading ca_file {}", cfg.name, path.display())
-        })?;
+        let pem =
+            crate::config::read_text_bounded(path, crate::config::MAX_CONFIG_BYTES, "ca_file")
+                .with_context(|| format!("upstream {}", cfg.name))?
+                .into_bytes();
         let mut n = 0;
         for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
             let cert = cert.with_context(|| {
