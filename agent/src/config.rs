@@ -516,6 +516,27 @@ impl Validator<'_> {
             .enumerate()
             .map(|(i, e)| self.endpoint(&format!("node.endpoints[{i}]"), e))
             .collect::<Result<Vec<_>, _>>()?;
+        // As for static peers: a prefix routed to this node must not hold the
+        // address the other nodes send its handshakes to.
+        for (i, e) in endpoints.iter().enumerate() {
+            if let Some(prefix) = advertise
+                .iter()
+                .find(|a| a.contains(&e.ip().to_canonical()))
+            {
+                return Err(self.invalid(
+                    &format!("node.endpoints[{i}]"),
+                    Quoted(&e.to_string()),
+                    format!("lies inside {prefix} of [node] advertise; the other nodes would route this node's handshakes into the tunnel. Advertise the VPC prefixes only, not the underlay address"),
+                ));
+            }
+            if endpoints[..i].contains(e) {
+                return Err(self.invalid(
+                    &format!("node.endpoints[{i}]"),
+                    Quoted(&e.to_string()),
+                    "is listed twice; remove the repeated entry",
+                ));
+            }
+        }
         let persistent_keepalive = match node.persistent_keepalive {
             None | Some(0) => None,
             Some(s) if (1..=65535).contains(&s) => Some(s as u16),
@@ -976,6 +997,14 @@ mod tests {
             (
                 "[controller]\n[node]\nadvertise = [\"10.0.0.1/16\"]\n",
                 "did you mean \"10.0.0.0/16\"",
+            ),
+            (
+                "[controller]\n[node]\nadvertise = [\"10.0.0.0/16\"]\nendpoints = [\"10.0.0.5:51820\"]\n",
+                "node.endpoints[0] = \"10.0.0.5:51820\": lies inside 10.0.0.0/16",
+            ),
+            (
+                "[controller]\n[node]\nadvertise = [\"127.0.0.0/8\"]\n",
+                "node.advertise[0] = \"127.0.0.0/8\": overlaps loopback",
             ),
             (
                 "[controller]\njoin_token_file = \"rel/token\"\n",
