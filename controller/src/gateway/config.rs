@@ -773,8 +773,14 @@ mod tests {
         let path = dir.path().join("big.key");
         std::fs::write(&path, vec![b'k'; 64 * 1024 + 1]).expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("mode");
-        let err = format!("{:#}", read_credential_file(&path).expect_err("over the limit"));
-        assert!(err.contains("credential_file") && err.contains("limit"), "{err}");
+        let err = format!(
+            "{:#}",
+            read_credential_file(&path).expect_err("over the limit")
+        );
+        assert!(
+            err.contains("credential_file") && err.contains("limit"),
+            "{err}"
+        );
         std::fs::write(&path, b"sk-secret\n").expect("write");
         assert_eq!(read_credential_file(&path).expect("read"), "sk-secret");
     }
