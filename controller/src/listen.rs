@@ -12,9 +12,11 @@
 //! closed at once, which costs one accept and one close.
 //!
 //! What a connection is doing is learnt from three places: [`Watched`] sees
-//! its bytes (the first byte of a request head, a blocked write), [`InFlight`]
-//! guards mark a request from its head to the end of its answer, and
-//! `supervise` turns the state into one deadline at a time. It owns no
+//! the first byte of a request head, [`InFlight`] guards mark a request from
+//! its head to the end of its answer, [`Tracked`] answers say when the client
+//! leaves their next frame untaken (a full socket stops hyper from asking for
+//! it, as a shut h2 window does), and `supervise` turns the state into one
+//! deadline at a time. It owns no
 //! protocol: hyper parses, this module only closes.
 
 use std::collections::HashMap;
@@ -178,13 +180,11 @@ impl Guard {
                 served: false,
                 idle_since: now,
                 first_byte: None,
-                write_blocked_since: None,
                 evicted: false,
                 answers: Vec::new(),
                 next_answer: 0,
             }),
             want_first_byte: AtomicBool::new(true),
-            write_blocked: AtomicBool::new(false),
             changed: Notify::new(),
         });
         t.live.insert(conn.id, conn.clone());
@@ -240,7 +240,6 @@ pub struct Conn {
     /// the next read stamps when its head began. Read on every read without
     /// the lock.
     want_first_byte: AtomicBool,
-    write_blocked: AtomicBool,
     changed: Notify,
 }
 
@@ -252,7 +251,6 @@ struct ConnState {
     idle_since: Instant,
     /// The first byte of a request head not yet complete.
     first_byte: Option<Instant>,
-    write_blocked_since: Option<Instant>,
     evicted: bool,
     /// Answers being sent, each with how long it has kept the client waiting.
     answers: Vec<Answer>,
@@ -300,12 +298,7 @@ impl Conn {
         if s.in_flight == 0 {
             return Some((u8::from(s.served), s.idle_since));
         }
-        let stalled = s
-            .answers
-            .iter()
-            .filter_map(|a| a.ready_since)
-            .chain(s.write_blocked_since)
-            .min()?;
+        let stalled = s.answers.iter().filter_map(|a| a.ready_since).min()?;
         (now.saturating_duration_since(stalled) >= Duration::from_secs(1)).then_some((2, stalled))
     }
 
@@ -335,17 +328,6 @@ impl Conn {
                 s.first_byte = Some(Instant::now());
             }
             drop(s);
-            self.changed.notify_one();
-        }
-    }
-
-    fn on_write(&self, blocked: bool) {
-        if self.write_blocked.load(Ordering::Relaxed) == blocked {
-            return;
-        }
-        self.write_blocked.store(blocked, Ordering::Relaxed);
-        self.state().write_blocked_since = blocked.then(Instant::now);
-        if blocked {
             self.changed.notify_one();
         }
     }
@@ -398,13 +380,9 @@ async fn supervise(conn: &Conn, limits: Limits) -> Closed {
                 }
                 Some(deadline)
             } else {
-                let blocked = s
-                    .write_blocked_since
-                    .map(|since| since + limits.write_stall_timeout);
                 s.answers
                     .iter()
                     .filter_map(|a| a.deadline(limits))
-                    .chain(blocked)
                     .min()
                     .map(|at| (at, Closed::WriteStall))
             }
@@ -423,7 +401,8 @@ async fn supervise(conn: &Conn, limits: Limits) -> Closed {
 }
 
 /// A connection's byte stream, telling its [`Conn`] when a request head
-/// begins and when the client stops reading.
+/// begins. Writes pass straight through: an unread answer shows in its
+/// [`Tracked`] body.
 pub struct Watched<IO> {
     io: IO,
     conn: Arc<Conn>,
@@ -456,9 +435,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        self.conn.on_write(r.is_pending());
-        r
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -466,9 +443,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        self.conn.on_write(r.is_pending());
-        r
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -476,9 +451,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let r = Pin::new(&mut self.io).poll_flush(cx);
-        self.conn.on_write(r.is_pending());
-        r
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -792,11 +765,12 @@ mod tests {
         assert!(tokio::time::timeout(Duration::from_secs(3600), &mut sup)
             .await
             .is_err());
-        conn.on_write(true);
+        // Its answer is ready and the client does not take it.
+        let body = Tracked::new(Endless, req);
         let t0 = Instant::now();
         assert_eq!(sup.await, Closed::WriteStall);
         assert_eq!(t0.elapsed(), Duration::from_secs(30));
-        drop(req);
+        drop(body);
     }
 
     /// A body that always has its next 100 bytes ready.
