@@ -290,6 +290,7 @@ pub async fn run(config: Config) -> Result<()> {
             underlay: underlay_subnets(&identity.controllers),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             transit: mode.transit,
+            capability: 0,
         };
         let (events_tx, events) = tokio::sync::mpsc::channel(64);
         let s = shared.clone();

@@ -557,6 +557,7 @@ fn register(i: usize) -> Register {
         underlay: vec![],
         agent_version: "control-bench".into(),
         transit: false,
+        capability: 0,
     }
 }
 

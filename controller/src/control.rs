@@ -506,6 +506,7 @@ fn describe(msg: &Option<AgentMessage>) -> &'static str {
         Some(AgentMessage::Enroll(_)) => "enroll",
         Some(AgentMessage::Register(_)) => "register",
         Some(AgentMessage::Links(_)) => "links",
+        Some(AgentMessage::LinkChanges(_)) => "link_changes",
     }
 }
 
@@ -1000,6 +1001,7 @@ impl HubState {
                 upsert: Vec::new(),
                 remove: Vec::new(),
                 paths: Some(paths),
+                path_changes: Vec::new(),
             });
             match control::encode(&update) {
                 Ok(frame) => self.deliver(&name, SessionMsg::Frame(Arc::new(frame))),

@@ -94,6 +94,7 @@ impl Fabric {
                     upsert: vec![p],
                     remove: Vec::new(),
                     paths: None,
+                    path_changes: Vec::new(),
                 },
                 None => NetMapUpdate {
                     seq,
@@ -101,6 +102,7 @@ impl Fabric {
                     upsert: Vec::new(),
                     remove: vec![node.name.clone()],
                     paths: None,
+                    path_changes: Vec::new(),
                 },
             };
             out.push(Output::Send(
@@ -118,6 +120,7 @@ impl Fabric {
                     upsert: Vec::new(),
                     remove: Vec::new(),
                     paths: None,
+                    path_changes: Vec::new(),
                 }),
             ));
         }
@@ -139,6 +142,7 @@ impl Fabric {
                     upsert: Vec::new(),
                     remove: vec![name.to_string()],
                     paths: None,
+                    path_changes: Vec::new(),
                 }),
             ),
         ]

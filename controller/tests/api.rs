@@ -331,6 +331,7 @@ async fn skymeshctl_drives_the_whole_lifecycle() {
             underlay: vec![],
             agent_version: "test".into(),
             transit: false,
+            capability: 0,
         },
         tx,
     ));

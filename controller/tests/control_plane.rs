@@ -88,6 +88,7 @@ fn register(key: u8, advertise: &[&str]) -> Register {
         underlay: vec!["203.0.113.0/24".parse().expect("cidr")],
         agent_version: "test".into(),
         transit: false,
+        capability: 0,
     }
 }
 

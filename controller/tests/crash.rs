@@ -358,6 +358,7 @@ impl Session {
             underlay: Vec::new(),
             agent_version: "crash-test".into(),
             transit: false,
+            capability: 0,
         };
         let name = identity.node.clone();
         let task = tokio::spawn(control::run_session(identity, register, tx));

@@ -173,6 +173,7 @@ async fn enroll(base: &str, token: &str, dir: &Path, name: &str, n: u8) {
             underlay: vec![],
             agent_version: "test".into(),
             transit: true,
+            capability: 0,
         },
         tx,
     ));

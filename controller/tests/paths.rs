@@ -158,6 +158,7 @@ async fn reports_become_paths_and_operators_override_them() {
             underlay: Vec::new(),
             agent_version: "test".into(),
             transit: *name == "azure",
+            capability: 0,
         };
         let task = tokio::spawn(control::run_session_reporting(
             identity,

@@ -12,10 +12,11 @@
 
 use crate::key::PublicKey;
 use crate::netmap::{NetMap, PeerSpec, PROTOCOL_VERSION};
-use crate::path::{LinkReport, PathSpec};
+use crate::path::{LinkChanges, LinkReport, PathSpec};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 
 /// Largest frame body either side accepts. A full netmap of 10,000 peers is
@@ -85,9 +86,25 @@ pub enum AgentMessage {
     Enroll(EnrollRequest),
     /// First message of an mTLS connection: who the agent is now.
     Register(Register),
-    /// Link measurements, about once a second after `Register`.
+    /// All link measurements: first after `Register`, then (from agents without
+    /// [`CAPABILITY`] 1) about once a second.
     Links(LinkReport),
+    /// The measurements that changed materially since the last `Links` or
+    /// `LinkChanges`; sent by agents with [`CAPABILITY`] 1 instead of repeating
+    /// `Links`.
+    LinkChanges(LinkChanges),
 }
+
+/// What this build of the protocol can do beyond version 1's first release,
+/// announced by the agent in [`Register::capability`]:
+/// - 0: takes path lists whole ([`NetMapUpdate::paths`]) and repeats its whole
+///   link report every second;
+/// - 1: also takes path changes ([`NetMapUpdate::path_changes`]) and sends its
+///   link measurements as [`LinkChanges`] after the first report.
+///
+/// The controller speaks to each agent at the capability the agent announced,
+/// so controllers can be upgraded before their agents.
+pub const CAPABILITY: u32 = 1;
 
 /// A join token's secret and a certificate signing request.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +150,13 @@ pub struct Register {
     /// The node offers to forward traffic between other nodes (`[node] transit`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub transit: bool,
+    /// The agent's [`CAPABILITY`]; 0 (absent) for agents that predate it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub capability: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What the controller sends.
@@ -204,16 +228,30 @@ pub struct NetMapUpdate {
     /// When present, replaces the node's whole path list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<Vec<PathSpec>>,
+    /// Paths that changed, each replacing the path to the same destination;
+    /// applied after `paths`. Sent only to agents of [`CAPABILITY`] 1 or more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub path_changes: Vec<PathSpec>,
 }
 
 impl NetMapUpdate {
-    /// Applies the update to `map` in place: removals, then upserts by name.
+    /// Applies the update to `map` in place: removals, then upserts by name,
+    /// then `paths`, then `path_changes`. Peers and paths stay sorted by name.
+    /// O((n + m) log n) for n peers and m changes, so a merged update of the
+    /// whole mesh costs no more than a full netmap.
     pub fn apply_to(&self, map: &mut NetMap) {
-        map.peers.retain(|p| {
-            !self.remove.contains(&p.name) && !self.upsert.iter().any(|u| u.name == p.name)
-        });
-        map.peers.extend(self.upsert.iter().cloned());
-        map.peers.sort_by(|a, b| a.name.cmp(&b.name));
+        let changed: HashSet<&str> = self
+            .remove
+            .iter()
+            .map(String::as_str)
+            .chain(self.upsert.iter().map(|p| p.name.as_str()))
+            .collect();
+        if !changed.is_empty() {
+            map.peers.retain(|p| !changed.contains(p.name.as_str()));
+            map.peers.extend(self.upsert.iter().cloned());
+            map.peers.sort_by(|a, b| a.name.cmp(&b.name));
+            keep_last(&mut map.peers, |p| &p.name);
+        }
         if let Some(node) = &self.node {
             map.address = IpNet::from(node.overlay_ip);
             map.transit = node.transit;
@@ -221,8 +259,29 @@ impl NetMapUpdate {
         if let Some(paths) = &self.paths {
             map.paths = paths.clone();
         }
+        if !self.path_changes.is_empty() {
+            let changed: HashSet<&str> =
+                self.path_changes.iter().map(|p| p.dest.as_str()).collect();
+            map.paths.retain(|p| !changed.contains(p.dest.as_str()));
+            map.paths.extend(self.path_changes.iter().cloned());
+            map.paths.sort_by(|a, b| a.dest.cmp(&b.dest));
+            keep_last(&mut map.paths, |p| &p.dest);
+        }
         map.prune_paths();
     }
+}
+
+/// Of neighbours with the same key in a list sorted stably by that key, keeps
+/// the last: a later change to the same name wins.
+fn keep_last<T>(list: &mut Vec<T>, key: impl Fn(&T) -> &String) {
+    let mut kept: Vec<T> = Vec::with_capacity(list.len());
+    for item in list.drain(..) {
+        match kept.last_mut() {
+            Some(last) if key(last) == key(&item) => *last = item,
+            _ => kept.push(item),
+        }
+    }
+    *list = kept;
 }
 
 /// Why the controller refused; the agent logs `message` and acts on `code`.
@@ -417,6 +476,7 @@ mod tests {
             underlay: vec!["203.0.113.0/24".parse().expect("cidr")],
             agent_version: "0.1.0".into(),
             transit: false,
+            capability: 0,
         });
         let frame = encode(&msg).expect("encode");
         let body = &frame[4..];
@@ -439,6 +499,7 @@ mod tests {
             upsert: vec![peer("gcp-gw", 2)],
             remove: vec!["old-gw".into()],
             paths: None,
+            path_changes: Vec::new(),
         });
         let frame = encode(&msg).expect("encode");
         assert_eq!(
@@ -473,6 +534,7 @@ mod tests {
             upsert: vec![],
             remove: vec!["z".into()],
             paths: None,
+            path_changes: Vec::new(),
         }))
         .expect("b");
         let stream: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
@@ -565,6 +627,7 @@ mod tests {
                 underlay: vec![longest; cap],
                 agent_version: "v".repeat(256),
                 transit: true,
+                capability: 0,
             });
             let len = encode(&msg).expect("encode").len() - 4;
             assert!(len <= max_register_frame(cap), "{cap}: {len}");
@@ -618,6 +681,7 @@ mod tests {
             upsert: vec![b2.clone(), peer("c", 4)],
             remove: vec!["a".into()],
             paths: None,
+            path_changes: Vec::new(),
         }
         .apply_to(&mut map);
         assert_eq!(map.peers, vec![b2, peer("c", 4)]);
@@ -664,6 +728,7 @@ mod tests {
             upsert: Vec::new(),
             remove,
             paths,
+            path_changes: Vec::new(),
         };
         update(Vec::new(), Some(vec![via_a.clone()])).apply_to(&mut map);
         assert_eq!(map.paths, vec![via_a.clone()]);
@@ -674,5 +739,101 @@ mod tests {
         update(vec!["a".into()], None).apply_to(&mut map);
         assert!(map.paths.is_empty());
         assert_eq!(map.validate(), Ok(()));
+    }
+
+    #[test]
+    fn golden_link_changes_frame_and_capability() {
+        let msg = AgentMessage::LinkChanges(LinkChanges {
+            changed: vec![crate::path::LinkSample {
+                peer: "gcp".into(),
+                up: false,
+                rtt_us: 20_150,
+                jitter_us: 310,
+                loss_ppm: 0,
+            }],
+        });
+        let frame = encode(&msg).expect("encode");
+        assert_eq!(
+            std::str::from_utf8(&frame[4..]).expect("utf8"),
+            r#"{"v":1,"msg":{"type":"link_changes","changed":[{"peer":"gcp","up":false,"rtt_us":20150,"jitter_us":310,"loss_ppm":0}]}}"#
+        );
+        assert_eq!(decode::<AgentMessage>(&frame[4..]).expect("decode"), msg);
+        // An agent that predates the capability sends none and is read as 0.
+        let old = r#"{"v":1,"msg":{"type":"register","public_key":"AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=","listen_port":51820,"agent_version":"0.1.0"}}"#;
+        match decode::<AgentMessage>(old.as_bytes()).expect("decode") {
+            AgentMessage::Register(r) => assert_eq!(r.capability, 0),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn path_changes_replace_one_destination_each_after_a_whole_list() {
+        use crate::path::Via;
+        let mut map = NetMap {
+            version: PROTOCOL_VERSION,
+            address: "100.96.0.1/32".parse().expect("cidr"),
+            mtu: 1420,
+            peers: vec![peer("a", 2), peer("b", 3), peer("c", 4)],
+            transit: false,
+            paths: Vec::new(),
+        };
+        let path = |dest: &str, via: Via| PathSpec {
+            dest: dest.into(),
+            primary: via,
+            backup: None,
+        };
+        let mut u = NetMapUpdate {
+            seq: 4,
+            node: None,
+            upsert: Vec::new(),
+            remove: Vec::new(),
+            paths: Some(vec![path("b", Via::Direct), path("c", Via::Direct)]),
+            path_changes: vec![
+                path("c", Via::Transit("a".into())),
+                path("a", Via::Direct),
+                path("c", Via::Transit("b".into())),
+            ],
+        };
+        u.apply_to(&mut map);
+        assert_eq!(
+            map.paths,
+            vec![
+                path("a", Via::Direct),
+                path("b", Via::Direct),
+                path("c", Via::Transit("b".into())),
+            ],
+            "changes apply after the list, sorted, the later change to a destination wins"
+        );
+        // A change through a peer the same update removes is pruned with it.
+        u.paths = None;
+        u.remove = vec!["b".into()];
+        u.path_changes = vec![path("a", Via::Transit("b".into()))];
+        u.apply_to(&mut map);
+        assert_eq!(map.paths, Vec::<PathSpec>::new());
+        assert_eq!(map.validate(), Ok(()));
+    }
+
+    #[test]
+    fn upserts_of_a_merged_update_keep_peers_sorted_and_unique() {
+        let mut map = NetMap {
+            version: PROTOCOL_VERSION,
+            address: "100.96.0.1/32".parse().expect("cidr"),
+            mtu: 1420,
+            peers: vec![peer("b", 3)],
+            transit: false,
+            paths: Vec::new(),
+        };
+        let mut later = peer("a", 9);
+        later.endpoint = Some("203.0.113.9:51820".parse().expect("addr"));
+        NetMapUpdate {
+            seq: 2,
+            node: None,
+            upsert: vec![peer("c", 4), peer("a", 2), later.clone()],
+            remove: vec!["b".into()],
+            paths: None,
+            path_changes: Vec::new(),
+        }
+        .apply_to(&mut map);
+        assert_eq!(map.peers, vec![later, peer("c", 4)]);
     }
 }

@@ -15,5 +15,5 @@ pub mod token;
 
 pub use key::{KeyError, PublicKey};
 pub use netmap::{NetMap, NetMapError, PeerSpec, PROTOCOL_VERSION};
-pub use path::{LinkReport, LinkSample, PathSpec, Via};
+pub use path::{LinkChanges, LinkReport, LinkSample, PathSpec, Via};
 pub use token::{JoinToken, TokenError};

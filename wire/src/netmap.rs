@@ -152,13 +152,13 @@ impl NetMap {
 
     /// Drops paths that name a peer no longer in the map (after a removal).
     pub fn prune_paths(&mut self) {
-        let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+        let names: std::collections::HashSet<&str> =
+            self.peers.iter().map(|p| p.name.as_str()).collect();
         self.paths.retain(|p| {
-            names.contains(&p.dest.as_str())
-                && std::iter::once(&p.primary).chain(&p.backup).all(|v| {
-                    v.transit()
-                        .is_none_or(|t| names.contains(&t) && t != p.dest)
-                })
+            names.contains(p.dest.as_str())
+                && std::iter::once(&p.primary)
+                    .chain(&p.backup)
+                    .all(|v| v.transit().is_none_or(|t| names.contains(t) && t != p.dest))
         });
     }
 }

@@ -92,9 +92,97 @@ pub struct LinkSample {
     pub loss_ppm: u32,
 }
 
-/// An agent's measurements of all its links; sent about once a second.
+/// A change of round-trip time smaller than this fraction of the last reported
+/// one is not worth reporting (see [`LinkSample::differs_materially`]).
+pub const REPORT_RTT_RATIO: f64 = 0.025;
+/// ...nor one smaller than this, in microseconds.
+pub const REPORT_RTT_MIN_US: u32 = 500;
+/// A change of loss smaller than this, in parts per million, is not worth
+/// reporting unless loss starts or ends.
+pub const REPORT_LOSS_PPM: u32 = 5_000;
+
+impl LinkSample {
+    /// Whether this sample tells the controller something `reported` (the last
+    /// sample of the same link it was told) did not: the link went up or down,
+    /// loss started, ended or moved by [`REPORT_LOSS_PPM`], or the round-trip
+    /// time moved by [`REPORT_RTT_RATIO`] of the reported one and at least
+    /// [`REPORT_RTT_MIN_US`]. Jitter alone is not material: paths are not
+    /// chosen by it.
+    ///
+    /// Agents send only material changes, and the controller keeps a reported
+    /// sample until a material change replaces it, so the two cannot disagree
+    /// on what counts. The threshold is a quarter of the smallest switch the
+    /// path engine makes by default (10%), so a path is still replaced within a
+    /// few percent of where exact figures would replace it.
+    pub fn differs_materially(&self, reported: &LinkSample) -> bool {
+        if self.up != reported.up || (self.loss_ppm == 0) != (reported.loss_ppm == 0) {
+            return true;
+        }
+        if self.loss_ppm.abs_diff(reported.loss_ppm) >= REPORT_LOSS_PPM {
+            return true;
+        }
+        let moved = self.rtt_us.abs_diff(reported.rtt_us);
+        let needed =
+            ((f64::from(reported.rtt_us) * REPORT_RTT_RATIO) as u32).max(REPORT_RTT_MIN_US);
+        moved >= needed
+    }
+}
+
+/// An agent's measurements of all its links: the whole picture, replacing what
+/// the controller held from this agent (a peer it leaves out has no
+/// measurement from it any more). Sent first after `register`, and by agents
+/// that do not send [`LinkChanges`], about once a second.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkReport {
     pub links: Vec<LinkSample>,
+}
+
+/// The links whose measurement changed materially
+/// ([`LinkSample::differs_materially`]) since the agent's previous report or
+/// changes, on the same session. The controller keeps every other sample it
+/// holds from this agent while the session lasts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkChanges {
+    pub changed: Vec<LinkSample>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(up: bool, rtt_us: u32, loss_ppm: u32) -> LinkSample {
+        LinkSample {
+            peer: "p".into(),
+            up,
+            rtt_us,
+            jitter_us: 0,
+            loss_ppm,
+        }
+    }
+
+    #[test]
+    fn only_material_changes_are_worth_reporting() {
+        let base = s(true, 100_000, 0);
+        // RTT: 2.5% of the reported value, at least 0.5 ms.
+        assert!(!s(true, 102_400, 0).differs_materially(&base));
+        assert!(s(true, 102_500, 0).differs_materially(&base));
+        assert!(s(true, 97_500, 0).differs_materially(&base));
+        let short = s(true, 4_000, 0);
+        assert!(!s(true, 4_400, 0).differs_materially(&short));
+        assert!(s(true, 4_500, 0).differs_materially(&short));
+        // Up/down, and loss starting or ending, always count.
+        assert!(s(false, 100_000, 0).differs_materially(&base));
+        assert!(s(true, 100_000, 1).differs_materially(&base));
+        assert!(s(true, 100_000, 0).differs_materially(&s(true, 100_000, 1)));
+        // Loss that moves less than 0.5 points does not.
+        let lossy = s(true, 100_000, 30_000);
+        assert!(!s(true, 100_000, 34_999).differs_materially(&lossy));
+        assert!(s(true, 100_000, 35_000).differs_materially(&lossy));
+        // Jitter alone does not.
+        let mut jittery = base.clone();
+        jittery.jitter_us = 50_000;
+        assert!(!jittery.differs_materially(&base));
+    }
 }

@@ -54,6 +54,7 @@ fn control_frames(dir: &Path) {
                 underlay: vec!["203.0.113.0/24".parse().expect("cidr")],
                 agent_version: "0.1.0".into(),
                 transit: true,
+                capability: 0,
             }),
         ),
         (
@@ -119,6 +120,7 @@ fn control_frames(dir: &Path) {
                     primary: Via::Direct,
                     backup: None,
                 }]),
+                path_changes: Vec::new(),
             }),
         ),
         (
