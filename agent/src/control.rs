@@ -9,6 +9,7 @@
 
 use crate::config::bounded;
 use crate::config::paths::{temp_name, STATE_FILES};
+use crate::link_report::{LinkReporter, ReportMode};
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -23,7 +24,7 @@ use skymesh_wire::{JoinToken, LinkReport};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -382,13 +383,20 @@ pub async fn run_session(
     run_session_reporting(identity, register, events, None).await
 }
 
-/// Produces the link report sent to the controller every [`REPORT_INTERVAL`].
+/// Produces the agent's link measurements, asked every [`REPORT_INTERVAL`]. A
+/// report may leave out links that have not changed since the previous one:
+/// they keep their last sample. What reaches the controller is decided by a
+/// [`LinkReporter`]: a full report when a session opens, then only material
+/// changes (or the whole report every time, for an agent registering without
+/// [`control::CAPABILITY`]).
 pub type ReportSource = Arc<dyn Fn() -> LinkReport + Send + Sync>;
 
 /// How often a connected agent reports its link measurements.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// [`run_session`], also sending `reports` every [`REPORT_INTERVAL`] while connected.
+/// [`run_session`], also reporting the links `reports` measures while connected.
+/// One [`LinkReporter`] serves every session, so the samples known survive a
+/// reconnect; each session starts with a full report.
 pub async fn run_session_reporting(
     identity: Identity,
     register: Register,
@@ -396,6 +404,12 @@ pub async fn run_session_reporting(
     reports: Option<ReportSource>,
 ) -> Result<()> {
     let tls = mtls_config(&identity)?;
+    let reporting = reports.map(|source| Reporting {
+        source,
+        reporter: Arc::new(Mutex::new(LinkReporter::new(ReportMode::for_capability(
+            register.capability,
+        )))),
+    });
     let mut backoff = BACKOFF_MIN;
     let mut attempt = 0usize;
     loop {
@@ -407,7 +421,7 @@ pub async fn run_session_reporting(
             &register,
             &events,
             &mut backoff,
-            reports.clone(),
+            reporting.as_ref(),
         )
         .await
         {
@@ -444,6 +458,20 @@ pub async fn run_session_reporting(
     }
 }
 
+/// A link source and the reporter that decides what of it each session sends.
+struct Reporting {
+    source: ReportSource,
+    /// Shared by the session's reader (which tells it the netmaps) and its
+    /// report task; held only for short, non-blocking calls.
+    reporter: Arc<Mutex<LinkReporter>>,
+}
+
+fn lock(reporter: &Mutex<LinkReporter>) -> MutexGuard<'_, LinkReporter> {
+    // The reporter's state is consistent between calls; a panic elsewhere
+    // while holding the lock leaves nothing half-done.
+    reporter.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// A random duration in [d/2, d]: jittered, but never a hot loop.
 fn jitter(d: Duration) -> Duration {
     let half = d / 2;
@@ -456,7 +484,7 @@ async fn session(
     register: &Register,
     events: &mpsc::Sender<ControlEvent>,
     backoff: &mut Duration,
-    reports: Option<ReportSource>,
+    reporting: Option<&Reporting>,
 ) -> Result<()> {
     let (conn, mut send, mut recv) = open(addr, tls).await?;
     send.write_all(&control::encode(&AgentMessage::Register(register.clone()))?)
@@ -464,29 +492,43 @@ async fn session(
     // Reports go out on their own task, so a slow read never delays them; it
     // ends with the session (the guard aborts it).
     let mut _idle_send = None;
-    let _reporter = match reports {
+    let _reporter = match reporting {
         None => {
             // Kept open: finishing the stream would end the session.
             _idle_send = Some(send);
             None
         }
-        Some(source) => Some(AbortOnDrop(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(REPORT_INTERVAL);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let frame = match control::encode(&AgentMessage::Links(source())) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot encode the link report");
+        Some(Reporting { source, reporter }) => {
+            lock(reporter).session_started();
+            let (source, reporter) = (source.clone(), reporter.clone());
+            Some(AbortOnDrop(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(REPORT_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    // The source is asked outside the lock: it may take the node's.
+                    let report = source();
+                    let msg = {
+                        let mut reporter = lock(&reporter);
+                        reporter.observe(report);
+                        reporter.next_message()
+                    };
+                    let Some(msg) = msg else {
                         continue;
+                    };
+                    let frame = match control::encode(&msg) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot encode the link report");
+                            continue;
+                        }
+                    };
+                    if send.write_all(&frame).await.is_err() {
+                        return;
                     }
-                };
-                if send.write_all(&frame).await.is_err() {
-                    return;
                 }
-            }
-        }))),
+            })))
+        }
     };
     let mut frames = FrameBuffer::new();
     let mut connected = false;
@@ -501,9 +543,21 @@ async fn session(
                 })
             }
         };
+        // The reporter learns of departed peers before the daemon applies the
+        // change, so a report taken meanwhile cannot bring their links back.
         let event = match msg {
-            ControllerMessage::NetMap(full) => ControlEvent::NetMap(Box::new(full)),
-            ControllerMessage::Update(u) => ControlEvent::Update(u),
+            ControllerMessage::NetMap(full) => {
+                if let Some(r) = reporting {
+                    lock(&r.reporter).handle_netmap(&full.netmap);
+                }
+                ControlEvent::NetMap(Box::new(full))
+            }
+            ControllerMessage::Update(u) => {
+                if let Some(r) = reporting {
+                    lock(&r.reporter).handle_update(&u);
+                }
+                ControlEvent::Update(u)
+            }
             ControllerMessage::Refused(Refusal { code, message }) => {
                 return Err(Refused { code, message }.into());
             }

@@ -290,7 +290,7 @@ pub async fn run(config: Config) -> Result<()> {
             underlay: underlay_subnets(&identity.controllers),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             transit: mode.transit,
-            capability: 0,
+            capability: skymesh_wire::control::CAPABILITY,
         };
         let (events_tx, events) = tokio::sync::mpsc::channel(64);
         let s = shared.clone();

@@ -1,6 +1,7 @@
 //! skymesh-agent: the daemon on each cloud gateway. A sans-IO core ([`node`],
 //! [`routing`], [`packet`], [`batch`]) driven by thin IO drivers ([`tun`], [`udp`],
-//! [`netlink`], [`admin`], [`metrics`]) wired together in [`daemon`].
+//! [`netlink`], [`admin`], [`metrics`]) wired together in [`daemon`]; [`link_report`]
+//! decides what the control session tells the controller about links.
 
 pub mod admin;
 pub mod batch;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod keys;
+pub mod link_report;
 mod listen;
 pub mod metrics;
 pub mod netlink;
