@@ -1,0 +1,992 @@
+//! The engine: takes membership, reports, overrides and the time, and decides
+//! again only the pairs whose inputs changed.
+//!
+//! A pair's decision depends on its own state, the cost of its direct link,
+//! the costs of the two links through each transit node, its pin, and the
+//! time while a challenger is held. So:
+//! - a link whose cost changes makes its own pair dirty, and, when an end is a
+//!   transit, every pair that can go through that end over this link;
+//! - a transit node coming, going or changing makes every pair dirty (rare);
+//! - a new node makes its own pairs dirty; a node leaving, the pairs whose
+//!   decision names it;
+//! - timers make a pair dirty when its challenger's hold ends, and a silent
+//!   reporter's links when its reports go stale.
+//!
+//! Nothing else is looked at: steady state costs nothing but the timers.
+
+use super::config::{is_cost, via_text, LinkOverride, OverrideError, PairMap, PathConfig};
+use super::table::{
+    self, slot, table_len, Id, Nodes, PairState, Route, Sides, ADJUSTED, DIRECT, DIRTY, NO_ROUTE,
+};
+use skymesh_wire::{LinkReport, LinkSample, PathSpec, Via};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+/// Chooses primary and backup paths for every pair of nodes. See the module
+/// docs of [`crate::paths`].
+#[derive(Debug)]
+pub struct PathEngine {
+    pub(super) config: PathConfig,
+    pub(super) nodes: Nodes,
+    /// Per pair: the link's sides, its usable cost (NaN: unusable), the decision.
+    pub(super) sides: Vec<Sides>,
+    pub(super) costs: Vec<f64>,
+    pub(super) pairs: Vec<PairState>,
+    pub(super) overrides: PairMap<LinkOverride>,
+    pub(super) weights: PairMap<f64>,
+    /// Pairs with a path clearly cheaper than their primary, and since when.
+    pub(super) challengers: HashMap<usize, Challenger>,
+    /// What each pair's last change was and why, for the pairs that changed.
+    pub(super) last_change: HashMap<usize, String>,
+    dirty: Vec<(Id, Id)>,
+    all_dirty: bool,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Nodes removed since the last recompute; freed by it.
+    leaving: Vec<Id>,
+    /// A node left since the last recompute: every other node's list shrank.
+    removed: bool,
+    /// Pairs whose published path changed in the last recompute.
+    changed: Vec<(Id, Id)>,
+    epoch: Option<Instant>,
+    scratch: Vec<Candidate>,
+}
+
+/// A path clearly cheaper than the primary, and since when it has been.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Challenger {
+    pub(super) route: Route,
+    pub(super) since: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The challenger of pair `{lo, hi}` set at `since` has been held long enough.
+    Hold { lo: Id, hi: Id, since: Instant },
+    /// The reports of a node that is not live go stale (generation `gen`).
+    Stale { node: Id, gen: u32 },
+}
+
+/// One usable way for a pair to go, and what it costs.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Candidate {
+    pub(super) route: Route,
+    pub(super) cost: f64,
+    /// Ties go to direct, then to the transit whose name sorts first.
+    rank: u32,
+}
+
+impl PathEngine {
+    /// `config` should have passed [`PathConfig::validate`]; of duplicate
+    /// weights the last wins.
+    pub fn new(config: PathConfig) -> Self {
+        let mut weights = PairMap::default();
+        for w in &config.weights {
+            weights.insert(&w.a, &w.b, w.weight_ms);
+        }
+        Self {
+            config,
+            nodes: Nodes::default(),
+            sides: Vec::new(),
+            costs: Vec::new(),
+            pairs: Vec::new(),
+            overrides: PairMap::default(),
+            weights,
+            challengers: HashMap::new(),
+            last_change: HashMap::new(),
+            dirty: Vec::new(),
+            all_dirty: false,
+            timers: BinaryHeap::new(),
+            leaving: Vec::new(),
+            removed: false,
+            changed: Vec::new(),
+            epoch: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    // ---- membership ----
+
+    /// Sets the whole membership: each node's name and whether it may transit.
+    /// The same as [`upsert_node`](Self::upsert_node) for each and
+    /// [`remove_node`](Self::remove_node) for every member left out.
+    pub fn set_nodes(&mut self, nodes: impl IntoIterator<Item = (String, bool)>) {
+        let wanted: BTreeMapSet = nodes.into_iter().collect();
+        let gone: Vec<String> = self
+            .nodes
+            .members()
+            .filter(|(name, _)| !wanted.contains_key(*name))
+            .map(|(name, _)| name.to_string())
+            .collect();
+        for name in gone {
+            self.remove_node(&name);
+        }
+        for (name, transit) in wanted {
+            self.upsert_node(&name, transit);
+        }
+    }
+
+    /// Adds a node, or changes whether it may transit.
+    pub fn upsert_node(&mut self, name: &str, transit: bool) {
+        if let Some(id) = self.nodes.id(name) {
+            if self.nodes.is_transit(id) != transit {
+                self.nodes.set_transit(id, transit);
+                self.all_dirty = true;
+            }
+            return;
+        }
+        let (id, reused) = self.nodes.insert(name, transit);
+        let len = table_len(self.nodes.capacity());
+        if reused {
+            for other in 0..self.nodes.capacity() as Id {
+                if other != id {
+                    let s = slot(id, other);
+                    self.sides[s] = Sides::default();
+                    self.costs[s] = f64::NAN;
+                    self.pairs[s] = PairState::default();
+                    self.challengers.remove(&s);
+                    self.last_change.remove(&s);
+                }
+            }
+        } else {
+            self.sides.resize(len, Sides::default());
+            self.costs.resize(len, f64::NAN);
+            self.pairs.resize(len, PairState::default());
+        }
+        // Overrides and weights may name the node before it joins.
+        let adjusted: Vec<(String, String)> = self
+            .overrides
+            .iter()
+            .map(|(a, b, _)| (a.to_string(), b.to_string()))
+            .chain(
+                self.weights
+                    .iter()
+                    .map(|(a, b, _)| (a.to_string(), b.to_string())),
+            )
+            .filter(|(a, b)| a == name || b == name)
+            .collect();
+        for (a, b) in adjusted {
+            if let (Some(x), Some(y)) = (self.nodes.id(&a), self.nodes.id(&b)) {
+                self.sides[slot(x, y)].flags |= ADJUSTED;
+            }
+        }
+        if transit {
+            self.all_dirty = true;
+        }
+        let others: Vec<Id> = self
+            .nodes
+            .members()
+            .map(|(_, o)| o)
+            .filter(|o| *o != id)
+            .collect();
+        for other in others {
+            self.mark(id, other);
+        }
+    }
+
+    /// Removes a node: its reports are forgotten at once; the pairs whose
+    /// decision goes through it are decided again at the next recompute, and its
+    /// own pairs vanish. Overrides naming it stay (they belong to the store).
+    pub fn remove_node(&mut self, name: &str) {
+        let Some(id) = self.nodes.id(name) else {
+            return;
+        };
+        let was_transit = self.nodes.is_transit(id);
+        self.nodes.leave(id);
+        self.leaving.push(id);
+        self.removed = true;
+        for other in 0..self.nodes.capacity() as Id {
+            if other != id {
+                let s = slot(id, other);
+                self.sides[s].flags &= !(table::PRESENT[0] | table::PRESENT[1]);
+                self.costs[s] = f64::NAN;
+            }
+        }
+        if was_transit {
+            self.all_dirty = true;
+            return;
+        }
+        // A pair may still name a node that lost its transit role while nothing
+        // else was usable; find those (rare, so a scan).
+        let cap = self.nodes.capacity() as Id;
+        for hi in 1..cap {
+            for lo in 0..hi {
+                let p = &self.pairs[slot(lo, hi)];
+                if p.primary == id || p.backup == id {
+                    self.mark(lo, hi);
+                }
+            }
+        }
+        let named: Vec<usize> = self
+            .challengers
+            .iter()
+            .filter(|(_, c)| c.route == id)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in named {
+            self.challengers.remove(&s);
+        }
+    }
+
+    /// Whether `name`'s session is up. While it is, what it reported stays
+    /// current however long it is silent; from the moment it ends, its
+    /// reports go stale after `stale_after`.
+    pub fn set_live(&mut self, name: &str, live: bool, now: Instant) {
+        let Some(id) = self.nodes.id(name) else {
+            return;
+        };
+        self.epoch.get_or_insert(now);
+        let Some(node) = self.nodes.get_mut(id) else {
+            return;
+        };
+        if node.live == live {
+            return;
+        }
+        node.live = live;
+        if live {
+            self.heard(id, now);
+        } else {
+            node.heard_at = Some(now);
+            node.stale_gen = node.stale_gen.wrapping_add(1);
+            let gen = node.stale_gen;
+            self.timers.push(Reverse((
+                now + self.config.stale_after,
+                Timer::Stale { node: id, gen },
+            )));
+        }
+    }
+
+    // ---- reports ----
+
+    /// Takes `from`'s whole report: it replaces everything `from` reported
+    /// before, so a peer it leaves out has no measurement from `from` any
+    /// more. Reports from unknown nodes and samples about unknown peers are
+    /// ignored. A sample that does not differ materially from the one held
+    /// ([`LinkSample::differs_materially`]) changes nothing.
+    pub fn report(&mut self, from: &str, report: &LinkReport, now: Instant) {
+        let Some(id) = self.nodes.id(from) else {
+            return;
+        };
+        self.heard(id, now);
+        let cap = self.nodes.capacity();
+        let mut seen = vec![false; cap];
+        for s in &report.links {
+            if let Some(peer) = self.nodes.id(&s.peer).filter(|p| *p != id) {
+                seen[peer as usize] = true;
+                self.take_sample(id, peer, s);
+            }
+        }
+        for (peer, seen) in seen.iter().enumerate() {
+            let peer = peer as Id;
+            if *seen || peer == id {
+                continue;
+            }
+            let s = slot(id, peer);
+            let side = side_of(id, peer);
+            if self.sides[s].has(side) {
+                self.sides[s].clear(side);
+                self.refresh_link(id, peer);
+            }
+        }
+    }
+
+    /// Takes the samples of `from` that changed; the others it reported stay.
+    pub fn report_changes(&mut self, from: &str, changed: &[LinkSample], now: Instant) {
+        let Some(id) = self.nodes.id(from) else {
+            return;
+        };
+        self.heard(id, now);
+        for s in changed {
+            if let Some(peer) = self.nodes.id(&s.peer).filter(|p| *p != id) {
+                self.take_sample(id, peer, s);
+            }
+        }
+    }
+
+    fn take_sample(&mut self, from: Id, peer: Id, sample: &LinkSample) {
+        let s = slot(from, peer);
+        let side = side_of(from, peer);
+        if self.sides[s].differs(side, sample) {
+            self.sides[s].set(side, sample);
+            self.refresh_link(from, peer);
+        }
+    }
+
+    /// `id` was heard from at `now`.
+    fn heard(&mut self, id: Id, now: Instant) {
+        self.epoch.get_or_insert(now);
+        let stale_after = self.config.stale_after;
+        let Some(node) = self.nodes.get_mut(id) else {
+            return;
+        };
+        node.heard_at = Some(now);
+        let was_fresh = std::mem::replace(&mut node.fresh, true);
+        if !node.live {
+            node.stale_gen = node.stale_gen.wrapping_add(1);
+            let gen = node.stale_gen;
+            self.timers
+                .push(Reverse((now + stale_after, Timer::Stale { node: id, gen })));
+        }
+        if !was_fresh {
+            self.refresh_links_of(id);
+        }
+    }
+
+    fn refresh_links_of(&mut self, id: Id) {
+        for other in 0..self.nodes.capacity() as Id {
+            if other != id && self.nodes.is_member(other) {
+                self.refresh_link(id, other);
+            }
+        }
+    }
+
+    // ---- overrides ----
+
+    /// Sets (or with `None` clears) the override of link `a`-`b`; the order of
+    /// `a` and `b` does not matter and the nodes need not be members yet. An
+    /// override equal to the default is the same as none. Takes effect at the
+    /// next [`recompute`](Self::recompute).
+    pub fn set_override(
+        &mut self,
+        a: &str,
+        b: &str,
+        o: Option<LinkOverride>,
+    ) -> Result<(), OverrideError> {
+        if a == b {
+            return Err(OverrideError::SelfLink(a.to_string()));
+        }
+        let o = o.filter(|o| *o != LinkOverride::default());
+        match o {
+            None => {
+                self.overrides.remove(a, b);
+            }
+            Some(o) => {
+                if let Some(value) = o.weight_ms.filter(|w| !is_cost(*w)) {
+                    return Err(OverrideError::Weight {
+                        a: a.to_string(),
+                        b: b.to_string(),
+                        value,
+                    });
+                }
+                if let Some(t) = o.pin.as_ref().and_then(Via::transit) {
+                    if t == a || t == b {
+                        return Err(OverrideError::PinThroughEnd {
+                            a: a.to_string(),
+                            b: b.to_string(),
+                            transit: t.to_string(),
+                        });
+                    }
+                }
+                self.overrides.insert(a, b, o);
+            }
+        }
+        if let (Some(x), Some(y)) = (self.nodes.id(a), self.nodes.id(b)) {
+            let s = slot(x, y);
+            self.sides[s].flags |= ADJUSTED;
+            self.refresh_link(x, y);
+            self.mark(x, y);
+        }
+        Ok(())
+    }
+
+    /// The override of link `a`-`b`, in either order.
+    pub fn override_for(&self, a: &str, b: &str) -> Option<&LinkOverride> {
+        self.overrides.get(a, b)
+    }
+
+    /// Every override as `(a, b, override)` with `a < b`, sorted.
+    pub fn overrides(&self) -> impl Iterator<Item = (&str, &str, &LinkOverride)> + '_ {
+        self.overrides.iter()
+    }
+
+    // ---- link state ----
+
+    /// The override and configured weight of link `{x, y}`: (disabled, weight).
+    pub(super) fn adjustment(&self, x: Id, y: Id) -> (bool, f64, Option<&LinkOverride>) {
+        if self.sides[slot(x, y)].flags & ADJUSTED == 0 {
+            return (false, 0.0, None);
+        }
+        let (a, b) = (self.nodes.name(x), self.nodes.name(y));
+        let o = self.overrides.get(a, b);
+        let weight = o
+            .and_then(|o| o.weight_ms)
+            .or_else(|| self.weights.get(a, b).copied())
+            .unwrap_or(0.0);
+        (o.is_some_and(|o| o.disabled), weight, o)
+    }
+
+    /// The link's measurement from its fresh sides, as of the last recompute.
+    pub(super) fn measurement(&self, x: Id, y: Id) -> Measurement {
+        self.measurement_at(x, y, None)
+    }
+
+    /// Whether `id`'s reports count: as of the last recompute, or at `at`.
+    pub(super) fn is_fresh(&self, id: Id, at: Option<Instant>) -> bool {
+        let Some(node) = self.nodes.get(id) else {
+            return false;
+        };
+        match at {
+            None => node.fresh,
+            Some(now) => {
+                node.live
+                    || node.heard_at.is_some_and(|h| {
+                        now.saturating_duration_since(h) <= self.config.stale_after
+                    })
+            }
+        }
+    }
+
+    /// The link's measurement from the sides fresh at `at` (None: as of the
+    /// last recompute, which is what decisions use).
+    pub(super) fn measurement_at(&self, x: Id, y: Id, at: Option<Instant>) -> Measurement {
+        let (lo, hi) = if x < y { (x, y) } else { (y, x) };
+        let sides = &self.sides[slot(lo, hi)];
+        let fresh: Vec<usize> = [(0, lo), (1, hi)]
+            .into_iter()
+            .filter(|(side, reporter)| sides.has(*side) && self.is_fresh(*reporter, at))
+            .map(|(side, _)| side)
+            .collect();
+        if fresh.is_empty() {
+            return if sides.has(0) || sides.has(1) {
+                Measurement::Stale
+            } else {
+                Measurement::Never
+            };
+        }
+        let count = fresh.len() as f64;
+        let sum = |v: &[u32; 2]| fresh.iter().map(|s| f64::from(v[*s])).sum::<f64>();
+        Measurement::Fresh(Metrics {
+            up: fresh.iter().all(|s| sides.flags & table::UP[*s] != 0),
+            rtt_ms: sum(&sides.rtt_us) / count / 1000.0,
+            jitter_ms: sum(&sides.jitter_us) / count / 1000.0,
+            loss: fresh
+                .iter()
+                .map(|s| sides.loss_ppm[*s])
+                .max()
+                .map_or(0.0, f64::from)
+                / 1e6,
+        })
+    }
+
+    /// The link's cost in ms while measured, even if down or disabled.
+    pub(super) fn cost_ms(&self, x: Id, y: Id) -> Option<f64> {
+        self.cost_at(x, y, None)
+    }
+
+    /// [`cost_ms`](Self::cost_ms) with the sides fresh at `at`.
+    pub(super) fn cost_at(&self, x: Id, y: Id, at: Option<Instant>) -> Option<f64> {
+        match self.measurement_at(x, y, at) {
+            Measurement::Fresh(m) => {
+                let (_, weight, _) = self.adjustment(x, y);
+                Some(m.rtt_ms + m.loss * 100.0 * self.config.loss_penalty_ms + weight)
+            }
+            Measurement::Never | Measurement::Stale => None,
+        }
+    }
+
+    /// The cost of the link if paths may use it.
+    pub(super) fn usable_cost(&self, x: Id, y: Id) -> Option<f64> {
+        let c = self.costs[slot(x, y)];
+        (!c.is_nan()).then_some(c)
+    }
+
+    /// Recomputes the cached usable cost of `{x, y}`; on a change, marks the
+    /// pairs that can use the link.
+    fn refresh_link(&mut self, x: Id, y: Id) {
+        let usable = match self.measurement(x, y) {
+            Measurement::Fresh(m) if m.up && !self.adjustment(x, y).0 => self.cost_ms(x, y),
+            _ => None,
+        };
+        let new = usable.unwrap_or(f64::NAN);
+        let s = slot(x, y);
+        let old = self.costs[s];
+        if old.to_bits() == new.to_bits() {
+            return;
+        }
+        self.costs[s] = new;
+        self.mark(x, y);
+        if self.all_dirty {
+            return;
+        }
+        for (end, other) in [(x, y), (y, x)] {
+            if self.nodes.is_transit(end) {
+                // Every pair {n, other} may go through `end` over this link.
+                for n in 0..self.nodes.capacity() as Id {
+                    if n != end && n != other && self.nodes.is_member(n) {
+                        self.mark(n, other);
+                    }
+                }
+            }
+        }
+    }
+
+    fn mark(&mut self, a: Id, b: Id) {
+        let s = slot(a, b);
+        if self.sides[s].flags & DIRTY == 0 {
+            self.sides[s].flags |= DIRTY;
+            self.dirty.push(if a < b { (a, b) } else { (b, a) });
+        }
+    }
+
+    // ---- decisions ----
+
+    /// Decides again every pair whose inputs changed, and those whose timers
+    /// are due at `now`; returns the names of the nodes whose path list
+    /// ([`paths_for`](Self::paths_for)) changed since the previous call (every
+    /// node on the first call), sorted.
+    pub fn recompute(&mut self, now: Instant) -> Vec<String> {
+        let removed = self.removed;
+        self.decide_due(now);
+        let mut names: Vec<String> = if removed {
+            self.nodes.members().map(|(n, _)| n.to_string()).collect()
+        } else {
+            let mut ids: Vec<Id> = self.changed.iter().flat_map(|(a, b)| [*a, *b]).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids.iter()
+                .map(|id| self.nodes.name(*id).to_string())
+                .collect()
+        };
+        names.sort();
+        names
+    }
+
+    /// [`recompute`](Self::recompute), returning each changed path as the node
+    /// it is for and its new spec (two per changed pair).
+    pub fn recompute_paths(&mut self, now: Instant) -> Vec<(String, PathSpec)> {
+        self.decide_due(now);
+        let changed = std::mem::take(&mut self.changed);
+        let mut out = Vec::with_capacity(changed.len() * 2);
+        for (a, b) in &changed {
+            for (from, to) in [(*a, *b), (*b, *a)] {
+                out.push((self.nodes.name(from).to_string(), self.spec(from, to)));
+            }
+        }
+        self.changed = changed;
+        out
+    }
+
+    /// Decides every pair again, as if every input had changed: what the
+    /// incremental decisions must always agree with.
+    pub fn recompute_from_scratch(&mut self, now: Instant) -> Vec<String> {
+        self.all_dirty = true;
+        self.recompute(now)
+    }
+
+    /// When the next timer is due, if any: a recompute before then with no
+    /// new input decides nothing.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Pairs queued for a decision (for the engine's metrics).
+    pub fn pending(&self) -> usize {
+        if self.all_dirty {
+            table_len(self.nodes.member_count())
+        } else {
+            self.dirty.len()
+        }
+    }
+
+    fn decide_due(&mut self, now: Instant) {
+        self.epoch.get_or_insert(now);
+        self.changed.clear();
+        self.fire_timers(now);
+        if std::mem::take(&mut self.all_dirty) {
+            for (a, b) in std::mem::take(&mut self.dirty) {
+                self.sides[slot(a, b)].flags &= !DIRTY;
+            }
+            let members: Vec<Id> = self.nodes.members().map(|(_, id)| id).collect();
+            for (i, &a) in members.iter().enumerate() {
+                for &b in &members[i + 1..] {
+                    self.decide(a, b, now);
+                }
+            }
+        } else {
+            let dirty = std::mem::take(&mut self.dirty);
+            for &(a, b) in &dirty {
+                self.sides[slot(a, b)].flags &= !DIRTY;
+            }
+            for (a, b) in dirty {
+                if self.nodes.is_member(a) && self.nodes.is_member(b) {
+                    self.decide(a, b, now);
+                }
+            }
+        }
+        self.removed = false;
+        for id in std::mem::take(&mut self.leaving) {
+            for other in 0..self.nodes.capacity() as Id {
+                if other != id {
+                    let s = slot(id, other);
+                    self.sides[s] = Sides::default();
+                    self.costs[s] = f64::NAN;
+                    self.pairs[s] = PairState::default();
+                    self.challengers.remove(&s);
+                    self.last_change.remove(&s);
+                }
+            }
+            self.nodes.free(id);
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            let due = match timer {
+                Timer::Hold { .. } => now >= at,
+                Timer::Stale { .. } => now > at,
+            };
+            if !due {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Hold { lo, hi, since } => {
+                    let current = self
+                        .challengers
+                        .get(&slot(lo, hi))
+                        .is_some_and(|c| c.since == since);
+                    if current && self.nodes.is_member(lo) && self.nodes.is_member(hi) {
+                        self.mark(lo, hi);
+                    }
+                }
+                Timer::Stale { node, gen } => {
+                    let stale = self
+                        .nodes
+                        .get(node)
+                        .is_some_and(|n| n.member && !n.live && n.stale_gen == gen && n.fresh);
+                    if stale {
+                        if let Some(n) = self.nodes.get_mut(node) {
+                            n.fresh = false;
+                        }
+                        self.refresh_links_of(node);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The usable paths of `{i, j}`, cheapest first, into `out`.
+    pub(super) fn candidates(&self, i: Id, j: Id, out: &mut Vec<Candidate>) {
+        out.clear();
+        if let Some(cost) = self.usable_cost(i, j) {
+            out.push(Candidate {
+                route: DIRECT,
+                cost,
+                rank: 0,
+            });
+        }
+        for (rank, &t) in self.nodes.transits().iter().enumerate() {
+            if t == i || t == j {
+                continue;
+            }
+            if let (Some(x), Some(y)) = (self.usable_cost(i, t), self.usable_cost(t, j)) {
+                out.push(Candidate {
+                    route: t,
+                    cost: x + y + self.config.transit_penalty_ms,
+                    rank: rank as u32 + 1,
+                });
+            }
+        }
+        out.sort_by(|x, y| x.cost.total_cmp(&y.cost).then(x.rank.cmp(&y.rank)));
+    }
+
+    /// The pair's pin as a route: `Some(None)` for a pin through a node that
+    /// is not a member.
+    pub(super) fn pin(&self, i: Id, j: Id) -> Option<(Via, Option<Route>)> {
+        let (_, _, o) = self.adjustment(i, j);
+        let via = o?.pin.clone()?;
+        let route = match &via {
+            Via::Direct => Some(DIRECT),
+            Via::Transit(name) => self.nodes.id(name),
+        };
+        Some((via, route))
+    }
+
+    fn ds(&self, now: Instant) -> u32 {
+        let epoch = self.epoch.unwrap_or(now);
+        let ds = now.saturating_duration_since(epoch).as_millis() / 100;
+        u32::try_from(ds).unwrap_or(u32::MAX)
+    }
+
+    /// Chooses the primary and backup of `{i, j}`; records whether the
+    /// published path changed.
+    fn decide(&mut self, i: Id, j: Id, now: Instant) {
+        // Explanations name the alphabetically smaller end first.
+        let (i, j) = if self.nodes.name(i) <= self.nodes.name(j) {
+            (i, j)
+        } else {
+            (j, i)
+        };
+        let s = slot(i, j);
+        let mut cands = std::mem::take(&mut self.scratch);
+        self.candidates(i, j, &mut cands);
+        let find = |route: Route| cands.iter().copied().find(|c| c.route == route);
+        let mut st = self.pairs[s];
+        let before = (st.primary, st.backup, st.decided());
+        if !st.decided() {
+            st.since_ds = self.ds(now);
+            st.set_decided();
+        }
+        let current = find(st.primary);
+        let pinned = self.pin(i, j).and_then(|(_, r)| r).and_then(find);
+        let best = cands.first().copied();
+
+        // The new primary (None: nothing is usable) and, for a switch, why.
+        let (primary, why) = if let Some(p) = pinned {
+            (Some(p), Some(Why::Pinned))
+        } else {
+            match (current, best) {
+                (_, None) => (None, None),
+                (Some(cur), Some(best)) if st.chosen() => self.hysteresis(s, i, j, cur, best, now),
+                (None, Some(best)) if st.chosen() => (Some(best), Some(Why::Unusable)),
+                (_, Some(best)) => (Some(best), None),
+            }
+        };
+        if primary.is_none() || pinned.is_some() {
+            self.challengers.remove(&s);
+        }
+
+        match primary {
+            Some(p) => {
+                if p.route != st.primary {
+                    if st.chosen() {
+                        st.count_change();
+                        let text = self.change_text(i, j, st.primary, p, why, now);
+                        self.last_change.insert(s, text);
+                    }
+                    st.primary = p.route;
+                    st.since_ds = self.ds(now);
+                    self.challengers.remove(&s);
+                }
+                st.set_chosen(true);
+            }
+            None if st.primary != DIRECT && !self.nodes.is_member(st.primary) => {
+                // Nothing is usable and the primary went through a node that
+                // left: an agent drops such a path, so say what it does.
+                st.count_change();
+                let text = format!(
+                    "{} -> direct: {} left the mesh and no other path is usable",
+                    via_text(&Via::Transit(self.nodes.name(st.primary).to_string())),
+                    self.nodes.name(st.primary)
+                );
+                self.last_change.insert(s, text);
+                st.primary = DIRECT;
+                st.since_ds = self.ds(now);
+                st.set_chosen(false);
+            }
+            None => {}
+        }
+
+        let primary_route = primary.map(|p| p.route);
+        let best_other = cands
+            .iter()
+            .copied()
+            .find(|c| Some(c.route) != primary_route);
+        let kept_backup = find(st.backup).filter(|c| Some(c.route) != primary_route);
+        let backup = match (kept_backup, best_other) {
+            (Some(kept), Some(other)) if !self.config.beats(other.cost, kept.cost) => Some(kept),
+            (_, other) => other,
+        };
+        st.backup = backup.map_or(NO_ROUTE, |c| c.route);
+        self.pairs[s] = st;
+        self.scratch = cands;
+        if before != (st.primary, st.backup, true) {
+            self.changed.push((i, j));
+        }
+    }
+
+    /// Keeps the usable primary `cur` unless a challenger has been clearly
+    /// cheaper for `hold`. A challenger keeps its timer while it stays clearly
+    /// cheaper than the primary, and is replaced only by a path clearly cheaper
+    /// than itself, so two near-equal alternatives taking turns at being
+    /// cheapest do not keep restarting it.
+    fn hysteresis(
+        &mut self,
+        s: usize,
+        i: Id,
+        j: Id,
+        cur: Candidate,
+        best: Candidate,
+        now: Instant,
+    ) -> (Option<Candidate>, Option<Why>) {
+        let cfg = &self.config;
+        let held = self.challengers.get(&s).and_then(|ch| {
+            let c = self.scratch_find(i, j, ch.route)?;
+            (c.route != cur.route && cfg.beats(c.cost, cur.cost) && !cfg.beats(best.cost, c.cost))
+                .then_some((c, ch.since))
+        });
+        let (challenger, since) = match held {
+            Some(held) => held,
+            None if best.route != cur.route && cfg.beats(best.cost, cur.cost) => {
+                self.challengers.insert(
+                    s,
+                    Challenger {
+                        route: best.route,
+                        since: now,
+                    },
+                );
+                let (lo, hi) = if i < j { (i, j) } else { (j, i) };
+                self.timers.push(Reverse((
+                    now + self.config.hold,
+                    Timer::Hold { lo, hi, since: now },
+                )));
+                (best, now)
+            }
+            None => {
+                self.challengers.remove(&s);
+                return (Some(cur), None);
+            }
+        };
+        let held_for = now.saturating_duration_since(since);
+        if held_for < self.config.hold {
+            return (Some(cur), None);
+        }
+        (
+            Some(challenger),
+            Some(Why::Cheaper {
+                cost: challenger.cost,
+                incumbent: cur.cost,
+                held_for,
+            }),
+        )
+    }
+
+    /// The usable candidate of `{i, j}` for `route` (outside [`decide`]'s
+    /// scratch list, which is borrowed there).
+    fn scratch_find(&self, i: Id, j: Id, route: Route) -> Option<Candidate> {
+        let cost = if route == DIRECT {
+            self.usable_cost(i, j)?
+        } else {
+            if route == i || route == j || !self.nodes.is_transit(route) {
+                return None;
+            }
+            self.usable_cost(i, route)?
+                + self.usable_cost(route, j)?
+                + self.config.transit_penalty_ms
+        };
+        Some(Candidate {
+            route,
+            cost,
+            rank: 0,
+        })
+    }
+
+    fn change_text(
+        &self,
+        i: Id,
+        j: Id,
+        from: Route,
+        to: Candidate,
+        why: Option<Why>,
+        now: Instant,
+    ) -> String {
+        let _ = now;
+        let why = match why {
+            None => String::new(),
+            Some(Why::Pinned) => "pinned by operator".to_string(),
+            Some(Why::Unusable) => format!(
+                "{} became unusable ({})",
+                via_text(&self.via(from)),
+                self.why_unusable(i, j, &self.via(from))
+            ),
+            Some(Why::Cheaper {
+                cost,
+                incumbent,
+                held_for,
+            }) => format!(
+                "{} was {:.0}% cheaper ({:.1} ms vs {:.1} ms) for {:.1} s",
+                via_text(&self.via(to.route)),
+                super::config::percent_cheaper(cost, incumbent),
+                cost,
+                incumbent,
+                held_for.as_secs_f64()
+            ),
+        };
+        format!(
+            "{} -> {}: {why}",
+            via_text(&self.via(from)),
+            via_text(&self.via(to.route))
+        )
+    }
+
+    // ---- what agents get ----
+
+    pub(super) fn via(&self, route: Route) -> Via {
+        if route == DIRECT {
+            Via::Direct
+        } else {
+            Via::Transit(self.nodes.name(route).to_string())
+        }
+    }
+
+    fn spec(&self, from: Id, to: Id) -> PathSpec {
+        let st = &self.pairs[slot(from, to)];
+        PathSpec {
+            dest: self.nodes.name(to).to_string(),
+            primary: self.via(st.primary),
+            backup: (st.backup != NO_ROUTE).then(|| self.via(st.backup)),
+        }
+    }
+
+    /// The paths of `node`: one per other current node, sorted by destination.
+    /// Empty for an unknown node.
+    pub fn paths_for(&self, node: &str) -> Vec<PathSpec> {
+        let Some(id) = self.nodes.id(node) else {
+            return Vec::new();
+        };
+        self.nodes
+            .members()
+            .filter(|(_, other)| *other != id)
+            .map(|(_, other)| self.spec(id, other))
+            .collect()
+    }
+
+    /// Current members.
+    pub fn node_count(&self) -> usize {
+        self.nodes.member_count()
+    }
+
+    /// Tenths of a second since the epoch at `now`.
+    pub(super) fn now_ds(&self, now: Instant) -> u32 {
+        self.ds(now)
+    }
+}
+
+/// Why a pair switched.
+#[derive(Debug, Clone, Copy)]
+enum Why {
+    Pinned,
+    Unusable,
+    Cheaper {
+        cost: f64,
+        incumbent: f64,
+        held_for: Duration,
+    },
+}
+
+type BTreeMapSet = std::collections::BTreeMap<String, bool>;
+
+/// Which side of the pair `{from, peer}` holds `from`'s report.
+fn side_of(from: Id, peer: Id) -> usize {
+    usize::from(from > peer)
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) enum Measurement {
+    /// Neither end has reported the link.
+    #[default]
+    Never,
+    /// Reported, but no report is fresh.
+    Stale,
+    /// The fresh ends' reports combined.
+    Fresh(Metrics),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Metrics {
+    pub(super) up: bool,
+    pub(super) rtt_ms: f64,
+    pub(super) jitter_ms: f64,
+    /// Ratio, 0.03 is 3%.
+    pub(super) loss: f64,
+}
