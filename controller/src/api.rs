@@ -7,6 +7,7 @@
 //! does but its values do not fit together.
 
 use crate::control::Hub;
+use crate::control::PathsQuery;
 use crate::metrics::Metrics;
 use crate::model::{self, NodeRecord, TokenRecord};
 use crate::paths::LinkOverride;
@@ -546,13 +547,21 @@ async fn ipam_suggest(
 
 /// `GET /v1/links`.
 async fn list_links(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
-    let snap = s.hub.paths(false).await.map_err(unavailable)?;
+    let snap = s
+        .hub
+        .paths(PathsQuery::default())
+        .await
+        .map_err(unavailable)?;
     Ok(axum::Json(json!(snap.links)))
 }
 
 /// `GET /v1/paths`.
 async fn list_paths(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
-    let snap = s.hub.paths(false).await.map_err(unavailable)?;
+    let snap = s
+        .hub
+        .paths(PathsQuery::default())
+        .await
+        .map_err(unavailable)?;
     Ok(axum::Json(json!(snap.pairs)))
 }
 
@@ -653,7 +662,14 @@ async fn put_link(
         )
     })?;
     tracing::info!(a = %a, b = %b, override = ?o, "link override set");
-    let snap = s.hub.paths(true).await.map_err(unavailable)?;
+    let snap = s
+        .hub
+        .paths(PathsQuery {
+            refresh: true,
+            node: Some(a.clone()),
+        })
+        .await
+        .map_err(unavailable)?;
     let (x, y) = if a <= b { (&a, &b) } else { (&b, &a) };
     Ok(axum::Json(json!({
         "override": o,

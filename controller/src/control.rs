@@ -24,36 +24,38 @@
 //! session is a task per agent connection that writes the hub's frames to the
 //! agent's stream.
 
+mod hub;
+mod outbox;
 mod sessions;
 
-use crate::fabric::{Audience, Fabric, Output};
+pub use hub::{Hub, PathsQuery, PathsSnapshot, SessionId};
+
 use crate::listen;
 use crate::metrics::Metrics;
 use crate::model::{self, NodeRecord};
-use crate::paths::{LinkOverride, LinkView, PairView, PathConfig, PathEngine};
 use crate::pki::{self, Ca};
 use crate::registry::{Registry, RegistryError};
-use crate::store::{StoreError, WatchEvent};
 use anyhow::{anyhow, Context, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
 use skymesh_wire::control::{
-    self, AgentMessage, ControllerMessage, EnrollRequest, Enrolled, FrameBuffer, NetMapUpdate,
-    Refusal, RefusalCode,
+    self, AgentMessage, ControllerMessage, EnrollRequest, Enrolled, FrameBuffer, Refusal,
+    RefusalCode,
 };
-use skymesh_wire::LinkReport;
-use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use sessions::{Admission, Sessions};
+use hub::Render;
+use outbox::Outbox;
+use sessions::Admission;
 
-/// Frames queued for one agent before it counts as too slow and is dropped (it
-/// reconnects and gets a full netmap).
-const SESSION_QUEUE: usize = 1024;
+/// How long a write to an agent may make no progress before the session ends:
+/// an agent that is still reading, however slowly, is never dropped (what
+/// waits for it merges in its outbox), but one that reads nothing for this
+/// long is gone.
+const WRITE_STALL: Duration = Duration::from_secs(60);
 /// How long an agent has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that have not authenticated yet: how many at once, and how long
@@ -77,12 +79,6 @@ const CONNECTION_RECEIVE_WINDOW: u32 = 512 << 10;
 const MAX_INCOMING: usize = 512;
 const INCOMING_BUFFER: u64 = 64 << 10;
 const INCOMING_BUFFER_TOTAL: u64 = 4 << 20;
-/// How often paths are recomputed from the link reports.
-const PATH_TICK: Duration = Duration::from_secs(1);
-/// After a (re)start, paths are neither computed nor sent until the agents have
-/// had time to report: netmaps sent meanwhile carry no paths, which tells an agent
-/// to keep the ones it has, instead of every pair falling back to direct.
-const PATH_WARMUP: Duration = Duration::from_secs(3);
 
 /// Everything a connection handler needs.
 pub struct Control {
@@ -349,44 +345,26 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
         }
     };
     let revision = ctx.registry.store().revision().await?;
-    let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
-    let session = ctx.hub.subscribe(&registered.name, tx, revision).await?;
-    tracing::info!(node = %registered.name, %remote, "agent connected");
+    let outbox = Arc::new(Outbox::new(reg.capability));
+    let session = ctx
+        .hub
+        .subscribe(&registered.name, outbox.clone(), revision)
+        .await?;
+    tracing::info!(node = %registered.name, %remote, capability = reg.capability, "agent connected");
     ctx.metrics.agents_connected.fetch_add(1, Ordering::Relaxed);
-    let result = async {
-        loop {
-            frames.set_limit(
-                control::max_links_frame(ctx.hub.enrolled()),
-                "a link report for the enrolled nodes",
-            );
-            tokio::select! {
-                out = rx.recv() => match out {
-                    Some(SessionMsg::Frame(frame)) => {
-                        send.write_all(&frame).await.context("writing to the agent")?;
-                    }
-                    Some(SessionMsg::Close(code, message)) => {
-                        return refuse(&conn, &mut send, code, message).await;
-                    }
-                    None => return Ok(()),
-                },
-                msg = read_message(&mut recv, &mut frames) => match msg {
-                    Err(e) => {
-                        let code = refusal_code(&e);
-                        return refuse(&conn, &mut send, code, format!("{e:#}")).await;
-                    }
-                    Ok(None) => return Ok(()),
-                    Ok(Some(AgentMessage::Links(report))) => {
-                        ctx.hub.report(&registered.name, report);
-                    }
-                    Ok(Some(other)) => {
-                        return refuse(&conn, &mut send, RefusalCode::Protocol,
-                            format!("unexpected {} after register", describe(&Some(other)))).await;
-                    }
-                },
-            }
+    let end = {
+        let writer = write_loop(&outbox, &mut send, ctx, &registered.name);
+        let reader = read_loop(&mut recv, &mut frames, ctx, &registered.name);
+        tokio::select! {
+            end = writer => end,
+            end = reader => end,
         }
-    }
-    .await;
+    };
+    let result = match end {
+        End::Closed => Ok(()),
+        End::Failed(e) => Err(e),
+        End::Refuse(code, message) => refuse(&conn, &mut send, code, message).await,
+    };
     ctx.metrics.agents_connected.fetch_sub(1, Ordering::Relaxed);
     ctx.hub.unsubscribe(&registered.name, session);
     tracing::info!(node = %registered.name, "agent disconnected");
@@ -398,6 +376,115 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
         tracing::debug!(error = %e, "could not record last_seen");
     }
     result
+}
+
+/// How a session ended.
+enum End {
+    /// The agent ended it.
+    Closed,
+    /// Refuse with this, then close.
+    Refuse(RefusalCode, String),
+    Failed(anyhow::Error),
+}
+
+/// Sends what gathers in the session's outbox whenever the agent can take it:
+/// the whole netmap or path list (rendered by the hub at that moment), then the
+/// merged changes.
+async fn write_loop(
+    outbox: &Outbox,
+    send: &mut quinn::SendStream,
+    ctx: &Control,
+    node: &str,
+) -> End {
+    loop {
+        outbox.ready().await;
+        let pending = outbox.take();
+        if let Some((code, message)) = pending.close {
+            return End::Refuse(code, message);
+        }
+        let mut frames = Vec::with_capacity(3);
+        if pending.full {
+            match ctx.hub.render(node, Render::NetMap).await {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => {
+                    return End::Refuse(
+                        RefusalCode::InvalidCertificate,
+                        format!("node {node:?} is not enrolled"),
+                    )
+                }
+                Err(e) => return End::Failed(e),
+            }
+        }
+        if pending.has_update() {
+            match pending.update_frame() {
+                Ok(f) => frames.push(f),
+                Err(e) => tracing::error!(node, error = %e, "could not encode an update"),
+            }
+        }
+        if pending.whole_paths {
+            match ctx.hub.render(node, Render::Paths).await {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => {}
+                Err(e) => return End::Failed(e),
+            }
+        }
+        for frame in frames {
+            if let Err(e) = write_frame(send, &frame).await {
+                return End::Failed(e);
+            }
+            ctx.metrics.updates_sent.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics
+                .netmap_bytes_sent
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Writes a whole frame, failing only when the agent took nothing for
+/// [`WRITE_STALL`].
+async fn write_frame(send: &mut quinn::SendStream, frame: &[u8]) -> Result<()> {
+    let mut off = 0;
+    while off < frame.len() {
+        match tokio::time::timeout(WRITE_STALL, send.write(&frame[off..])).await {
+            Ok(Ok(n)) => off += n,
+            Ok(Err(e)) => return Err(anyhow!("writing to the agent: {e}")),
+            Err(_) => {
+                return Err(anyhow!(
+                    "the agent read nothing for {} s; ending its session",
+                    WRITE_STALL.as_secs()
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Takes the agent's link reports until it ends the session or breaks the
+/// protocol.
+async fn read_loop(
+    recv: &mut quinn::RecvStream,
+    frames: &mut FrameBuffer,
+    ctx: &Control,
+    node: &str,
+) -> End {
+    loop {
+        frames.set_limit(
+            control::max_links_frame(ctx.hub.enrolled()),
+            "a link report for the enrolled nodes",
+        );
+        match read_message(recv, frames).await {
+            Err(e) => return End::Refuse(refusal_code(&e), format!("{e:#}")),
+            Ok(None) => return End::Closed,
+            Ok(Some(AgentMessage::Links(report))) => ctx.hub.report(node, true, report.links),
+            Ok(Some(AgentMessage::LinkChanges(c))) => ctx.hub.report(node, false, c.changed),
+            Ok(Some(other)) => {
+                return End::Refuse(
+                    RefusalCode::Protocol,
+                    format!("unexpected {} after register", describe(&Some(other))),
+                )
+            }
+        }
+    }
 }
 
 async fn enroll(c: Conn, req: EnrollRequest, ctx: &Control) -> Result<()> {
@@ -523,509 +610,6 @@ async fn read_message(
         match recv.read(&mut buf).await? {
             Some(n) => frames.extend(&buf[..n]),
             None => return Ok(None),
-        }
-    }
-}
-
-// ---- the hub ----
-
-pub enum SessionMsg {
-    Frame(Arc<Vec<u8>>),
-    Close(RefusalCode, String),
-}
-
-/// Identifies one session of a node, so an old session ending does not remove a
-/// newer one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionId(u64);
-
-struct Subscriber {
-    id: SessionId,
-    tx: mpsc::Sender<SessionMsg>,
-    since: u64,
-}
-
-enum HubCmd {
-    Subscribe {
-        node: String,
-        tx: mpsc::Sender<SessionMsg>,
-        min_revision: u64,
-        reply: oneshot::Sender<SessionId>,
-    },
-    Unsubscribe {
-        node: String,
-        id: SessionId,
-    },
-    Links {
-        node: String,
-        report: LinkReport,
-    },
-    Paths {
-        /// Reload overrides and recompute first (after an operator change).
-        refresh: bool,
-        reply: oneshot::Sender<PathsSnapshot>,
-    },
-}
-
-/// The measured links and the chosen paths, as the API shows them.
-#[derive(Debug, Clone)]
-pub struct PathsSnapshot {
-    pub links: Vec<LinkView>,
-    pub pairs: Vec<PairView>,
-}
-
-/// Handle to the hub task.
-#[derive(Clone)]
-pub struct Hub {
-    cmds: mpsc::UnboundedSender<HubCmd>,
-    online: Arc<Mutex<HashMap<String, u64>>>,
-    /// The authenticated sessions, one per node.
-    sessions: Arc<Sessions<quinn::Connection>>,
-    /// Nodes enrolled as of the hub's last event: what the session cap and the
-    /// link report bound scale with.
-    enrolled: Arc<AtomicUsize>,
-}
-
-impl Hub {
-    /// Starts the hub: it loads every node record and follows the store.
-    pub fn start(
-        registry: Arc<Registry>,
-        mtu: u16,
-        metrics: Arc<Metrics>,
-        paths: PathConfig,
-    ) -> Self {
-        let (cmds, rx) = mpsc::unbounded_channel();
-        let online = Arc::new(Mutex::new(HashMap::new()));
-        let enrolled = Arc::new(AtomicUsize::new(0));
-        let hub = Self {
-            cmds,
-            online: online.clone(),
-            sessions: Sessions::new(),
-            enrolled: enrolled.clone(),
-        };
-        tokio::spawn(async move {
-            let mut state = HubState {
-                registry,
-                mtu,
-                metrics,
-                fabric: Fabric::new(mtu, []),
-                engine: PathEngine::new(paths),
-                started: Instant::now(),
-                warm: false,
-                revision: 0,
-                sessions: HashMap::new(),
-                pending: Vec::new(),
-                next_id: 0,
-                online,
-                enrolled,
-            };
-            if let Err(e) = state.run(rx).await {
-                tracing::error!(error = %format!("{e:#}"), "netmap hub stopped");
-            }
-        });
-        hub
-    }
-
-    /// Registers a session of `node`; the hub first sends it the full netmap as of
-    /// at least `min_revision`, then every update. A newer session of the same
-    /// node replaces an older one.
-    pub async fn subscribe(
-        &self,
-        node: &str,
-        tx: mpsc::Sender<SessionMsg>,
-        min_revision: u64,
-    ) -> Result<SessionId> {
-        let (reply, rx) = oneshot::channel();
-        self.cmds
-            .send(HubCmd::Subscribe {
-                node: node.to_string(),
-                tx,
-                min_revision,
-                reply,
-            })
-            .map_err(|_| anyhow!("the netmap hub has stopped"))?;
-        rx.await.map_err(|_| anyhow!("the netmap hub has stopped"))
-    }
-
-    pub fn unsubscribe(&self, node: &str, id: SessionId) {
-        let _ = self.cmds.send(HubCmd::Unsubscribe {
-            node: node.to_string(),
-            id,
-        });
-    }
-
-    /// A node's link report.
-    pub fn report(&self, node: &str, report: LinkReport) {
-        let _ = self.cmds.send(HubCmd::Links {
-            node: node.to_string(),
-            report,
-        });
-    }
-
-    /// The links and paths now; with `refresh`, after reloading the operator's
-    /// overrides from the store and recomputing.
-    pub async fn paths(&self, refresh: bool) -> Result<PathsSnapshot> {
-        let (reply, rx) = oneshot::channel();
-        self.cmds
-            .send(HubCmd::Paths { refresh, reply })
-            .map_err(|_| anyhow!("the netmap hub has stopped"))?;
-        rx.await.map_err(|_| anyhow!("the netmap hub has stopped"))
-    }
-
-    /// Takes an authenticated session of `node` in: at most one per node (the
-    /// older one is handed back to close), at most [`sessions::cap`] in all.
-    fn admit_session(&self, node: &str, conn: quinn::Connection) -> Admission<quinn::Connection> {
-        self.sessions
-            .admit(node, conn, self.enrolled.load(Ordering::Relaxed))
-    }
-
-    /// Nodes enrolled, as the hub last saw the store.
-    pub fn enrolled(&self) -> usize {
-        self.enrolled.load(Ordering::Relaxed)
-    }
-
-    /// Authenticated control sessions open now, replaced ones still closing
-    /// included.
-    pub fn sessions_open(&self) -> usize {
-        self.sessions.open()
-    }
-
-    /// Connected nodes, with the unix time their session started.
-    pub fn online(&self) -> HashMap<String, u64> {
-        self.online.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-}
-
-struct HubState {
-    registry: Arc<Registry>,
-    mtu: u16,
-    metrics: Arc<Metrics>,
-    fabric: Fabric,
-    engine: PathEngine,
-    started: Instant,
-    /// Paths have been pushed since the warm-up ended.
-    warm: bool,
-    revision: u64,
-    sessions: HashMap<String, Subscriber>,
-    pending: Vec<(
-        String,
-        mpsc::Sender<SessionMsg>,
-        u64,
-        oneshot::Sender<SessionId>,
-    )>,
-    next_id: u64,
-    online: Arc<Mutex<HashMap<String, u64>>>,
-    enrolled: Arc<AtomicUsize>,
-}
-
-impl HubState {
-    async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<HubCmd>) -> Result<()> {
-        let mut watch = self.resync().await?;
-        // Overrides are loaded before the first command is served, so the API
-        // shows them right after a restart.
-        self.update_paths().await;
-        let mut tick = tokio::time::interval(PATH_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => self.update_paths().await,
-                cmd = cmds.recv() => match cmd {
-                    Some(HubCmd::Subscribe { node, tx, min_revision, reply }) => {
-                        self.pending.push((node, tx, min_revision, reply));
-                        self.serve_pending();
-                    }
-                    Some(HubCmd::Unsubscribe { node, id }) => {
-                        if self.sessions.get(&node).is_some_and(|s| s.id == id) {
-                            self.sessions.remove(&node);
-                            self.set_online();
-                        }
-                    }
-                    Some(HubCmd::Links { node, report }) => {
-                        self.engine.report(&node, &report, Instant::now());
-                    }
-                    Some(HubCmd::Paths { refresh, reply }) => {
-                        if refresh {
-                            self.update_paths().await;
-                        }
-                        let now = Instant::now();
-                        let _ = reply.send(PathsSnapshot {
-                            links: self.engine.links(now),
-                            pairs: self.engine.pairs(now),
-                        });
-                    }
-                    None => return Ok(()),
-                },
-                ev = watch.recv() => match ev {
-                    Some(ev) => {
-                        self.handle_event(ev);
-                        self.serve_pending();
-                    }
-                    None => {
-                        tracing::warn!("store watch ended; reloading every node and resending full netmaps");
-                        watch = self.resync().await?;
-                        self.resend_full();
-                        self.serve_pending();
-                    }
-                },
-            }
-        }
-    }
-
-    /// Loads every node record and watches from there.
-    async fn resync(&mut self) -> Result<mpsc::Receiver<WatchEvent>> {
-        loop {
-            let (kvs, rev) = self.registry.store().range(model::NODES).await?;
-            let nodes = kvs
-                .iter()
-                .filter_map(|kv| match model::decode::<NodeRecord>(&kv.key, &kv.value) {
-                    Ok(n) => Some(n),
-                    Err(e) => {
-                        tracing::error!(error = %e, "skipping an unreadable node record");
-                        None
-                    }
-                })
-                .collect::<Vec<_>>();
-            match self.registry.store().watch(model::NODES, rev).await {
-                Ok(w) => {
-                    self.enrolled.store(nodes.len(), Ordering::Relaxed);
-                    self.fabric = Fabric::new(self.mtu, nodes);
-                    self.revision = rev;
-                    return Ok(w);
-                }
-                Err(StoreError::Compacted { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    fn handle_event(&mut self, ev: WatchEvent) {
-        let outputs = match ev {
-            WatchEvent::Put(kv) => {
-                self.revision = self.revision.max(kv.mod_revision);
-                match model::decode::<NodeRecord>(&kv.key, &kv.value) {
-                    Ok(node) => {
-                        if !self.fabric.contains(&node.name) {
-                            self.enrolled.fetch_add(1, Ordering::Relaxed);
-                        }
-                        self.fabric.handle_put(node, kv.mod_revision)
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "ignoring an unreadable node record");
-                        Vec::new()
-                    }
-                }
-            }
-            WatchEvent::Delete { key, revision } => {
-                self.revision = self.revision.max(revision);
-                let name = key.strip_prefix(model::NODES).unwrap_or(&key).to_string();
-                if self.fabric.contains(&name) {
-                    self.enrolled.fetch_sub(1, Ordering::Relaxed);
-                }
-                self.fabric.handle_delete(&name, revision)
-            }
-        };
-        for out in outputs {
-            match out {
-                Output::Send(audience, msg) => {
-                    let frame = match control::encode(&msg) {
-                        Ok(f) => Arc::new(f),
-                        Err(e) => {
-                            tracing::error!(error = %e, "could not encode an update");
-                            continue;
-                        }
-                    };
-                    match audience {
-                        Audience::AllBut(except) => {
-                            let names: Vec<String> = self
-                                .sessions
-                                .keys()
-                                .filter(|n| **n != except)
-                                .cloned()
-                                .collect();
-                            for name in names {
-                                self.deliver(&name, SessionMsg::Frame(frame.clone()));
-                            }
-                        }
-                        Audience::Only(name) => self.deliver(&name, SessionMsg::Frame(frame)),
-                    }
-                }
-                Output::Disconnect(name) => {
-                    self.deliver(
-                        &name,
-                        SessionMsg::Close(
-                            RefusalCode::InvalidCertificate,
-                            format!("node {name:?} was revoked"),
-                        ),
-                    );
-                    self.sessions.remove(&name);
-                    self.set_online();
-                }
-            }
-        }
-    }
-
-    /// Queues a message to a session, dropping the session if it cannot keep up.
-    fn deliver(&mut self, name: &str, msg: SessionMsg) {
-        let Some(s) = self.sessions.get(name) else {
-            return;
-        };
-        match s.tx.try_send(msg) {
-            Ok(()) => {
-                self.metrics.updates_sent.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) => {
-                tracing::warn!(node = %name, "agent is not keeping up with netmap updates; dropping its session (it reconnects for a full netmap)");
-                self.sessions.remove(name);
-                self.set_online();
-            }
-        }
-    }
-
-    fn serve_pending(&mut self) {
-        let pending = std::mem::take(&mut self.pending);
-        for (node, tx, min_rev, reply) in pending {
-            if self.revision < min_rev || !self.fabric.contains(&node) {
-                if self.revision < min_rev {
-                    self.pending.push((node, tx, min_rev, reply));
-                } else {
-                    // Revoked between its register and now.
-                    let _ = tx.try_send(SessionMsg::Close(
-                        RefusalCode::InvalidCertificate,
-                        format!("node {node:?} is not enrolled"),
-                    ));
-                    self.next_id += 1;
-                    let _ = reply.send(SessionId(self.next_id));
-                }
-                continue;
-            }
-            self.next_id += 1;
-            let id = SessionId(self.next_id);
-            if let Some(full) = self
-                .fabric
-                .full(&node, self.revision, self.paths_for(&node))
-            {
-                if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
-                    let _ = tx.try_send(SessionMsg::Frame(Arc::new(frame)));
-                }
-            }
-            self.sessions.insert(
-                node,
-                Subscriber {
-                    id,
-                    tx,
-                    since: model::unix_now(),
-                },
-            );
-            self.set_online();
-            let _ = reply.send(id);
-        }
-    }
-
-    fn resend_full(&mut self) {
-        let names: Vec<String> = self.sessions.keys().cloned().collect();
-        for name in names {
-            if let Some(full) = self
-                .fabric
-                .full(&name, self.revision, self.paths_for(&name))
-            {
-                if let Ok(frame) = control::encode(&ControllerMessage::NetMap(full)) {
-                    self.deliver(&name, SessionMsg::Frame(Arc::new(frame)));
-                }
-            }
-        }
-    }
-
-    /// Reloads the operator's link overrides (the store is the truth, so every
-    /// replica and a restarted controller agree), recomputes every pair's path
-    /// and sends each connected node whose path list changed its new list.
-    async fn update_paths(&mut self) {
-        match self.registry.store().range(model::LINKS).await {
-            Ok((kvs, _)) => {
-                let mut wanted: BTreeMap<(String, String), LinkOverride> = BTreeMap::new();
-                for kv in &kvs {
-                    let Some((a, b)) = model::link_from_key(&kv.key) else {
-                        continue;
-                    };
-                    match serde_json::from_slice::<LinkOverride>(&kv.value) {
-                        Ok(o) => {
-                            wanted.insert((a, b), o);
-                        }
-                        Err(e) => {
-                            tracing::error!(key = %kv.key, error = %e, "ignoring an unreadable link override")
-                        }
-                    }
-                }
-                let stale: Vec<(String, String)> = self
-                    .engine
-                    .overrides()
-                    .map(|(a, b, _)| (a.to_string(), b.to_string()))
-                    .filter(|k| !wanted.contains_key(k))
-                    .collect();
-                for (a, b) in stale {
-                    let _ = self.engine.set_override(&a, &b, None);
-                }
-                for ((a, b), o) in wanted {
-                    if self.engine.override_for(&a, &b) != Some(&o) {
-                        if let Err(e) = self.engine.set_override(&a, &b, Some(o)) {
-                            tracing::error!(error = %e, "ignoring an invalid link override");
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not read link overrides; keeping the previous ones")
-            }
-        }
-        self.engine.set_nodes(self.fabric.members());
-        let changed = self.engine.recompute(Instant::now());
-        let warm = self.started.elapsed() >= PATH_WARMUP;
-        if !warm {
-            return;
-        }
-        // The first push after the warm-up goes to everyone: netmaps sent during
-        // it carried no paths.
-        let changed = if std::mem::replace(&mut self.warm, true) {
-            changed
-        } else {
-            self.sessions.keys().cloned().collect()
-        };
-        for name in changed {
-            if !self.sessions.contains_key(&name) {
-                continue;
-            }
-            let paths = self.engine.paths_for(&name);
-            tracing::debug!(node = %name, ?paths, "sending new paths");
-            let update = ControllerMessage::Update(NetMapUpdate {
-                seq: self.revision,
-                node: None,
-                upsert: Vec::new(),
-                remove: Vec::new(),
-                paths: Some(paths),
-                path_changes: Vec::new(),
-            });
-            match control::encode(&update) {
-                Ok(frame) => self.deliver(&name, SessionMsg::Frame(Arc::new(frame))),
-                Err(e) => tracing::error!(error = %e, "could not encode a path update"),
-            }
-        }
-    }
-
-    /// The paths for a full netmap: none during the warm-up (the agent keeps its own).
-    fn paths_for(&self, node: &str) -> Vec<skymesh_wire::PathSpec> {
-        if !self.warm {
-            Vec::new()
-        } else {
-            self.engine.paths_for(node)
-        }
-    }
-
-    fn set_online(&self) {
-        if let Ok(mut m) = self.online.lock() {
-            *m = self
-                .sessions
-                .iter()
-                .map(|(n, s)| (n.clone(), s.since))
-                .collect();
         }
     }
 }

@@ -20,6 +20,10 @@ pub struct Metrics {
     pub enrollments_ok: AtomicU64,
     pub enrollments_refused: AtomicU64,
     pub updates_sent: AtomicU64,
+    /// Bytes of netmaps and updates written to agents' streams.
+    pub netmap_bytes_sent: AtomicU64,
+    /// Pairs of nodes whose path was decided again (incremental recomputes).
+    pub path_decisions: AtomicU64,
     pub agents_connected: AtomicI64,
     pub api_requests_unauthorized: AtomicU64,
     /// The state store's own counters (writability, write errors, corrupt records).
@@ -52,9 +56,23 @@ impl Metrics {
         let updates = Counter::<u64>::default();
         updates.inc_by(self.updates_sent.load(Ordering::Relaxed));
         registry.register(
-            "netmap_messages_sent",
-            "Netmaps and netmap updates queued to agents",
+            "netmap_frames_sent",
+            "Netmaps and netmap updates written to agents (merged updates count once)",
             updates,
+        );
+        let bytes = Counter::<u64>::default();
+        bytes.inc_by(self.netmap_bytes_sent.load(Ordering::Relaxed));
+        registry.register(
+            "netmap_bytes_sent",
+            "Bytes of netmaps and netmap updates written to agents",
+            bytes,
+        );
+        let decisions = Counter::<u64>::default();
+        decisions.inc_by(self.path_decisions.load(Ordering::Relaxed));
+        registry.register(
+            "path_decisions",
+            "Pairs of nodes whose path was decided again because an input changed",
+            decisions,
         );
 
         let connected = Gauge::<i64>::default();

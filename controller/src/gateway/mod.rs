@@ -88,7 +88,17 @@ async fn refresh_fabric(gw: &Gateway, registry: &Registry, hub: &Hub) {
         p.push(ipnet::IpNet::from(n.overlay_ip));
     }
     let me = gw.current().config.node.clone();
-    if let (Some(me), Ok(snapshot)) = (me, hub.paths(false).await) {
+    let snapshot = match &me {
+        Some(me) => hub
+            .paths(crate::control::PathsQuery {
+                refresh: false,
+                node: Some(me.clone()),
+            })
+            .await
+            .ok(),
+        None => None,
+    };
+    if let (Some(me), Some(snapshot)) = (me, snapshot) {
         let link_rtt: HashMap<(&str, &str), f64> = snapshot
             .links
             .iter()

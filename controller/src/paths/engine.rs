@@ -50,6 +50,8 @@ pub struct PathEngine {
     changed: Vec<(Id, Id)>,
     epoch: Option<Instant>,
     scratch: Vec<Candidate>,
+    /// Pair decisions made so far.
+    decisions: u64,
 }
 
 /// A path clearly cheaper than the primary, and since when it has been.
@@ -102,6 +104,7 @@ impl PathEngine {
             changed: Vec::new(),
             epoch: None,
             scratch: Vec::new(),
+            decisions: 0,
         }
     }
 
@@ -718,6 +721,7 @@ impl PathEngine {
             (j, i)
         };
         let s = slot(i, j);
+        self.decisions += 1;
         let mut cands = std::mem::take(&mut self.scratch);
         self.candidates(i, j, &mut cands);
         let find = |route: Route| cands.iter().copied().find(|c| c.route == route);
@@ -939,6 +943,11 @@ impl PathEngine {
             .filter(|(_, other)| *other != id)
             .map(|(_, other)| self.spec(id, other))
             .collect()
+    }
+
+    /// Pair decisions made so far: what the engine's work grows with.
+    pub fn decisions(&self) -> u64 {
+        self.decisions
     }
 
     /// Current members.

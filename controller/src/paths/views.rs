@@ -78,7 +78,8 @@ impl PathEngine {
         self.links_where(now, |a, b| a == node || b == node)
     }
 
-    fn links_where(&self, now: Instant, keep: impl Fn(&str, &str) -> bool) -> Vec<LinkView> {
+    /// [`links`](Self::links) for which `keep(a, b)` holds.
+    pub fn links_where(&self, now: Instant, keep: impl Fn(&str, &str) -> bool) -> Vec<LinkView> {
         let mut keys: BTreeSet<(&str, &str)> = BTreeSet::new();
         let members: Vec<(&str, Id)> = self.nodes.members().collect();
         for (i, &(a, x)) in members.iter().enumerate() {
