@@ -56,6 +56,11 @@ use sessions::Admission;
 /// waits for it merges in its outbox), but one that reads nothing for this
 /// long is gone.
 const WRITE_STALL: Duration = Duration::from_secs(60);
+/// The least time between two writes to one agent. A change after a quiet
+/// spell goes out at once; a burst (a mesh starting, many paths moving) is
+/// merged into one update per agent this often instead of one per change,
+/// which is what a packet costs the controller.
+const WRITE_PACE: Duration = Duration::from_millis(50);
 /// How long an agent has to send its first message.
 const FIRST_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections that have not authenticated yet: how many at once, and how long
@@ -74,6 +79,14 @@ pub const PRE_AUTH: listen::Limits = listen::Limits {
 const STREAM_RECEIVE_WINDOW: u32 = 256 << 10;
 /// The same for the whole connection (one stream, plus QUIC's own frames).
 const CONNECTION_RECEIVE_WINDOW: u32 = 512 << 10;
+/// Bytes sent to one agent and not acknowledged yet.
+const SEND_WINDOW: u64 = 256 << 10;
+/// Writes of large frames (whole netmaps, big merged updates) in progress at
+/// once across all agents: each holds its frame until the agent has taken most
+/// of it, so this bounds their memory when thousands of agents start together.
+const LARGE_WRITES: usize = 32;
+/// What counts as a large frame.
+const LARGE_FRAME: usize = 16 << 10;
 /// Connection attempts quinn holds before the accept loop takes them, and the
 /// bytes it buffers for each and for all of them.
 const MAX_INCOMING: usize = 512;
@@ -88,6 +101,13 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     /// Connections that have not authenticated yet, under [`PRE_AUTH`].
     pub pre_auth: Arc<listen::Guard>,
+    /// See [`LARGE_WRITES`].
+    pub large_writes: Arc<tokio::sync::Semaphore>,
+}
+
+/// A fresh [`Control::large_writes`].
+pub fn large_writes() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(LARGE_WRITES))
 }
 
 /// The rustls + QUIC server configuration: our chain, client certificates
@@ -125,6 +145,9 @@ pub fn server_config(ca: &Ca) -> Result<quinn::ServerConfig> {
     transport.stream_receive_window(STREAM_RECEIVE_WINDOW.into());
     transport.receive_window(CONNECTION_RECEIVE_WINDOW.into());
     transport.datagram_receive_buffer_size(None);
+    // What waits for an agent's acknowledgement is bounded here, not by the
+    // agent's credit; the rest waits, merged, in its outbox.
+    transport.send_window(SEND_WINDOW);
     cfg.transport_config(Arc::new(transport));
     cfg.max_incoming(MAX_INCOMING)
         .incoming_buffer_size(INCOMING_BUFFER)
@@ -396,9 +419,21 @@ async fn write_loop(
     ctx: &Control,
     node: &str,
 ) -> End {
+    let mut next_write = tokio::time::Instant::now();
     loop {
         outbox.ready().await;
+        tokio::time::sleep_until(next_write).await;
         let pending = outbox.take();
+        // A whole netmap is rendered only once a large write may start.
+        let large = if pending.full || pending.whole_paths || pending.peers.len() > 32 {
+            match ctx.large_writes.clone().acquire_owned().await {
+                Ok(permit) => Some(permit),
+                Err(_) => return End::Closed,
+            }
+        } else {
+            None
+        };
+        let pending = merge(pending, outbox.take());
         if let Some((code, message)) = pending.close {
             return End::Refuse(code, message);
         }
@@ -428,7 +463,11 @@ async fn write_loop(
                 Err(e) => return End::Failed(e),
             }
         }
+        let mut large = large;
         for frame in frames {
+            if large.is_none() && frame.len() > LARGE_FRAME {
+                large = ctx.large_writes.clone().acquire_owned().await.ok();
+            }
             if let Err(e) = write_frame(send, &frame).await {
                 return End::Failed(e);
             }
@@ -437,7 +476,14 @@ async fn write_loop(
                 .netmap_bytes_sent
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
         }
+        drop(large);
+        next_write = tokio::time::Instant::now() + WRITE_PACE;
     }
+}
+
+/// `later`, taken after waiting for a write slot, on top of `first`.
+fn merge(first: outbox::Pending, later: outbox::Pending) -> outbox::Pending {
+    first.merge(later)
 }
 
 /// Writes a whole frame, failing only when the agent took nothing for
@@ -475,8 +521,8 @@ async fn read_loop(
         match read_message(recv, frames).await {
             Err(e) => return End::Refuse(refusal_code(&e), format!("{e:#}")),
             Ok(None) => return End::Closed,
-            Ok(Some(AgentMessage::Links(report))) => ctx.hub.report(node, true, report.links),
-            Ok(Some(AgentMessage::LinkChanges(c))) => ctx.hub.report(node, false, c.changed),
+            Ok(Some(AgentMessage::Links(report))) => ctx.hub.report(node, true, report.links).await,
+            Ok(Some(AgentMessage::LinkChanges(c))) => ctx.hub.report(node, false, c.changed).await,
             Ok(Some(other)) => {
                 return End::Refuse(
                     RefusalCode::Protocol,
@@ -572,11 +618,10 @@ async fn refuse_then_discard(
     let _ = send.write_all(&frame).await;
     let _ = send.finish();
     let _ = tokio::time::timeout_at(deadline, async {
-        let mut buf = [0u8; 16 * 1024];
         let mut left = rest;
         while left > 0 {
-            match recv.read(&mut buf[..left.min(16 * 1024)]).await {
-                Ok(Some(n)) => left = left.saturating_sub(n),
+            match recv.read_chunk(left.min(16 * 1024), true).await {
+                Ok(Some(chunk)) => left = left.saturating_sub(chunk.bytes.len()),
                 _ => break,
             }
         }
@@ -597,18 +642,19 @@ fn describe(msg: &Option<AgentMessage>) -> &'static str {
     }
 }
 
-/// Reads the next message; `Ok(None)` at the end of the stream.
+/// Reads the next message; `Ok(None)` at the end of the stream. Takes the
+/// stream's own buffers rather than copying through one of its own, so a
+/// session waiting for its agent holds no read buffer.
 async fn read_message(
     recv: &mut quinn::RecvStream,
     frames: &mut FrameBuffer,
 ) -> Result<Option<AgentMessage>> {
-    let mut buf = [0u8; 16 * 1024];
     loop {
         if let Some(msg) = frames.next_message::<AgentMessage>()? {
             return Ok(Some(msg));
         }
-        match recv.read(&mut buf).await? {
-            Some(n) => frames.extend(&buf[..n]),
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => frames.extend(&chunk.bytes),
             None => return Ok(None),
         }
     }

@@ -262,6 +262,9 @@ fn run(cli: Cli) -> Result<()> {
             skymesh_controller::store::redb::refuse_dangling(&config.data_dir, "[state] data_dir")?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                // Blocking work (the store, file reads) is bounded where it is
+                // spawned; this is the backstop, far below tokio's 512.
+                .max_blocking_threads(32)
                 .enable_all()
                 .build()?;
             rt.block_on(async move {

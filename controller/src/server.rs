@@ -117,6 +117,7 @@ pub async fn start_with(
     {
         let ctx = Arc::new(Control {
             pre_auth: control_guard.clone(),
+            large_writes: crate::control::large_writes(),
             registry: registry.clone(),
             ca: ca.clone(),
             hub: hub.clone(),

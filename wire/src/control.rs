@@ -399,6 +399,9 @@ impl Default for FrameBuffer {
     }
 }
 
+/// What a [`FrameBuffer`] keeps allocated between frames.
+const KEEP_CAPACITY: usize = 8 << 10;
+
 impl FrameBuffer {
     /// A reader of frames up to [`MAX_FRAME`].
     pub fn new() -> Self {
@@ -442,6 +445,12 @@ impl FrameBuffer {
         }
         let msg = decode(&self.buf[4..4 + len]);
         self.buf.drain(..4 + len);
+        if self.buf.capacity() > KEEP_CAPACITY && self.buf.len() <= KEEP_CAPACITY {
+            // One large frame (a whole netmap, a whole link report) must not
+            // pin its size for the rest of a long session: thousands of them
+            // are open at once on a controller.
+            self.buf.shrink_to(KEEP_CAPACITY);
+        }
         msg.map(Some)
     }
 

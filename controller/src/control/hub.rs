@@ -75,12 +75,6 @@ enum HubCmd {
         node: String,
         id: SessionId,
     },
-    Links {
-        node: String,
-        /// A whole report (replacing) or the changes since the last one.
-        whole: bool,
-        samples: Vec<LinkSample>,
-    },
     Render {
         node: String,
         what: Render,
@@ -99,10 +93,24 @@ pub struct PathsSnapshot {
     pub pairs: Vec<PairView>,
 }
 
+/// A node's link measurements: its whole report (replacing) or the changes
+/// since the last one.
+struct Report {
+    node: String,
+    whole: bool,
+    samples: Vec<LinkSample>,
+}
+
+/// Reports waiting for the hub: when it falls behind, sessions wait to read
+/// more from their agents (QUIC flow control holds the rest on the agents),
+/// instead of the hub's queue growing without bound.
+const REPORT_QUEUE: usize = 1024;
+
 /// Handle to the hub task.
 #[derive(Clone)]
 pub struct Hub {
     cmds: mpsc::UnboundedSender<HubCmd>,
+    reports: mpsc::Sender<Report>,
     online: Arc<Mutex<HashMap<String, u64>>>,
     /// The authenticated sessions, one per node.
     sessions: Arc<Sessions<quinn::Connection>>,
@@ -120,10 +128,12 @@ impl Hub {
         paths: PathConfig,
     ) -> Self {
         let (cmds, rx) = mpsc::unbounded_channel();
+        let (reports, reports_rx) = mpsc::channel(REPORT_QUEUE);
         let online = Arc::new(Mutex::new(HashMap::new()));
         let enrolled = Arc::new(AtomicUsize::new(0));
         let hub = Self {
             cmds,
+            reports,
             online: online.clone(),
             sessions: Sessions::new(),
             enrolled: enrolled.clone(),
@@ -144,7 +154,7 @@ impl Hub {
                 online,
                 enrolled,
             };
-            if let Err(e) = state.run(rx).await {
+            if let Err(e) = state.run(rx, reports_rx).await {
                 tracing::error!(error = %format!("{e:#}"), "netmap hub stopped");
             }
         });
@@ -183,13 +193,17 @@ impl Hub {
         });
     }
 
-    /// A node's link measurements: its whole report, or what changed.
-    pub fn report(&self, node: &str, whole: bool, samples: Vec<LinkSample>) {
-        let _ = self.send(HubCmd::Links {
-            node: node.to_string(),
-            whole,
-            samples,
-        });
+    /// A node's link measurements: its whole report, or what changed. Waits
+    /// while the hub is behind.
+    pub async fn report(&self, node: &str, whole: bool, samples: Vec<LinkSample>) {
+        let _ = self
+            .reports
+            .send(Report {
+                node: node.to_string(),
+                whole,
+                samples,
+            })
+            .await;
     }
 
     /// Renders `node`'s whole netmap or path list as one frame, from the
@@ -257,7 +271,11 @@ struct HubState {
 }
 
 impl HubState {
-    async fn run(&mut self, mut cmds: mpsc::UnboundedReceiver<HubCmd>) -> Result<()> {
+    async fn run(
+        &mut self,
+        mut cmds: mpsc::UnboundedReceiver<HubCmd>,
+        mut reports: mpsc::Receiver<Report>,
+    ) -> Result<()> {
         let mut nodes = self.resync().await?;
         // Overrides are loaded before the first command is served, so the API
         // shows them right after a restart.
@@ -272,6 +290,7 @@ impl HubState {
                     Some(cmd) => self.handle_cmd(cmd).await,
                     None => return Ok(()),
                 },
+                Some(report) = reports.recv() => self.take_report(report),
                 ev = nodes.recv() => match ev {
                     Some(ev) => {
                         self.handle_event(ev);
@@ -315,19 +334,6 @@ impl HubState {
                     self.set_online();
                 }
             }
-            HubCmd::Links {
-                node,
-                whole,
-                samples,
-            } => {
-                let now = Instant::now();
-                if whole {
-                    let report = skymesh_wire::LinkReport { links: samples };
-                    self.engine.report(&node, &report, now);
-                } else {
-                    self.engine.report_changes(&node, &samples, now);
-                }
-            }
             HubCmd::Render { node, what, reply } => {
                 let _ = reply.send(self.render(&node, what));
             }
@@ -362,6 +368,16 @@ impl HubState {
                 };
                 let _ = reply.send(snapshot);
             }
+        }
+    }
+
+    fn take_report(&mut self, r: Report) {
+        let now = Instant::now();
+        if r.whole {
+            let report = skymesh_wire::LinkReport { links: r.samples };
+            self.engine.report(&r.node, &report, now);
+        } else {
+            self.engine.report_changes(&r.node, &r.samples, now);
         }
     }
 
@@ -406,6 +422,7 @@ impl HubState {
             match self.registry.store().watch(model::NODES, rev).await {
                 Ok(w) => {
                     self.enrolled.store(nodes.len(), Ordering::Relaxed);
+                    self.engine.reserve(nodes.len());
                     self.fabric = Fabric::new(self.mtu, nodes);
                     self.engine.set_nodes(self.fabric.members());
                     self.revision = self.revision.max(rev);
@@ -492,7 +509,8 @@ impl HubState {
                 match model::decode::<NodeRecord>(&kv.key, &kv.value) {
                     Ok(node) => {
                         if !self.fabric.contains(&node.name) {
-                            self.enrolled.fetch_add(1, Ordering::Relaxed);
+                            let enrolled = self.enrolled.fetch_add(1, Ordering::Relaxed) + 1;
+                            self.engine.reserve(enrolled);
                         }
                         let name = node.name.clone();
                         (self.fabric.handle_put(node), Some(name))

@@ -118,19 +118,39 @@ impl Outbox {
     /// renders them from its state at that moment, newer than the changes.
     pub(crate) fn take(&self) -> Pending {
         let mut p = std::mem::take(&mut *self.lock());
-        if p.full {
-            p.node = None;
-            p.peers.clear();
-            p.paths.clear();
-            p.whole_paths = false;
-        } else if p.whole_paths {
-            p.paths.clear();
-        }
+        p.normalize();
         p
     }
 }
 
 impl Pending {
+    /// `later` (taken after this) on top of this, as if taken at once: what a
+    /// whole netmap or path list to be rendered will carry is dropped.
+    pub(crate) fn merge(mut self, later: Pending) -> Pending {
+        self.seq = self.seq.max(later.seq);
+        self.full |= later.full;
+        self.whole_paths |= later.whole_paths;
+        if later.node.is_some() {
+            self.node = later.node;
+        }
+        self.peers.extend(later.peers);
+        self.paths.extend(later.paths);
+        self.close = self.close.or(later.close);
+        self.normalize();
+        self
+    }
+
+    fn normalize(&mut self) {
+        if self.full {
+            self.node = None;
+            self.peers.clear();
+            self.paths.clear();
+            self.whole_paths = false;
+        } else if self.whole_paths {
+            self.paths.clear();
+        }
+    }
+
     /// Whether there is a change to send as an update.
     pub(crate) fn has_update(&self) -> bool {
         self.node.is_some() || !self.peers.is_empty() || !self.paths.is_empty()

@@ -38,7 +38,7 @@ pub struct PathEngine {
     /// Pairs with a path clearly cheaper than their primary, and since when.
     pub(super) challengers: HashMap<usize, Challenger>,
     /// What each pair's last change was and why, for the pairs that changed.
-    pub(super) last_change: HashMap<usize, String>,
+    pub(super) last_change: HashMap<usize, Box<str>>,
     dirty: Vec<(Id, Id)>,
     all_dirty: bool,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
@@ -46,8 +46,13 @@ pub struct PathEngine {
     leaving: Vec<Id>,
     /// A node left since the last recompute: every other node's list shrank.
     removed: bool,
-    /// Pairs whose published path changed in the last recompute.
+    /// Pairs whose path list entry changed in the last recompute, new pairs
+    /// included.
     changed: Vec<(Id, Id)>,
+    /// The same without new pairs decided direct with no backup: an agent
+    /// reaches a new peer directly until told otherwise, so those need no
+    /// message.
+    published: Vec<(Id, Id)>,
     epoch: Option<Instant>,
     scratch: Vec<Candidate>,
     /// Pair decisions made so far.
@@ -102,6 +107,7 @@ impl PathEngine {
             leaving: Vec::new(),
             removed: false,
             changed: Vec::new(),
+            published: Vec::new(),
             epoch: None,
             scratch: Vec::new(),
             decisions: 0,
@@ -129,6 +135,21 @@ impl PathEngine {
         }
     }
 
+    /// Makes room for `nodes` members, with a quarter more for growth, if there
+    /// is not room already. Called with the enrolled nodes before they
+    /// register, the table is allocated while still empty, instead of being
+    /// copied as it fills (a copy holds twice its size for a moment). Room
+    /// that is never written costs address space, not memory.
+    pub fn reserve(&mut self, nodes: usize) {
+        if self.sides.capacity() >= table_len(nodes) {
+            return;
+        }
+        let want = table_len(nodes + nodes / 4 + 16);
+        self.sides.reserve_exact(want - self.sides.len());
+        self.costs.reserve_exact(want - self.costs.len());
+        self.pairs.reserve_exact(want - self.pairs.len());
+    }
+
     /// Adds a node, or changes whether it may transit.
     pub fn upsert_node(&mut self, name: &str, transit: bool) {
         if let Some(id) = self.nodes.id(name) {
@@ -152,6 +173,7 @@ impl PathEngine {
                 }
             }
         } else {
+            self.reserve(self.nodes.capacity());
             self.sides.resize(len, Sides::default());
             self.costs.resize(len, f64::NAN);
             self.pairs.resize(len, PairState::default());
@@ -444,27 +466,27 @@ impl PathEngine {
     pub(super) fn measurement_at(&self, x: Id, y: Id, at: Option<Instant>) -> Measurement {
         let (lo, hi) = if x < y { (x, y) } else { (y, x) };
         let sides = &self.sides[slot(lo, hi)];
-        let fresh: Vec<usize> = [(0, lo), (1, hi)]
-            .into_iter()
-            .filter(|(side, reporter)| sides.has(*side) && self.is_fresh(*reporter, at))
-            .map(|(side, _)| side)
-            .collect();
-        if fresh.is_empty() {
+        let mut fresh = [false; 2];
+        for (side, reporter) in [(0, lo), (1, hi)] {
+            fresh[side] = sides.has(side) && self.is_fresh(reporter, at);
+        }
+        let count = fresh.iter().filter(|f| **f).count();
+        if count == 0 {
             return if sides.has(0) || sides.has(1) {
                 Measurement::Stale
             } else {
                 Measurement::Never
             };
         }
-        let count = fresh.len() as f64;
-        let sum = |v: &[u32; 2]| fresh.iter().map(|s| f64::from(v[*s])).sum::<f64>();
+        let fresh_sides = || (0..2).filter(|s| fresh[*s]);
+        let sum = |v: &[u32; 2]| fresh_sides().map(|s| f64::from(v[s])).sum::<f64>();
+        let n = count as f64;
         Measurement::Fresh(Metrics {
-            up: fresh.iter().all(|s| sides.flags & table::UP[*s] != 0),
-            rtt_ms: sum(&sides.rtt_us) / count / 1000.0,
-            jitter_ms: sum(&sides.jitter_us) / count / 1000.0,
-            loss: fresh
-                .iter()
-                .map(|s| sides.loss_ppm[*s])
+            up: fresh_sides().all(|s| sides.flags & table::UP[s] != 0),
+            rtt_ms: sum(&sides.rtt_us) / n / 1000.0,
+            jitter_ms: sum(&sides.jitter_us) / n / 1000.0,
+            loss: fresh_sides()
+                .map(|s| sides.loss_ppm[s])
                 .max()
                 .map_or(0.0, f64::from)
                 / 1e6,
@@ -558,14 +580,12 @@ impl PathEngine {
     /// it is for and its new spec (two per changed pair).
     pub fn recompute_paths(&mut self, now: Instant) -> Vec<(String, PathSpec)> {
         self.decide_due(now);
-        let changed = std::mem::take(&mut self.changed);
-        let mut out = Vec::with_capacity(changed.len() * 2);
-        for (a, b) in &changed {
+        let mut out = Vec::with_capacity(self.published.len() * 2);
+        for (a, b) in &self.published {
             for (from, to) in [(*a, *b), (*b, *a)] {
                 out.push((self.nodes.name(from).to_string(), self.spec(from, to)));
             }
         }
-        self.changed = changed;
         out
     }
 
@@ -594,6 +614,7 @@ impl PathEngine {
     fn decide_due(&mut self, now: Instant) {
         self.epoch.get_or_insert(now);
         self.changed.clear();
+        self.published.clear();
         self.fire_timers(now);
         if std::mem::take(&mut self.all_dirty) {
             for (a, b) in std::mem::take(&mut self.dirty) {
@@ -756,7 +777,7 @@ impl PathEngine {
                     if st.chosen() {
                         st.count_change();
                         let text = self.change_text(i, j, st.primary, p, why, now);
-                        self.last_change.insert(s, text);
+                        self.last_change.insert(s, text.into_boxed_str());
                     }
                     st.primary = p.route;
                     st.since_ds = self.ds(now);
@@ -773,7 +794,7 @@ impl PathEngine {
                     via_text(&Via::Transit(self.nodes.name(st.primary).to_string())),
                     self.nodes.name(st.primary)
                 );
-                self.last_change.insert(s, text);
+                self.last_change.insert(s, text.into_boxed_str());
                 st.primary = DIRECT;
                 st.since_ds = self.ds(now);
                 st.set_chosen(false);
@@ -796,6 +817,9 @@ impl PathEngine {
         self.scratch = cands;
         if before != (st.primary, st.backup, true) {
             self.changed.push((i, j));
+            if before.2 || (st.primary, st.backup) != (DIRECT, NO_ROUTE) {
+                self.published.push((i, j));
+            }
         }
     }
 

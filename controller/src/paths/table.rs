@@ -10,7 +10,7 @@
 //! made.
 
 use skymesh_wire::LinkSample;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -46,7 +46,9 @@ pub(super) struct Node {
 #[derive(Debug, Default)]
 pub(super) struct Nodes {
     slots: Vec<Option<Node>>,
+    /// Members in name order (views, path lists) and by name (reports).
     by_name: BTreeMap<Arc<str>, Id>,
+    index: HashMap<Arc<str>, Id>,
     free: Vec<Id>,
     /// Transit members, sorted by name: the candidates of every pair, in the
     /// order that breaks cost ties.
@@ -83,7 +85,7 @@ impl Nodes {
 
     /// The member of that name.
     pub(super) fn id(&self, name: &str) -> Option<Id> {
-        self.by_name.get(name).copied()
+        self.index.get(name).copied()
     }
 
     /// Members sorted by name.
@@ -122,7 +124,8 @@ impl Nodes {
                 ((self.slots.len() - 1) as Id, false)
             }
         };
-        self.by_name.insert(name, id);
+        self.by_name.insert(name.clone(), id);
+        self.index.insert(name, id);
         if transit {
             self.sort_transits();
         }
@@ -139,6 +142,7 @@ impl Nodes {
         let was_transit = node.transit;
         if self.by_name.get(&name) == Some(&id) {
             self.by_name.remove(&name);
+            self.index.remove(&name);
         }
         if was_transit {
             self.sort_transits();

@@ -216,7 +216,7 @@ impl PathEngine {
                 0.0
             },
             changes: st.changes(),
-            last_change: self.last_change.get(&s).cloned(),
+            last_change: self.last_change.get(&s).map(|t| t.to_string()),
         }
     }
 

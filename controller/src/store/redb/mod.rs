@@ -62,6 +62,11 @@ pub struct RedbStore {
 }
 
 struct Inner {
+    /// Store operations running on blocking threads at once. Writes take one
+    /// lock anyway; without a bound, a burst of them (a thousand agents
+    /// registering) parks hundreds of blocking threads on it, each with its
+    /// stack and allocator heap, which a controller keeps as memory.
+    slots: tokio::sync::Semaphore,
     path: PathBuf,
     /// `None` only between closing the file after a failed write and a successful reopen.
     db: RwLock<Option<Database>>,
@@ -95,6 +100,9 @@ enum Applied {
     Committed { revision: u64, changed: usize },
 }
 
+/// See [`Inner::slots`].
+const BLOCKING_SLOTS: usize = 4;
+
 impl RedbStore {
     /// Opens the store file at `path`, creating it only when nothing exists there. A file that
     /// exists but is empty, truncated, damaged, not a store or locked by another process is
@@ -109,6 +117,7 @@ impl RedbStore {
         report_corrupt(&db, &stats)?;
         Ok(RedbStore {
             inner: Arc::new(Inner {
+                slots: tokio::sync::Semaphore::new(BLOCKING_SLOTS),
                 path: path.to_owned(),
                 db: RwLock::new(Some(db)),
                 writer: Mutex::new(Writer::default()),
@@ -126,6 +135,12 @@ impl RedbStore {
         T: Send + 'static,
         F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     {
+        let _slot = self
+            .inner
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let inner = Arc::clone(&self.inner);
         match tokio::task::spawn_blocking(move || work(&inner)).await {
             Ok(result) => result,
