@@ -375,3 +375,105 @@ async fn restart_keeps_allocations_and_agents_reconnect() {
     assert_eq!(after_b.node.overlay_ip, before_b.node.overlay_ip);
     ctl.shutdown().await;
 }
+
+/// An agent that stops reading for a while is not dropped: what changes
+/// meanwhile merges on the controller, and when it reads again it catches up
+/// with fewer updates than there were changes, in the same session, without
+/// a second full netmap (issue 15: slow agents used to lose their session
+/// once 1,024 frames were queued, and came back for a full netmap, which fed
+/// the load that made them slow).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_agent_keeps_its_session_and_gets_merged_updates() {
+    let f = start().await;
+    let token = f.token("slow-gw", false).await;
+    let identity = control::enroll(&token, &f.state_dir("slow-gw"))
+        .await
+        .expect("enroll");
+    // The slow agent's session blocks on its event queue of one, so it stops
+    // reading from its stream, and QUIC flow control then stops the
+    // controller's writes to it.
+    let (tx, mut events) = mpsc::channel(1);
+    let _slow = tokio::spawn(control::run_session(
+        identity,
+        register(1, &["10.0.0.0/16"]),
+        tx,
+    ));
+    let mut fulls = 0;
+    loop {
+        match events.recv().await.expect("session") {
+            ControlEvent::NetMap(_) => {
+                fulls += 1;
+                break;
+            }
+            ControlEvent::Disconnected { reason } => panic!("disconnected: {reason}"),
+            _ => {}
+        }
+    }
+    // Joins with 1,000 long prefixes each: about 50 KB per change, two
+    // megabytes in all, more than the agent's stream buffers (1.25 MB).
+    const JOINS: usize = 40;
+    let joins = (0..JOINS).map(|i| {
+        let f = &f;
+        async move {
+            let prefixes: Vec<String> = (0..1000)
+                .map(|h| format!("fd00:{:x}:ffff:ffff:ffff:ffff:ffff:{h:x}/128", i + 1))
+                .collect();
+            let prefixes: Vec<&str> = prefixes.iter().map(String::as_str).collect();
+            let key = u8::try_from(i + 2).expect("key");
+            let mut a = Agent::join(f, &format!("gw-{i:03}"), key, &prefixes).await;
+            // Registered once it has a netmap; then it leaves, so only the
+            // slow agent is sent the mesh.
+            a.until(Duration::from_secs(60), |_| true).await;
+            a.task.abort();
+        }
+    });
+    use futures::StreamExt;
+    futures::stream::iter(joins)
+        .buffer_unordered(8)
+        .collect::<Vec<()>>()
+        .await;
+    // Now the slow agent reads again: it catches up in its first session.
+    let mut map: Option<skymesh_wire::NetMap> = None;
+    let mut updates = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if map.as_ref().is_some_and(|m| m.peers.len() == JOINS) {
+            break;
+        }
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("caught up in time")
+            .expect("session");
+        match ev {
+            ControlEvent::NetMap(full) => {
+                fulls += 1;
+                map = Some(full.netmap);
+            }
+            ControlEvent::Update(u) => {
+                updates += 1;
+                let m = map.get_or_insert_with(|| skymesh_wire::NetMap {
+                    version: skymesh_wire::PROTOCOL_VERSION,
+                    address: "100.96.0.1/32".parse().expect("cidr"),
+                    mtu: 1420,
+                    peers: Vec::new(),
+                    transit: false,
+                    paths: Vec::new(),
+                });
+                u.apply_to(m);
+            }
+            ControlEvent::Disconnected { reason } => {
+                panic!("the slow agent lost its session: {reason}")
+            }
+            ControlEvent::Connected { .. } => {}
+        }
+    }
+    assert_eq!(
+        fulls, 1,
+        "one full netmap, at the start of the only session"
+    );
+    assert!(
+        updates < JOINS,
+        "{updates} updates for {JOINS} changes: what queued while the agent was slow was not merged"
+    );
+    f.ctl.shutdown().await;
+}
