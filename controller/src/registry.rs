@@ -33,7 +33,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use skymesh_wire::control::{Register, RejectedPrefix};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -140,6 +140,14 @@ pub struct Registry {
     /// refuse the same prefixes, and a reconnect skips it. A cache: without an
     /// entry (a restart, another replica) the admission runs once more.
     settled: std::sync::Mutex<HashMap<String, u64>>,
+    /// Every node's held prefixes as of a prefix fence revision. Any change of
+    /// what a node holds moves the fence (an admission that claims, a
+    /// release), so while the fence stands at the same revision the map is
+    /// current; this controller updates it with its own admissions, and reads
+    /// every node again only when someone else moved the fence. Without it,
+    /// each registration decoded every node record: quadratic in a mesh
+    /// starting up.
+    held: std::sync::Mutex<Option<(u64, BTreeMap<String, Vec<IpNet>>)>>,
 }
 
 impl Registry {
@@ -151,6 +159,7 @@ impl Registry {
             enroll_lock: tokio::sync::Mutex::new(()),
             admission_lock: tokio::sync::Mutex::new(()),
             settled: std::sync::Mutex::new(HashMap::new()),
+            held: std::sync::Mutex::new(None),
         }
     }
 
@@ -527,7 +536,7 @@ impl Registry {
             let mut txn = Txn::new().when_revision(&key, rev);
             let mut claims = false;
             if prefixes_changed {
-                let admission = self.admit(name, reg).await?;
+                let admission = self.admit(name, reg, fence_rev).await?;
                 // Only a change of what the node holds moves the fence: an
                 // admission that refuses what it refused before claims and
                 // frees nothing, and must not make every other node with
@@ -558,6 +567,7 @@ impl Registry {
             let txn = txn.put(&key, model::encode(&node));
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 if prefixes_changed {
+                    self.note_held(name, &node.prefixes, fence_rev, claims.then_some(revision));
                     self.settle(
                         name,
                         (!node.rejected_prefixes.is_empty()).then_some(if claims {
@@ -618,8 +628,8 @@ impl Registry {
     /// Admits `reg`'s advertised prefixes against every other node's, on a
     /// blocking thread: the work grows with the mesh, and the async workers
     /// serve every other agent meanwhile.
-    async fn admit(&self, name: &str, reg: &Register) -> Result<ipam::Admission> {
-        let nodes = self.nodes().await?;
+    async fn admit(&self, name: &str, reg: &Register, fence_rev: u64) -> Result<ipam::Admission> {
+        let held = self.held_at(fence_rev).await?;
         let (pool, name, advertise, underlay) = (
             self.pool,
             name.to_string(),
@@ -627,10 +637,10 @@ impl Registry {
             reg.underlay.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            let others = nodes
-                .into_iter()
-                .filter(|n| n.name != name)
-                .flat_map(|n| n.prefixes.into_iter().map(move |p| (n.name.clone(), p)));
+            let others = held
+                .iter()
+                .filter(|(n, _)| **n != name)
+                .flat_map(|(n, prefixes)| prefixes.iter().map(move |p| (n.clone(), *p)));
             Ipam::new(pool)
                 .with_prefixes(others)
                 .admit(&name, &advertise, &underlay)
@@ -645,6 +655,40 @@ impl Registry {
             },
             problem: e.to_string(),
         })
+    }
+
+    /// Every node's held prefixes with the prefix fence at `fence_rev`.
+    async fn held_at(&self, fence_rev: u64) -> Result<BTreeMap<String, Vec<IpNet>>> {
+        if let Some((rev, held)) = self.held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            if *rev == fence_rev {
+                return Ok(held.clone());
+            }
+        }
+        let held: BTreeMap<String, Vec<IpNet>> = self
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|n| (n.name, n.prefixes))
+            .collect();
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = Some((fence_rev, held.clone()));
+        Ok(held)
+    }
+
+    /// After this controller committed `name`'s admission read at fence
+    /// `fence_rev`: the map follows, at the fence's new revision if it moved.
+    fn note_held(&self, name: &str, prefixes: &[IpNet], fence_rev: u64, moved_to: Option<u64>) {
+        let mut slot = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((rev, held)) = slot.as_mut() else {
+            return;
+        };
+        if *rev != fence_rev {
+            *slot = None;
+            return;
+        }
+        held.insert(name.to_string(), prefixes.to_vec());
+        if let Some(new) = moved_to {
+            *rev = new;
+        }
     }
 
     /// Records when a node was last connected.

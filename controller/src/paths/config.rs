@@ -20,7 +20,8 @@ pub struct PathConfig {
     pub switch_min: Duration,
     /// ...continuously for this long. Default 5 s.
     pub hold: Duration,
-    /// A side's report older than this is ignored. Default 5 s.
+    /// How long a node's reports count after its session ends (or, for a
+    /// node that repeats whole reports, after its last one). Default 5 s.
     pub stale_after: Duration,
     /// Per-link costs from the configuration (e.g. egress price expressed in ms).
     pub weights: Vec<LinkWeight>,
