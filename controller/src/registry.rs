@@ -124,6 +124,9 @@ pub struct Enrollment {
     pub certificate_pem: String,
 }
 
+/// Each node's held prefixes, by node name.
+type Held = BTreeMap<String, Vec<IpNet>>;
+
 pub struct Registry {
     store: Arc<dyn Store>,
     pool: IpNet,
@@ -147,7 +150,7 @@ pub struct Registry {
     /// every node again only when someone else moved the fence. Without it,
     /// each registration decoded every node record: quadratic in a mesh
     /// starting up.
-    held: std::sync::Mutex<Option<(u64, BTreeMap<String, Vec<IpNet>>)>>,
+    held: std::sync::Mutex<Option<(u64, Held)>>,
 }
 
 impl Registry {
@@ -658,13 +661,13 @@ impl Registry {
     }
 
     /// Every node's held prefixes with the prefix fence at `fence_rev`.
-    async fn held_at(&self, fence_rev: u64) -> Result<BTreeMap<String, Vec<IpNet>>> {
+    async fn held_at(&self, fence_rev: u64) -> Result<Held> {
         if let Some((rev, held)) = self.held.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
             if *rev == fence_rev {
                 return Ok(held.clone());
             }
         }
-        let held: BTreeMap<String, Vec<IpNet>> = self
+        let held: Held = self
             .nodes()
             .await?
             .into_iter()
