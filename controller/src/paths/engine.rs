@@ -535,14 +535,69 @@ impl PathEngine {
         }
         for (end, other) in [(x, y), (y, x)] {
             if self.nodes.is_transit(end) {
-                // Every pair {n, other} may go through `end` over this link.
+                // Every pair {n, other} may go through `end` over this link;
+                // those for which that way does not matter are left alone.
                 for n in 0..self.nodes.capacity() as Id {
-                    if n != end && n != other && self.nodes.is_member(n) {
+                    if n != end
+                        && n != other
+                        && self.nodes.is_member(n)
+                        && self.transit_matters(n, other, end)
+                    {
                         self.mark(n, other);
                     }
                 }
             }
         }
+    }
+
+    /// Whether a change of the cost of going from `a` to `b` through transit
+    /// `t` can change the pair's decision: the way through `t` is part of it
+    /// (primary, backup, challenger, pin), the decision is incomplete (no
+    /// backup, no usable primary), or the way is now no dearer than the backup.
+    /// Otherwise it is neither the cheapest path nor the cheapest alternative,
+    /// before or after, and deciding the pair again would change nothing (the
+    /// property test holds this against a full recompute).
+    fn transit_matters(&self, a: Id, b: Id, t: Id) -> bool {
+        let s = slot(a, b);
+        let st = &self.pairs[s];
+        if self.sides[s].flags & DIRTY != 0 {
+            return false;
+        }
+        if !st.decided()
+            || !st.chosen()
+            || st.primary == t
+            || st.backup == t
+            || st.backup == NO_ROUTE
+            || self.sides[s].flags & ADJUSTED != 0
+            || self.challengers.get(&s).is_some_and(|c| c.route == t)
+        {
+            return true;
+        }
+        if self.route_cost(a, b, st.primary).is_none() {
+            return true;
+        }
+        let Some(through) = self.route_cost(a, b, t) else {
+            return false;
+        };
+        match self.route_cost(a, b, st.backup) {
+            Some(backup) => through <= backup,
+            None => true,
+        }
+    }
+
+    /// The cost of going from `a` to `b` by `route`, if usable.
+    fn route_cost(&self, a: Id, b: Id, route: Route) -> Option<f64> {
+        if route == DIRECT {
+            return self.usable_cost(a, b);
+        }
+        if route == NO_ROUTE || route == a || route == b || !self.nodes.is_transit(route) {
+            return None;
+        }
+        Some(
+            self.usable_cost(a, route)?
+                + self.usable_cost(route, b)?
+                + self.config.transit_penalty_ms,
+        )
     }
 
     fn mark(&mut self, a: Id, b: Id) {
