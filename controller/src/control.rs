@@ -433,7 +433,7 @@ async fn write_loop(
         } else {
             None
         };
-        let pending = merge(pending, outbox.take());
+        let pending = pending.merge(outbox.take());
         if let Some((code, message)) = pending.close {
             return End::Refuse(code, message);
         }
@@ -479,11 +479,6 @@ async fn write_loop(
         drop(large);
         next_write = tokio::time::Instant::now() + WRITE_PACE;
     }
-}
-
-/// `later`, taken after waiting for a write slot, on top of `first`.
-fn merge(first: outbox::Pending, later: outbox::Pending) -> outbox::Pending {
-    first.merge(later)
 }
 
 /// Writes a whole frame, failing only when the agent took nothing for
@@ -653,7 +648,7 @@ async fn read_message(
         if let Some(msg) = frames.next_message::<AgentMessage>()? {
             return Ok(Some(msg));
         }
-        match recv.read_chunk(64 * 1024, true).await? {
+        match recv.read_chunk(16 * 1024, true).await? {
             Some(chunk) => frames.extend(&chunk.bytes),
             None => return Ok(None),
         }

@@ -81,14 +81,6 @@ impl Fabric {
         self.nodes.contains_key(name)
     }
 
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
     pub fn node(&self, name: &str) -> Option<&NodeRecord> {
         self.nodes.get(name).map(|m| &m.record)
     }

@@ -20,7 +20,7 @@ use super::table::{
 };
 use skymesh_wire::{LinkReport, LinkSample, PathSpec, Via};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 /// Chooses primary and backup paths for every pair of nodes. See the module
@@ -120,7 +120,7 @@ impl PathEngine {
     /// The same as [`upsert_node`](Self::upsert_node) for each and
     /// [`remove_node`](Self::remove_node) for every member left out.
     pub fn set_nodes(&mut self, nodes: impl IntoIterator<Item = (String, bool)>) {
-        let wanted: BTreeMapSet = nodes.into_iter().collect();
+        let wanted: BTreeMap<String, bool> = nodes.into_iter().collect();
         let gone: Vec<String> = self
             .nodes
             .members()
@@ -831,7 +831,7 @@ impl PathEngine {
                 if p.route != st.primary {
                     if st.chosen() {
                         st.count_change();
-                        let text = self.change_text(i, j, st.primary, p, why, now);
+                        let text = self.change_text(i, j, st.primary, p, why);
                         self.last_change.insert(s, text.into_boxed_str());
                     }
                     st.primary = p.route;
@@ -894,7 +894,11 @@ impl PathEngine {
     ) -> (Option<Candidate>, Option<Why>) {
         let cfg = &self.config;
         let held = self.challengers.get(&s).and_then(|ch| {
-            let c = self.scratch_find(i, j, ch.route)?;
+            let c = Candidate {
+                route: ch.route,
+                cost: self.route_cost(i, j, ch.route)?,
+                rank: 0,
+            };
             (c.route != cur.route && cfg.beats(c.cost, cur.cost) && !cfg.beats(best.cost, c.cost))
                 .then_some((c, ch.since))
         });
@@ -934,36 +938,7 @@ impl PathEngine {
         )
     }
 
-    /// The usable candidate of `{i, j}` for `route` (outside [`decide`]'s
-    /// scratch list, which is borrowed there).
-    fn scratch_find(&self, i: Id, j: Id, route: Route) -> Option<Candidate> {
-        let cost = if route == DIRECT {
-            self.usable_cost(i, j)?
-        } else {
-            if route == i || route == j || !self.nodes.is_transit(route) {
-                return None;
-            }
-            self.usable_cost(i, route)?
-                + self.usable_cost(route, j)?
-                + self.config.transit_penalty_ms
-        };
-        Some(Candidate {
-            route,
-            cost,
-            rank: 0,
-        })
-    }
-
-    fn change_text(
-        &self,
-        i: Id,
-        j: Id,
-        from: Route,
-        to: Candidate,
-        why: Option<Why>,
-        now: Instant,
-    ) -> String {
-        let _ = now;
+    fn change_text(&self, i: Id, j: Id, from: Route, to: Candidate, why: Option<Why>) -> String {
         let why = match why {
             None => String::new(),
             Some(Why::Pinned) => "pinned by operator".to_string(),
@@ -1029,11 +1004,6 @@ impl PathEngine {
         self.decisions
     }
 
-    /// Current members.
-    pub fn node_count(&self) -> usize {
-        self.nodes.member_count()
-    }
-
     /// Tenths of a second since the epoch at `now`.
     pub(super) fn now_ds(&self, now: Instant) -> u32 {
         self.ds(now)
@@ -1051,8 +1021,6 @@ enum Why {
         held_for: Duration,
     },
 }
-
-type BTreeMapSet = std::collections::BTreeMap<String, bool>;
 
 /// Which side of the pair `{from, peer}` holds `from`'s report.
 fn side_of(from: Id, peer: Id) -> usize {

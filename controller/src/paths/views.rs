@@ -73,11 +73,6 @@ impl PathEngine {
         self.links_where(now, |_, _| true)
     }
 
-    /// [`links`](Self::links) with `node` as an end.
-    pub fn links_of(&self, node: &str, now: Instant) -> Vec<LinkView> {
-        self.links_where(now, |a, b| a == node || b == node)
-    }
-
     /// [`links`](Self::links) for which `keep(a, b)` holds.
     pub fn links_where(&self, now: Instant, keep: impl Fn(&str, &str) -> bool) -> Vec<LinkView> {
         let mut keys: BTreeSet<(&str, &str)> = BTreeSet::new();
