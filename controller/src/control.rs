@@ -18,7 +18,7 @@
 //! cap ([`control::max_register_frame`]), a link report by the enrolled nodes
 //! ([`control::max_links_frame`]). A larger header is refused at once.
 //!
-//! The hub is one task that owns the [`Fabric`]: it follows the store's node
+//! The hub is one task that owns the fabric (`crate::fabric::Fabric`): it follows the store's node
 //! records through a watch (so a change made by any controller replica reaches
 //! every agent) and fans the resulting messages out to the sessions. Each
 //! session is a task per agent connection that writes the hub's frames to the
@@ -101,7 +101,7 @@ pub struct Control {
     pub metrics: Arc<Metrics>,
     /// Connections that have not authenticated yet, under [`PRE_AUTH`].
     pub pre_auth: Arc<listen::Guard>,
-    /// See [`LARGE_WRITES`].
+    /// Large writes to agents in progress at once (32).
     pub large_writes: Arc<tokio::sync::Semaphore>,
 }
 

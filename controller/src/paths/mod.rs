@@ -15,11 +15,11 @@
 //! `rtt + loss% x loss_penalty_ms + weight` per link, plus `transit_penalty_ms`
 //! per transit hop.
 //!
-//! Decisions are incremental ([`engine`]): a recompute decides again only the
+//! Decisions are incremental (`engine.rs`): a recompute decides again only the
 //! pairs whose inputs changed since the last one, so a steady mesh costs next
 //! to nothing whatever its size, and [`PathEngine::recompute_from_scratch`] is
 //! what it must always agree with (a property test checks it). Per-pair state
-//! is compact ([`table`]); reasons are built when the API asks ([`views`]).
+//! is compact (`table.rs`); reasons are built when the API asks (`views.rs`).
 
 mod config;
 mod engine;
