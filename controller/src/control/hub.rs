@@ -605,26 +605,31 @@ impl HubState {
     /// Decides the pairs whose inputs changed and queues each changed path to
     /// the two nodes of its pair.
     fn update_paths(&mut self) {
-        let changed = self.engine.recompute_paths(Instant::now());
+        let seq = self.revision;
+        let warming = self.started.elapsed() < PATH_WARMUP;
+        // Netmaps sent during the warm-up carried no paths: at its end
+        // everyone gets the whole list, rendered when its writer is ready.
+        let first = !warming && !std::mem::replace(&mut self.warm, true);
+        let sessions = &self.sessions;
+        let wanted = |node: &str| {
+            !warming
+                && !first
+                && sessions
+                    .get(node)
+                    .is_some_and(|s| s.outbox.wants_path_changes())
+        };
+        for (node, spec) in self.engine.recompute_paths(Instant::now(), wanted) {
+            if let Some(s) = sessions.get(node) {
+                tracing::trace!(node = %node, path = ?spec, "path changed");
+                s.outbox.path(seq, spec);
+            }
+        }
         self.metrics
             .path_decisions
             .store(self.engine.decisions(), Ordering::Relaxed);
-        if self.started.elapsed() < PATH_WARMUP {
-            return;
-        }
-        let seq = self.revision;
-        if !std::mem::replace(&mut self.warm, true) {
-            // Netmaps sent during the warm-up carried no paths: everyone gets
-            // the whole list, rendered when its writer is ready.
+        if first {
             for s in self.sessions.values() {
                 s.outbox.whole_paths(seq);
-            }
-            return;
-        }
-        for (node, spec) in changed {
-            if let Some(s) = self.sessions.get(&node) {
-                tracing::trace!(node = %node, path = ?spec, "path changed");
-                s.outbox.path(seq, spec);
             }
         }
     }

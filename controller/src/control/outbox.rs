@@ -76,7 +76,10 @@ impl Outbox {
     /// A peer's entry changed (`None`: it left).
     pub(crate) fn peer(&self, seq: u64, name: &str, entry: Option<PeerJson>) {
         self.push(seq, |p| {
-            p.peers.insert(name.to_string(), entry);
+            // A whole netmap due will carry it.
+            if !p.full {
+                p.peers.insert(name.to_string(), entry);
+            }
         });
     }
 
@@ -91,10 +94,19 @@ impl Outbox {
         self.push(seq, |p| {
             if whole {
                 p.whole_paths = true;
-            } else {
+            } else if !(p.full || p.whole_paths) {
                 p.paths.insert(spec.dest.clone(), spec);
             }
         });
+    }
+
+    /// Whether a path change queued now would be sent as such: not when the
+    /// whole netmap or path list is already due, which will carry it (the
+    /// hub then need not build it). Only a hint: the writer may take the
+    /// queue right after.
+    pub(crate) fn wants_path_changes(&self) -> bool {
+        let p = self.lock();
+        !(p.full || p.whole_paths)
     }
 
     /// The agent needs its whole path list.

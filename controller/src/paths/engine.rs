@@ -16,11 +16,13 @@
 
 use super::config::{is_cost, via_text, LinkOverride, OverrideError, PairMap, PathConfig};
 use super::table::{
-    self, slot, table_len, Id, Nodes, PairState, Route, Sides, ADJUSTED, DIRECT, DIRTY, NO_ROUTE,
+    self, slot, table_len, Id, Nodes, PairState, Route, Sides, ADJUSTED, CHALLENGED, DIRECT, DIRTY,
+    NO_ROUTE,
 };
+use rustc_hash::FxHashMap;
 use skymesh_wire::{LinkReport, LinkSample, PathSpec, Via};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
 /// Chooses primary and backup paths for every pair of nodes. See the module
@@ -36,9 +38,13 @@ pub struct PathEngine {
     pub(super) overrides: PairMap<LinkOverride>,
     pub(super) weights: PairMap<f64>,
     /// Pairs with a path clearly cheaper than their primary, and since when.
-    pub(super) challengers: HashMap<usize, Challenger>,
-    /// What each pair's last change was and why, for the pairs that changed.
-    pub(super) last_change: HashMap<usize, Box<str>>,
+    pub(super) challengers: FxHashMap<usize, Challenger>,
+    /// What each pair's last change was and why, for the pairs that changed,
+    /// by slot; worded only when the API asks.
+    pub(super) last_change: FxHashMap<u32, Change>,
+    /// The same, worded, for changes naming a node whose id was freed (the
+    /// id may name another node later).
+    pub(super) last_change_text: FxHashMap<u32, Box<str>>,
     dirty: Vec<(Id, Id)>,
     all_dirty: bool,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
@@ -99,8 +105,9 @@ impl PathEngine {
             pairs: Vec::new(),
             overrides: PairMap::default(),
             weights,
-            challengers: HashMap::new(),
-            last_change: HashMap::new(),
+            challengers: FxHashMap::default(),
+            last_change: FxHashMap::default(),
+            last_change_text: FxHashMap::default(),
             dirty: Vec::new(),
             all_dirty: false,
             timers: BinaryHeap::new(),
@@ -169,7 +176,7 @@ impl PathEngine {
                     self.costs[s] = f64::NAN;
                     self.pairs[s] = PairState::default();
                     self.challengers.remove(&s);
-                    self.last_change.remove(&s);
+                    self.forget_change(s);
                 }
             }
         } else {
@@ -249,7 +256,7 @@ impl PathEngine {
             .map(|(s, _)| *s)
             .collect();
         for s in named {
-            self.challengers.remove(&s);
+            self.drop_challenger(s);
         }
     }
 
@@ -493,11 +500,6 @@ impl PathEngine {
         })
     }
 
-    /// The link's cost in ms while measured, even if down or disabled.
-    pub(super) fn cost_ms(&self, x: Id, y: Id) -> Option<f64> {
-        self.cost_at(x, y, None)
-    }
-
     /// [`cost_ms`](Self::cost_ms) with the sides fresh at `at`.
     pub(super) fn cost_at(&self, x: Id, y: Id, at: Option<Instant>) -> Option<f64> {
         match self.measurement_at(x, y, at) {
@@ -515,15 +517,57 @@ impl PathEngine {
         (!c.is_nan()).then_some(c)
     }
 
+    /// The cost of `{x, y}` (slot `s`) if paths may use it, else NaN: what
+    /// [`cost_at`](Self::cost_at) gives for a fresh link that is up and not
+    /// disabled, computed in one pass (this runs for every sample taken).
+    fn usable_now(&self, x: Id, y: Id, s: usize) -> f64 {
+        let (lo, hi) = if x < y { (x, y) } else { (y, x) };
+        let sides = &self.sides[s];
+        let fresh =
+            |side: usize, id: Id| sides.has(side) && self.nodes.get(id).is_some_and(|n| n.fresh);
+        let f = [fresh(0, lo), fresh(1, hi)];
+        let n = usize::from(f[0]) + usize::from(f[1]);
+        if n == 0 || (0..2).any(|side| f[side] && sides.flags & table::UP[side] == 0) {
+            return f64::NAN;
+        }
+        let mut weight = 0.0;
+        if sides.flags & ADJUSTED != 0 {
+            let (disabled, w, _) = self.adjustment(x, y);
+            if disabled {
+                return f64::NAN;
+            }
+            weight = w;
+        }
+        let n = n as f64;
+        let rtt: f64 = (0..2)
+            .filter(|side| f[*side])
+            .map(|side| f64::from(sides.rtt_us[side]))
+            .sum();
+        let loss = (0..2)
+            .filter(|side| f[*side])
+            .map(|side| sides.loss_ppm[side])
+            .max()
+            .map_or(0.0, f64::from)
+            / 1e6;
+        rtt / n / 1000.0 + loss * 100.0 * self.config.loss_penalty_ms + weight
+    }
+
     /// Recomputes the cached usable cost of `{x, y}`; on a change, marks the
     /// pairs that can use the link.
     fn refresh_link(&mut self, x: Id, y: Id) {
-        let usable = match self.measurement(x, y) {
-            Measurement::Fresh(m) if m.up && !self.adjustment(x, y).0 => self.cost_ms(x, y),
-            _ => None,
-        };
-        let new = usable.unwrap_or(f64::NAN);
         let s = slot(x, y);
+        let new = self.usable_now(x, y, s);
+        debug_assert_eq!(
+            new.to_bits(),
+            match self.measurement(x, y) {
+                Measurement::Fresh(m) if m.up && !self.adjustment(x, y).0 =>
+                    self.cost_at(x, y, None),
+                _ => None,
+            }
+            .unwrap_or(f64::NAN)
+            .to_bits(),
+            "the one-pass cost of {x}-{y} differs from the measured one"
+        );
         let old = self.costs[s];
         if old.to_bits() == new.to_bits() {
             return;
@@ -569,7 +613,8 @@ impl PathEngine {
             || st.backup == t
             || st.backup == NO_ROUTE
             || self.sides[s].flags & ADJUSTED != 0
-            || self.challengers.get(&s).is_some_and(|c| c.route == t)
+            || (self.sides[s].flags & CHALLENGED != 0
+                && self.challengers.get(&s).is_some_and(|c| c.route == t))
         {
             return true;
         }
@@ -598,6 +643,14 @@ impl PathEngine {
                 + self.usable_cost(route, b)?
                 + self.config.transit_penalty_ms,
         )
+    }
+
+    /// Forgets the pair's challenger, if it has one.
+    fn drop_challenger(&mut self, s: usize) {
+        if self.sides[s].flags & CHALLENGED != 0 {
+            self.sides[s].flags &= !CHALLENGED;
+            self.challengers.remove(&s);
+        }
     }
 
     fn mark(&mut self, a: Id, b: Id) {
@@ -631,17 +684,23 @@ impl PathEngine {
         names
     }
 
-    /// [`recompute`](Self::recompute), returning each changed path as the node
-    /// it is for and its new spec (two per changed pair).
-    pub fn recompute_paths(&mut self, now: Instant) -> Vec<(String, PathSpec)> {
+    /// [`recompute`](Self::recompute), then each changed path as the node it
+    /// is for and its new spec (two per changed pair), for the nodes `wanted`
+    /// keeps. Specs are built as they are taken: after a burst (a node joining
+    /// a mesh of thousands) there are millions, and only those for connected
+    /// nodes are needed.
+    pub fn recompute_paths<'a>(
+        &'a mut self,
+        now: Instant,
+        wanted: impl Fn(&str) -> bool + 'a,
+    ) -> impl Iterator<Item = (&'a str, PathSpec)> + 'a {
         self.decide_due(now);
-        let mut out = Vec::with_capacity(self.published.len() * 2);
-        for (a, b) in &self.published {
-            for (from, to) in [(*a, *b), (*b, *a)] {
-                out.push((self.nodes.name(from).to_string(), self.spec(from, to)));
-            }
-        }
-        out
+        let this = &*self;
+        this.published
+            .iter()
+            .flat_map(|(a, b)| [(*a, *b), (*b, *a)])
+            .filter(move |(from, _)| wanted(this.nodes.name(*from)))
+            .map(move |(from, to)| (this.nodes.name(from), this.spec(from, to)))
     }
 
     /// Decides every pair again, as if every input had changed: what the
@@ -668,8 +727,14 @@ impl PathEngine {
 
     fn decide_due(&mut self, now: Instant) {
         self.epoch.get_or_insert(now);
-        self.changed.clear();
-        self.published.clear();
+        // A burst (a node joining thousands) must not pin its size.
+        for v in [&mut self.changed, &mut self.published] {
+            v.clear();
+            v.shrink_to(1 << 12);
+        }
+        if self.challengers.capacity() > 4 * self.challengers.len() + 1024 {
+            self.challengers.shrink_to(2 * self.challengers.len());
+        }
         self.fire_timers(now);
         if std::mem::take(&mut self.all_dirty) {
             for (a, b) in std::mem::take(&mut self.dirty) {
@@ -701,9 +766,10 @@ impl PathEngine {
                     self.costs[s] = f64::NAN;
                     self.pairs[s] = PairState::default();
                     self.challengers.remove(&s);
-                    self.last_change.remove(&s);
+                    self.forget_change(s);
                 }
             }
+            self.word_changes_naming(id);
             self.nodes.free(id);
         }
     }
@@ -790,13 +856,12 @@ impl PathEngine {
     /// Chooses the primary and backup of `{i, j}`; records whether the
     /// published path changed.
     fn decide(&mut self, i: Id, j: Id, now: Instant) {
-        // Explanations name the alphabetically smaller end first.
-        let (i, j) = if self.nodes.name(i) <= self.nodes.name(j) {
-            (i, j)
-        } else {
-            (j, i)
-        };
         let s = slot(i, j);
+        debug_assert_eq!(
+            self.sides[s].flags & CHALLENGED != 0,
+            self.challengers.contains_key(&s),
+            "the challenged flag of {i}-{j} disagrees with the challengers"
+        );
         self.decisions += 1;
         let mut cands = std::mem::take(&mut self.scratch);
         self.candidates(i, j, &mut cands);
@@ -823,7 +888,7 @@ impl PathEngine {
             }
         };
         if primary.is_none() || pinned.is_some() {
-            self.challengers.remove(&s);
+            self.drop_challenger(s);
         }
 
         match primary {
@@ -831,12 +896,12 @@ impl PathEngine {
                 if p.route != st.primary {
                     if st.chosen() {
                         st.count_change();
-                        let text = self.change_text(i, j, st.primary, p, why);
-                        self.last_change.insert(s, text.into_boxed_str());
+                        let change = self.change(i, j, st.primary, p.route, why);
+                        self.record_change(s, change);
                     }
                     st.primary = p.route;
                     st.since_ds = self.ds(now);
-                    self.challengers.remove(&s);
+                    self.drop_challenger(s);
                 }
                 st.set_chosen(true);
             }
@@ -844,12 +909,8 @@ impl PathEngine {
                 // Nothing is usable and the primary went through a node that
                 // left: an agent drops such a path, so say what it does.
                 st.count_change();
-                let text = format!(
-                    "{} -> direct: {} left the mesh and no other path is usable",
-                    via_text(&Via::Transit(self.nodes.name(st.primary).to_string())),
-                    self.nodes.name(st.primary)
-                );
-                self.last_change.insert(s, text.into_boxed_str());
+                let change = Change::new(st.primary, DIRECT, ChangeWhy::Left);
+                self.record_change(s, change);
                 st.primary = DIRECT;
                 st.since_ds = self.ds(now);
                 st.set_chosen(false);
@@ -893,18 +954,25 @@ impl PathEngine {
         now: Instant,
     ) -> (Option<Candidate>, Option<Why>) {
         let cfg = &self.config;
-        let held = self.challengers.get(&s).and_then(|ch| {
-            let c = Candidate {
-                route: ch.route,
-                cost: self.route_cost(i, j, ch.route)?,
-                rank: 0,
-            };
-            (c.route != cur.route && cfg.beats(c.cost, cur.cost) && !cfg.beats(best.cost, c.cost))
+        let challenged = self.sides[s].flags & CHALLENGED != 0;
+        let held = challenged
+            .then(|| self.challengers.get(&s))
+            .flatten()
+            .and_then(|ch| {
+                let c = Candidate {
+                    route: ch.route,
+                    cost: self.route_cost(i, j, ch.route)?,
+                    rank: 0,
+                };
+                (c.route != cur.route
+                    && cfg.beats(c.cost, cur.cost)
+                    && !cfg.beats(best.cost, c.cost))
                 .then_some((c, ch.since))
-        });
+            });
         let (challenger, since) = match held {
             Some(held) => held,
             None if best.route != cur.route && cfg.beats(best.cost, cur.cost) => {
+                self.sides[s].flags |= CHALLENGED;
                 self.challengers.insert(
                     s,
                     Challenger {
@@ -920,7 +988,7 @@ impl PathEngine {
                 (best, now)
             }
             None => {
-                self.challengers.remove(&s);
+                self.drop_challenger(s);
                 return (Some(cur), None);
             }
         };
@@ -938,33 +1006,108 @@ impl PathEngine {
         )
     }
 
-    fn change_text(&self, i: Id, j: Id, from: Route, to: Candidate, why: Option<Why>) -> String {
-        let why = match why {
-            None => String::new(),
-            Some(Why::Pinned) => "pinned by operator".to_string(),
-            Some(Why::Unusable) => format!(
-                "{} became unusable ({})",
-                via_text(&self.via(from)),
-                self.why_unusable(i, j, &self.via(from))
-            ),
+    /// The record of a switch of `{i, j}` from `from` to `to`, with what
+    /// made `from` unusable worded as it stands now.
+    fn change(&self, i: Id, j: Id, from: Route, to: Route, why: Option<Why>) -> Change {
+        match why {
+            None => Change::new(from, to, ChangeWhy::Plain),
+            Some(Why::Pinned) => Change::new(from, to, ChangeWhy::Pinned),
+            Some(Why::Unusable) => {
+                let (i, j) = self.name_order(i, j);
+                Change::new(
+                    from,
+                    to,
+                    ChangeWhy::Unusable(self.unusable_cause(i, j, from)),
+                )
+            }
             Some(Why::Cheaper {
                 cost,
                 incumbent,
                 held_for,
-            }) => format!(
-                "{} was {:.0}% cheaper ({:.1} ms vs {:.1} ms) for {:.1} s",
-                via_text(&self.via(to.route)),
-                super::config::percent_cheaper(cost, incumbent),
-                cost,
-                incumbent,
-                held_for.as_secs_f64()
+            }) => {
+                let mut c = Change::new(from, to, ChangeWhy::Cheaper);
+                c.cost = cost as f32;
+                c.incumbent = incumbent as f32;
+                c.held_ms = u32::try_from(held_for.as_millis()).unwrap_or(u32::MAX);
+                c
+            }
+        }
+    }
+
+    fn record_change(&mut self, s: usize, change: Change) {
+        let key = change_key(s);
+        self.last_change_text.remove(&key);
+        self.last_change.insert(key, change);
+    }
+
+    fn forget_change(&mut self, s: usize) {
+        let key = change_key(s);
+        self.last_change.remove(&key);
+        self.last_change_text.remove(&key);
+    }
+
+    /// Words, once, the recorded changes that name `id` before its id is
+    /// freed (rare: a transit left).
+    fn word_changes_naming(&mut self, id: Id) {
+        let named: Vec<u32> = self
+            .last_change
+            .iter()
+            .filter(|(_, c)| c.from == id || c.to == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in named {
+            if let Some(c) = self.last_change.remove(&key) {
+                let (i, j) = pair_of_slot(key as usize);
+                let text = self.change_text(i, j, &c);
+                self.last_change_text.insert(key, text.into_boxed_str());
+            }
+        }
+    }
+
+    /// The last change of `{i, j}`, worded.
+    pub(super) fn last_change_of(&self, i: Id, j: Id) -> Option<String> {
+        let key = change_key(slot(i, j));
+        if let Some(t) = self.last_change_text.get(&key) {
+            return Some(t.to_string());
+        }
+        self.last_change
+            .get(&key)
+            .map(|c| self.change_text(i, j, c))
+    }
+
+    fn change_text(&self, i: Id, j: Id, c: &Change) -> String {
+        let (i, j) = self.name_order(i, j);
+        let from = via_text(&self.via(c.from));
+        let to = via_text(&self.via(c.to));
+        match c.why {
+            ChangeWhy::Plain => format!("{from} -> {to}: "),
+            ChangeWhy::Pinned => format!("{from} -> {to}: pinned by operator"),
+            ChangeWhy::Unusable(cause) => format!(
+                "{from} -> {to}: {from} became unusable ({})",
+                self.cause_text(i, j, c.from, cause)
             ),
-        };
-        format!(
-            "{} -> {}: {why}",
-            via_text(&self.via(from)),
-            via_text(&self.via(to.route))
-        )
+            ChangeWhy::Cheaper => {
+                let (cost, incumbent) = (f64::from(c.cost), f64::from(c.incumbent));
+                format!(
+                    "{from} -> {to}: {to} was {:.0}% cheaper ({cost:.1} ms vs {incumbent:.1} ms) for {:.1} s",
+                    super::config::percent_cheaper(cost, incumbent),
+                    f64::from(c.held_ms) / 1000.0
+                )
+            }
+            ChangeWhy::Left => format!(
+                "{from} -> {to}: {} left the mesh and no other path is usable",
+                self.nodes.name(c.from)
+            ),
+        }
+    }
+
+    /// `{i, j}` with the end whose name sorts first first (the wording's order).
+    pub(super) fn name_order(&self, i: Id, j: Id) -> (Id, Id) {
+        if self.nodes.name(i) <= self.nodes.name(j) {
+            (i, j)
+        } else {
+            (j, i)
+        }
     }
 
     // ---- what agents get ----
@@ -1020,6 +1163,96 @@ enum Why {
         incumbent: f64,
         held_for: Duration,
     },
+}
+
+/// A pair's last switch of primary and why, as decided: 24 bytes, worded
+/// only when the API asks ([`PathEngine::last_change_of`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Change {
+    from: Route,
+    to: Route,
+    /// For [`ChangeWhy::Cheaper`]: the new path's and the old one's cost (ms)
+    /// and how long the new one had been clearly cheaper.
+    cost: f32,
+    incumbent: f32,
+    held_ms: u32,
+    why: ChangeWhy,
+}
+
+impl Change {
+    fn new(from: Route, to: Route, why: ChangeWhy) -> Self {
+        Self {
+            from,
+            to,
+            cost: 0.0,
+            incumbent: 0.0,
+            held_ms: 0,
+            why,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ChangeWhy {
+    /// The first usable path replaced a placeholder.
+    Plain,
+    Pinned,
+    /// The old path became unusable, for this reason.
+    Unusable(Cause),
+    Cheaper,
+    /// The old path's transit left and nothing else was usable.
+    Left,
+}
+
+/// Why a path is not usable for a pair `{i, j}` (`i` the end whose name
+/// sorts first), in a byte or two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    NotMember,
+    EndOfPair,
+    NotTransit,
+    /// Both legs of the transit are usable.
+    Usable,
+    /// This link of the path is unusable (or usable) for this reason.
+    Link(Leg, LinkCause),
+}
+
+/// A link of a path of `{i, j}`: direct, or the leg `i`-transit or
+/// transit-`j`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Leg {
+    Direct,
+    ToTransit,
+    FromTransit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LinkCause {
+    Disabled,
+    Never,
+    Stale,
+    Down,
+    Usable,
+}
+
+/// The key of slot `s` in the change maps (a table of 2^32 slots holds
+/// 92,000 nodes).
+fn change_key(s: usize) -> u32 {
+    u32::try_from(s).unwrap_or(u32::MAX)
+}
+
+/// The pair `(lo, hi)` at slot `s` (the inverse of [`slot`]).
+pub(super) fn pair_of_slot(s: usize) -> (Id, Id) {
+    // hi is the largest with hi * (hi - 1) / 2 <= s.
+    let mut hi = ((1.0 + (1.0 + 8.0 * s as f64).sqrt()) / 2.0) as usize;
+    while hi * (hi - 1) / 2 > s {
+        hi -= 1;
+    }
+    while (hi + 1) * hi / 2 <= s {
+        hi += 1;
+    }
+    let lo = s - hi * (hi - 1) / 2;
+    (lo as Id, hi as Id)
 }
 
 /// Which side of the pair `{from, peer}` holds `from`'s report.

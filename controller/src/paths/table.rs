@@ -9,8 +9,9 @@
 //! built from this when asked. This module knows nothing of how decisions are
 //! made.
 
+use rustc_hash::FxHashMap;
 use skymesh_wire::LinkSample;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +49,7 @@ pub(super) struct Nodes {
     slots: Vec<Option<Node>>,
     /// Members in name order (views, path lists) and by name (reports).
     by_name: BTreeMap<Arc<str>, Id>,
-    index: HashMap<Arc<str>, Id>,
+    index: FxHashMap<Arc<str>, Id>,
     free: Vec<Id>,
     /// Transit members, sorted by name: the candidates of every pair, in the
     /// order that breaks cost ties.
@@ -204,6 +205,9 @@ pub(super) const UP: [u8; 2] = [4, 8];
 pub(super) const ADJUSTED: u8 = 16;
 /// The pair is queued for a decision.
 pub(super) const DIRTY: u8 = 32;
+/// The pair has an entry in the engine's challengers (so that a pair without
+/// one costs no lookup).
+pub(super) const CHALLENGED: u8 = 64;
 
 impl Sides {
     pub(super) fn has(&self, side: usize) -> bool {

@@ -726,6 +726,44 @@ fn removed_nodes_vanish() {
 }
 
 #[test]
+fn a_last_change_keeps_the_name_of_a_transit_whose_id_was_reused() {
+    let mut sim = lab();
+    sim.start();
+    let azure = sim.engine.nodes.id("azure").expect("azure is a member");
+    sim.nodes.retain(|(n, _)| n != "azure");
+    sim.engine.set_nodes(sim.nodes.clone());
+    sim.tick();
+    let want = "via azure -> direct: via azure became unusable (azure is not a member)";
+    assert_eq!(
+        sim.pair("aws", "alibaba").last_change.as_deref(),
+        Some(want)
+    );
+    // azure's id is free after that recompute; a newcomer takes it.
+    sim.nodes.push(("zz-new".to_string(), false));
+    sim.engine.set_nodes(sim.nodes.clone());
+    sim.tick();
+    assert_eq!(
+        sim.pair("aws", "alibaba").last_change.as_deref(),
+        Some(want),
+        "the record must not name the node that reused azure's id"
+    );
+    // The newcomer did take azure's id, so a record by id would name it.
+    assert_eq!(sim.engine.nodes.id("zz-new"), Some(azure));
+}
+
+#[test]
+fn a_last_change_is_a_compact_record_and_slots_invert() {
+    assert_eq!(std::mem::size_of::<engine::Change>(), 24);
+    for hi in 1..300u32 {
+        for lo in 0..hi {
+            assert_eq!(engine::pair_of_slot(table::slot(lo, hi)), (lo, hi));
+        }
+    }
+    let big = table::slot(91_000, 92_000);
+    assert_eq!(engine::pair_of_slot(big), (91_000, 92_000));
+}
+
+#[test]
 fn recompute_returns_exactly_the_nodes_whose_paths_changed() {
     let mut sim = lab();
     assert_eq!(sim.start(), ["alibaba", "aws", "azure", "gcp"]);
@@ -1073,7 +1111,10 @@ fn a_recompute_decides_only_what_changed() {
     // A link of a transit node: every pair that may cross it.
     engine.report_changes("n000", &[sample("n150", 500.0, 0.0, true)], now);
     assert_eq!(engine.pending(), 1 + 199);
-    let changed = engine.recompute_paths(now);
+    let changed: Vec<(String, PathSpec)> = engine
+        .recompute_paths(now, |_| true)
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
     assert!(!changed.is_empty());
     for (node, spec) in &changed {
         let ends = [node.as_str(), spec.dest.as_str()];

@@ -3,8 +3,8 @@
 //! per recompute.
 
 use super::config::{duration_ms, ordered, percent_cheaper, round3, via_text};
-use super::engine::{Candidate, Measurement, PathEngine};
-use super::table::{slot, Id, DIRECT, NO_ROUTE};
+use super::engine::{Candidate, Cause, Leg, LinkCause, Measurement, PathEngine};
+use super::table::{slot, Id, Route, DIRECT, NO_ROUTE};
 use serde::{Deserialize, Serialize};
 use skymesh_wire::Via;
 use std::collections::BTreeSet;
@@ -211,7 +211,7 @@ impl PathEngine {
                 0.0
             },
             changes: st.changes(),
-            last_change: self.last_change.get(&s).map(|t| t.to_string()),
+            last_change: self.last_change_of(i, j),
         }
     }
 
@@ -421,37 +421,72 @@ impl PathEngine {
 
     /// Why `via` is not a usable path for `{i, j}` (`i` first in the wording).
     pub(super) fn why_unusable(&self, i: Id, j: Id, via: &Via) -> String {
+        let route = match via {
+            Via::Direct => DIRECT,
+            Via::Transit(name) => match self.nodes.id(name).filter(|t| self.nodes.is_member(*t)) {
+                Some(t) => t,
+                None => return format!("{name} is not a member"),
+            },
+        };
+        self.cause_text(i, j, route, self.unusable_cause(i, j, route))
+    }
+
+    /// Why `route` is not a usable path for `{i, j}`, as it stands now.
+    pub(super) fn unusable_cause(&self, i: Id, j: Id, route: Route) -> Cause {
+        if route == DIRECT {
+            return Cause::Link(Leg::Direct, self.link_cause(i, j));
+        }
+        let t = route;
+        if !self.nodes.is_member(t) {
+            Cause::NotMember
+        } else if t == i || t == j {
+            Cause::EndOfPair
+        } else if !self.nodes.is_transit(t) {
+            Cause::NotTransit
+        } else if self.usable_cost(i, t).is_none() {
+            Cause::Link(Leg::ToTransit, self.link_cause(i, t))
+        } else if self.usable_cost(t, j).is_none() {
+            Cause::Link(Leg::FromTransit, self.link_cause(t, j))
+        } else {
+            Cause::Usable
+        }
+    }
+
+    /// [`unusable_cause`](Self::unusable_cause) worded (`i` first).
+    pub(super) fn cause_text(&self, i: Id, j: Id, route: Route, cause: Cause) -> String {
         let (a, b) = (self.nodes.name(i), self.nodes.name(j));
-        match via {
-            Via::Direct => self.why_link_unusable(i, j, a, b),
-            Via::Transit(name) => {
-                let Some(t) = self.nodes.id(name).filter(|t| self.nodes.is_member(*t)) else {
-                    return format!("{name} is not a member");
+        let t = self.nodes.name(route);
+        match cause {
+            Cause::NotMember => format!("{t} is not a member"),
+            Cause::EndOfPair => format!("{t} is an end of the pair"),
+            Cause::NotTransit => format!("{t} may not transit"),
+            Cause::Usable => "it is usable".to_string(),
+            Cause::Link(leg, why) => {
+                let (x, y) = match leg {
+                    Leg::Direct => (a, b),
+                    Leg::ToTransit => (a, t),
+                    Leg::FromTransit => (t, b),
                 };
-                if t == i || t == j {
-                    format!("{name} is an end of the pair")
-                } else if !self.nodes.is_transit(t) {
-                    format!("{name} may not transit")
-                } else if self.usable_cost(i, t).is_none() {
-                    self.why_link_unusable(i, t, a, name)
-                } else if self.usable_cost(t, j).is_none() {
-                    self.why_link_unusable(t, j, name, b)
-                } else {
-                    "it is usable".to_string()
+                match why {
+                    LinkCause::Disabled => format!("link {x}-{y} disabled by operator"),
+                    LinkCause::Never => format!("link {x}-{y} never measured"),
+                    LinkCause::Stale => format!("link {x}-{y} has no fresh report"),
+                    LinkCause::Down => format!("link {x}-{y} down"),
+                    LinkCause::Usable => format!("link {x}-{y} is usable"),
                 }
             }
         }
     }
 
-    fn why_link_unusable(&self, x: Id, y: Id, a: &str, b: &str) -> String {
+    fn link_cause(&self, x: Id, y: Id) -> LinkCause {
         if self.adjustment(x, y).0 {
-            return format!("link {a}-{b} disabled by operator");
+            return LinkCause::Disabled;
         }
         match self.measurement(x, y) {
-            Measurement::Never => format!("link {a}-{b} never measured"),
-            Measurement::Stale => format!("link {a}-{b} has no fresh report"),
-            Measurement::Fresh(m) if !m.up => format!("link {a}-{b} down"),
-            Measurement::Fresh(_) => format!("link {a}-{b} is usable"),
+            Measurement::Never => LinkCause::Never,
+            Measurement::Stale => LinkCause::Stale,
+            Measurement::Fresh(m) if !m.up => LinkCause::Down,
+            Measurement::Fresh(_) => LinkCause::Usable,
         }
     }
 }
