@@ -48,7 +48,10 @@
 //! - netmap bytes per change: the growth of the controller's
 //!   `skymesh_controller_netmap_bytes_sent_total` over the K changes, divided
 //!   by K. Nothing is subtracted: path updates driven by link reports during
-//!   that window, and the new node's own full netmap, are part of the cost;
+//!   that window, and the new node's own full netmap, are part of the cost.
+//!   Beside it, the same net of the background those link reports cause
+//!   (the bytes per second sent while idle, times the window), which is what
+//!   shows how a change's own cost grows with N;
 //! - sessions dropped for slowness: agent-side disconnects and controller log
 //!   lines saying "not keeping up" (both must be 0).
 
@@ -340,11 +343,21 @@ async fn run(args: &Args, work: &Path) -> Result<Value> {
     // Idle: holding N sessions (a QUIC keepalive every 2 s each) with link reports flowing.
     tokio::time::sleep(SETTLE).await;
     let samples0 = model.samples();
+    let idle_metrics0 = ctl.metrics().unwrap_or_default();
     let cpu0 = Cpu::now(ctl.cpu_seconds());
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
     let idle_wall = t.elapsed().as_secs_f64();
     let idle_cpu = cpu0.to(Cpu::now(ctl.cpu_seconds()), idle_wall);
+    // What link reports alone make the controller send (path updates).
+    let idle_metrics = ctl.metrics().unwrap_or_default();
+    let idle_bytes_per_s = match (
+        idle_metrics0.get(BYTES_SENT).and_then(Value::as_f64),
+        idle_metrics.get(BYTES_SENT).and_then(Value::as_f64),
+    ) {
+        (Some(before), Some(after)) => Some((after - before) / idle_wall),
+        _ => None,
+    };
     let idle_samples = (model.samples() - samples0) as f64 / idle_wall;
     ctl.alive()?;
     progress(format!(
@@ -425,6 +438,16 @@ async fn run(args: &Args, work: &Path) -> Result<Value> {
     };
     let bytes_per_change = per_change_of(BYTES_SENT);
     let frames_per_change = per_change_of(FRAMES_SENT);
+    // The same without the background of link-report path updates measured
+    // while idle: what the changes themselves cost. The background grows
+    // with the pairs (N²) and the window with how long K changes take, so
+    // only this figure can show how a change's cost grows with N.
+    let net_bytes_per_change = match (bytes_per_change, idle_bytes_per_s) {
+        (Some(b), Some(bg)) => {
+            Some((b - bg * changes_wall.as_secs_f64() / changes_made.max(1) as f64).max(0.0))
+        }
+        _ => None,
+    };
     let rss_end = ctl.memory()?;
     let own_rss = measure::memory(Path::new("/proc/self/status"))?;
     let disconnects = shared.disconnects.load(Ordering::Relaxed);
@@ -536,6 +559,15 @@ async fn run(args: &Args, work: &Path) -> Result<Value> {
             ),
         ),
         (
+            "netmap bytes sent while idle (link-report path updates) / per change without them"
+                .into(),
+            format!(
+                "{} / {}",
+                opt(idle_bytes_per_s, |b| format!("{:.0} KiB/s", b / 1024.0)),
+                opt(net_bytes_per_change, |b| format!("{:.0} KiB", b / 1024.0))
+            ),
+        ),
+        (
             "controller VmRSS after convergence / at the end / peak".into(),
             format!(
                 "{} / {} / {}",
@@ -623,6 +655,8 @@ async fn run(args: &Args, work: &Path) -> Result<Value> {
                               "bench": changes_share(changes_cpu.bench),
                               "wall_s": changes_wall.as_secs_f64()},
         "netmap_bytes_per_change": bytes_per_change,
+        "netmap_bytes_idle_per_s": idle_bytes_per_s,
+        "netmap_net_bytes_per_change": net_bytes_per_change,
         "netmap_frames_per_change": frames_per_change,
         "controller_rss_bytes": {"converged": rss_converged.rss, "end": rss_end.rss, "hwm": peak},
         "bench_rss_bytes": {"rss": own_rss.rss, "hwm": own_rss.hwm},
