@@ -1,6 +1,8 @@
 //! skymesh-controller: enrollment over QUIC + mTLS, IPAM, netmap distribution,
 //! the REST API, and the `skymeshctl` client.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod config;
 pub mod control;

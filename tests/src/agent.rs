@@ -22,8 +22,8 @@ pub fn agent_bin() -> Result<PathBuf> {
 }
 
 /// Path of a workspace binary: `$env` if set, else beside the running binary
-/// (target/<profile>/skymesh-lab), or one level up for test binaries
-/// (target/<profile>/deps/…), so the lab and the tests use the binaries of their
+/// (`target/<profile>/skymesh-lab`), or one level up for test binaries
+/// (`target/<profile>/deps/…`), so the lab and the tests use the binaries of their
 /// own build profile; else `<workspace>/target/debug/<name>`.
 pub fn workspace_bin(name: &str, env: &str) -> Result<PathBuf> {
     if let Some(p) = std::env::var_os(env) {

@@ -54,7 +54,8 @@ fn missing(what: &str) -> bool {
     false
 }
 
-/// Checks the tests can create namespaces (they need root); see [`missing`] for the policy.
+/// Checks the tests can create namespaces (they need root). When they cannot:
+/// a panic in CI (`CI` set), elsewhere a visible "SKIPPED" line and `false`.
 pub fn require_root() -> bool {
     if nix::unistd::geteuid().is_root() {
         true
@@ -63,7 +64,8 @@ pub fn require_root() -> bool {
     }
 }
 
-/// Checks an external tool is on `PATH`; see [`missing`] for the policy.
+/// Checks an external tool is on `PATH`; when it is not, the same as
+/// [`require_root`]: a panic in CI, else a "SKIPPED" line and `false`.
 pub fn require_tool(tool: &str) -> bool {
     if find_in_path(tool).is_some() {
         true

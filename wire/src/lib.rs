@@ -6,6 +6,8 @@
 //! everything that crosses a process boundary; it must not know how agents or the
 //! controller store or transport it.
 
+#![forbid(unsafe_code)]
+
 pub mod control;
 pub mod key;
 pub mod netmap;
