@@ -19,6 +19,12 @@ use std::fmt::Debug;
 pub fn control_frame(data: &[u8]) {
     join_token(data);
     let agent = round_trip::<AgentMessage>(data);
+    // The controller's fast decoder takes exactly what the general one takes.
+    match (control::decode_agent(data), &agent) {
+        (Ok(fast), Some(general)) => assert_eq!(&fast, general),
+        (Err(_), None) => {}
+        (fast, general) => panic!("decode_agent gave {fast:?}, decode {general:?}"),
+    }
     let controller = round_trip::<ControllerMessage>(data);
     reassembled::<AgentMessage>(data, agent.is_some());
     reassembled::<ControllerMessage>(data, controller.is_some());
