@@ -9,10 +9,10 @@
 use crate::control::Hub;
 use crate::control::PathsQuery;
 use crate::metrics::Metrics;
-use crate::model::{self, NodeRecord, TokenRecord};
 use crate::paths::LinkOverride;
 use crate::pki::Ca;
 use crate::registry::{NewToken, Registry, RegistryError};
+use crate::store::records::{self, NodeRecord, TokenRecord};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -222,7 +222,7 @@ fn node_view(n: NodeRecord, online: bool) -> NodeView {
         endpoints: n.all_endpoints(),
         public_key: n.public_key.map(|k| k.to_string()),
         last_seen: if online {
-            model::unix_now()
+            records::unix_now()
         } else {
             n.last_seen
         },
@@ -258,7 +258,7 @@ pub struct TokenView {
 }
 
 fn token_view(t: TokenRecord) -> TokenView {
-    let state = match t.usable(model::unix_now()) {
+    let state = match t.usable(records::unix_now()) {
         Ok(()) => "valid",
         Err(_) if t.revoked => "revoked",
         Err(_) if !t.used_by.is_empty() && !t.reusable => "used",
@@ -408,7 +408,7 @@ async fn create_token(
                 ttl,
                 reusable: req.reusable,
             },
-            model::unix_now(),
+            records::unix_now(),
         )
         .await?;
     let token = JoinToken {
@@ -644,7 +644,7 @@ async fn put_link(
         weight_ms: req.weight_ms.map(|WeightMs(w)| w),
         pin,
     };
-    let key = model::link_key(&a, &b);
+    let key = records::link_key(&a, &b);
     let store = s.registry.store();
     let result = if o == LinkOverride::default() {
         store.delete(&key).await.map(|_| ())

@@ -8,7 +8,7 @@
 //! it changes, and every netmap or update that carries it copies those bytes:
 //! a full netmap of N peers is a concatenation, not N encodings.
 
-use crate::model::NodeRecord;
+use crate::store::records::NodeRecord;
 use ipnet::IpNet;
 use serde::Serialize;
 use serde_json::value::RawValue;

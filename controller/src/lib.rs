@@ -11,7 +11,6 @@ pub mod gateway;
 pub mod ipam;
 pub mod listen;
 pub mod metrics;
-pub mod model;
 pub mod paths;
 pub mod pki;
 pub mod registry;

@@ -197,7 +197,7 @@ mod store_cli {
             .create(&config.data_dir)
             .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
         let store = config.data_dir.join("state.redb");
-        let restored = redb::restore(&store, from, skymesh_controller::model::unix_now())?;
+        let restored = redb::restore(&store, from, skymesh_controller::store::records::unix_now())?;
         println!(
             "restored {} to {}: {} records at revision {}",
             from.display(),

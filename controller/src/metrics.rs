@@ -3,7 +3,7 @@
 //! (nodes, prefixes, refusals) is read from the store at scrape time, so every
 //! replica reports the same state.
 
-use crate::model::NodeRecord;
+use crate::store::records::NodeRecord;
 use crate::store::StoreStats;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;

@@ -25,8 +25,8 @@
 //! agent could not receive.
 
 use crate::ipam::{self, Ipam};
-use crate::model::{self, NodeRecord, TokenRecord};
 use crate::pki::Ca;
+use crate::store::records::{self, NodeRecord, TokenRecord};
 use crate::store::{Store, StoreError, Txn, TxnOutcome};
 use ipnet::IpNet;
 use rand::RngCore;
@@ -187,18 +187,18 @@ impl Registry {
     /// other replica): whoever commits first wins, the others load it.
     pub async fn load_or_create_ca(&self) -> Result<Ca> {
         loop {
-            if let Some(kv) = self.store.get(model::CA_KEY).await? {
-                let rec: model::CaRecord = model::decode(&kv.key, &kv.value)?;
+            if let Some(kv) = self.store.get(records::CA_KEY).await? {
+                let rec: records::CaRecord = records::decode(&kv.key, &kv.value)?;
                 return Ok(Ca::from_pem(&rec.cert_pem, &rec.key_pem)?);
             }
             let ca = Ca::generate(SystemTime::now())?;
-            let rec = model::CaRecord {
+            let rec = records::CaRecord {
                 cert_pem: ca.cert_pem().to_string(),
                 key_pem: ca.key_pem(),
             };
             let txn = Txn::new()
-                .when_absent(model::CA_KEY)
-                .put(model::CA_KEY, model::encode(&rec));
+                .when_absent(records::CA_KEY)
+                .put(records::CA_KEY, records::encode(&rec));
             if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
                 tracing::info!(fingerprint = %ca.fingerprint(), "created the controller CA");
                 return Ok(ca);
@@ -237,8 +237,10 @@ impl Registry {
             revoked: false,
             used_by: Vec::new(),
         };
-        let key = model::token_key(&id);
-        let txn = Txn::new().when_absent(&key).put(&key, model::encode(&rec));
+        let key = records::token_key(&id);
+        let txn = Txn::new()
+            .when_absent(&key)
+            .put(&key, records::encode(&rec));
         match self.store.txn(txn).await? {
             TxnOutcome::Committed { .. } => Ok((rec, secret)),
             TxnOutcome::Conflict => Err(RegistryError::Busy),
@@ -246,24 +248,24 @@ impl Registry {
     }
 
     pub async fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let (kvs, _) = self.store.range(model::TOKENS).await?;
+        let (kvs, _) = self.store.range(records::TOKENS).await?;
         kvs.iter()
-            .map(|kv| model::decode(&kv.key, &kv.value).map_err(Into::into))
+            .map(|kv| records::decode(&kv.key, &kv.value).map_err(Into::into))
             .collect()
     }
 
     /// Marks a token revoked; false when there is no such token.
     pub async fn revoke_token(&self, id: &str) -> Result<bool> {
-        let key = model::token_key(id);
+        let key = records::token_key(id);
         for _ in 0..MAX_ATTEMPTS {
             let Some(kv) = self.store.get(&key).await? else {
                 return Ok(false);
             };
-            let mut rec: TokenRecord = model::decode(&kv.key, &kv.value)?;
+            let mut rec: TokenRecord = records::decode(&kv.key, &kv.value)?;
             rec.revoked = true;
             let txn = Txn::new()
                 .when_revision(&key, kv.mod_revision)
-                .put(&key, model::encode(&rec));
+                .put(&key, records::encode(&rec));
             if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
                 return Ok(true);
             }
@@ -286,7 +288,7 @@ impl Registry {
         now: u64,
     ) -> Result<Enrollment> {
         let key_sha256 = csr_key_sha256(csr_pem)?;
-        let token_key = model::token_key(token_id);
+        let token_key = records::token_key(token_id);
         // Requests with an unknown token or a wrong secret never queue for the
         // lock, so a flood of them cannot delay a real enrollment.
         let Some(tkv) = self.store.get(&token_key).await? else {
@@ -294,7 +296,7 @@ impl Registry {
                 "the join token is not valid".to_string(),
             ));
         };
-        let token: TokenRecord = model::decode(&tkv.key, &tkv.value)?;
+        let token: TokenRecord = records::decode(&tkv.key, &tkv.value)?;
         if !constant_time_eq(
             sha256_hex(secret.as_bytes()).as_bytes(),
             token.secret_sha256.as_bytes(),
@@ -310,7 +312,7 @@ impl Registry {
             let Some(tkv) = self.store.get(&token_key).await? else {
                 return Err(refused());
             };
-            let mut token: TokenRecord = model::decode(&tkv.key, &tkv.value)?;
+            let mut token: TokenRecord = records::decode(&tkv.key, &tkv.value)?;
             if !constant_time_eq(
                 sha256_hex(secret.as_bytes()).as_bytes(),
                 token.secret_sha256.as_bytes(),
@@ -335,7 +337,7 @@ impl Registry {
                     } else {
                         format!("{}-{n}", token.name)
                     };
-                    let key = model::node_key(&name);
+                    let key = records::node_key(&name);
                     if self.store.get(&key).await?.is_none() {
                         break (name, key);
                     }
@@ -346,11 +348,11 @@ impl Registry {
                 }
             };
 
-            let (overlay_kvs, _) = self.store.range(model::OVERLAY).await?;
+            let (overlay_kvs, _) = self.store.range(records::OVERLAY).await?;
             let mut taken = BTreeSet::new();
             let mut mine = None;
             for kv in &overlay_kvs {
-                let Ok(ip) = kv.key[model::OVERLAY.len()..].parse::<IpAddr>() else {
+                let Ok(ip) = kv.key[records::OVERLAY.len()..].parse::<IpAddr>() else {
                     continue;
                 };
                 taken.insert(ip);
@@ -395,7 +397,7 @@ impl Registry {
                 last_seen: now,
                 transit: false,
             };
-            let okey = model::overlay_key(overlay_ip);
+            let okey = records::overlay_key(overlay_ip);
             let receipt = Receipt {
                 node: name.clone(),
                 certificate_pem: issued.pem.clone(),
@@ -409,10 +411,10 @@ impl Registry {
                 .when_revision(&token_key, tkv.mod_revision)
                 .when_absent(&node_key)
                 .when_revision(&okey, overlay_rev)
-                .put(&token_key, model::encode(&token))
-                .put(&node_key, model::encode(&node))
+                .put(&token_key, records::encode(&token))
+                .put(&node_key, records::encode(&node))
                 .put(&okey, name.as_bytes().to_vec())
-                .put(&receipt_key, model::encode(&receipt));
+                .put(&receipt_key, records::encode(&receipt));
             if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
                 tracing::info!(node = %name, %overlay_ip, token = %token.id, "node enrolled");
                 return Ok(Enrollment {
@@ -439,7 +441,7 @@ impl Registry {
         let Some(kv) = self.store.get(receipt_key).await? else {
             return Ok(None);
         };
-        let receipt: Receipt = model::decode(&kv.key, &kv.value)?;
+        let receipt: Receipt = records::decode(&kv.key, &kv.value)?;
         if now >= receipt.retry_until {
             return Ok(None);
         }
@@ -460,16 +462,19 @@ impl Registry {
     // ---- nodes ----
 
     pub async fn node(&self, name: &str) -> Result<Option<(NodeRecord, u64)>> {
-        match self.store.get(&model::node_key(name)).await? {
-            Some(kv) => Ok(Some((model::decode(&kv.key, &kv.value)?, kv.mod_revision))),
+        match self.store.get(&records::node_key(name)).await? {
+            Some(kv) => Ok(Some((
+                records::decode(&kv.key, &kv.value)?,
+                kv.mod_revision,
+            ))),
             None => Ok(None),
         }
     }
 
     pub async fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        let (kvs, _) = self.store.range(model::NODES).await?;
+        let (kvs, _) = self.store.range(records::NODES).await?;
         kvs.iter()
-            .map(|kv| model::decode(&kv.key, &kv.value).map_err(Into::into))
+            .map(|kv| records::decode(&kv.key, &kv.value).map_err(Into::into))
             .collect()
     }
 
@@ -505,7 +510,7 @@ impl Registry {
         // Taken only by a registration that changes prefixes: a reconnect that
         // changes nothing never waits for another node's admission.
         let mut admitting = None;
-        let key = model::node_key(name);
+        let key = records::node_key(name);
         let advertised: BTreeSet<IpNet> = reg.advertise.iter().copied().collect();
         for _ in 0..MAX_ATTEMPTS {
             let Some((mut node, rev)) = self.node(name).await? else {
@@ -522,7 +527,7 @@ impl Registry {
             node.agent_version = reg.agent_version.clone();
             node.transit = reg.transit;
             node.last_seen = now;
-            let fence = self.store.get(model::PREFIX_FENCE).await?;
+            let fence = self.store.get(records::PREFIX_FENCE).await?;
             let fence_rev = fence.as_ref().map_or(0, |kv| kv.mod_revision);
             let set_changed = node.advertised != reg.advertise
                 || node.prefixes.iter().any(|p| !advertised.contains(p));
@@ -562,12 +567,12 @@ impl Registry {
                 for r in &node.rejected_prefixes {
                     tracing::warn!(node = %name, prefix = %r.cidr, reason = %r.reason, "advertised prefix refused");
                 }
-                txn = txn.when_revision(model::PREFIX_FENCE, fence_rev);
+                txn = txn.when_revision(records::PREFIX_FENCE, fence_rev);
                 if claims {
-                    txn = txn.put(model::PREFIX_FENCE, now.to_string().into_bytes());
+                    txn = txn.put(records::PREFIX_FENCE, now.to_string().into_bytes());
                 }
             }
-            let txn = txn.put(&key, model::encode(&node));
+            let txn = txn.put(&key, records::encode(&node));
             if let TxnOutcome::Committed { revision } = self.store.txn(txn).await? {
                 if prefixes_changed {
                     self.note_held(name, &node.prefixes, fence_rev, claims.then_some(revision));
@@ -696,7 +701,7 @@ impl Registry {
 
     /// Records when a node was last connected.
     pub async fn touch(&self, name: &str, now: u64) -> Result<()> {
-        let key = model::node_key(name);
+        let key = records::node_key(name);
         for _ in 0..MAX_ATTEMPTS {
             let Some((mut node, rev)) = self.node(name).await? else {
                 return Ok(());
@@ -704,7 +709,7 @@ impl Registry {
             node.last_seen = now;
             let txn = Txn::new()
                 .when_revision(&key, rev)
-                .put(&key, model::encode(&node));
+                .put(&key, records::encode(&node));
             if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
                 return Ok(());
             }
@@ -720,19 +725,19 @@ impl Registry {
     /// never waits for one to be computed.
     pub async fn revoke_node(&self, name: &str) -> Result<bool> {
         self.settle(name, None);
-        let key = model::node_key(name);
+        let key = records::node_key(name);
         for _ in 0..MAX_ATTEMPTS {
             let Some(kv) = self.store.get(&key).await? else {
                 return Ok(false);
             };
-            let fence = self.store.get(model::PREFIX_FENCE).await?;
+            let fence = self.store.get(records::PREFIX_FENCE).await?;
             let txn = Txn::new()
                 .when_revision(&key, kv.mod_revision)
-                .when_revision(model::PREFIX_FENCE, fence.map_or(0, |f| f.mod_revision))
+                .when_revision(records::PREFIX_FENCE, fence.map_or(0, |f| f.mod_revision))
                 .delete(&key)
                 .put(
-                    model::PREFIX_FENCE,
-                    model::unix_now().to_string().into_bytes(),
+                    records::PREFIX_FENCE,
+                    records::unix_now().to_string().into_bytes(),
                 );
             if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
                 tracing::info!(node = %name, "node revoked");

@@ -552,7 +552,7 @@ async fn join_token_ttl_out_of_range_is_refused() {
 /// (up to u64::MAX seconds): listing it works and shows it sensibly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_token_list_survives_an_absurd_stored_expiry() {
-    use skymesh_controller::model::{self, TokenRecord};
+    use skymesh_controller::store::records::{self, TokenRecord};
     let f = start().await;
     for (id, expires_at) in [
         ("jt-000000000001", u64::MAX),
@@ -576,7 +576,7 @@ async fn join_token_list_survives_an_absurd_stored_expiry() {
         f.ctl
             .registry
             .store()
-            .put(&model::token_key(id), model::encode(&rec))
+            .put(&records::token_key(id), records::encode(&rec))
             .await
             .expect("put");
     }

@@ -55,7 +55,7 @@ impl Fixture {
                     ttl: Some(3600),
                     reusable,
                 },
-                skymesh_controller::model::unix_now(),
+                skymesh_controller::store::records::unix_now(),
             )
             .await
             .expect("token");

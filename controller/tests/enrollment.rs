@@ -60,7 +60,7 @@ impl Fixture {
                     ttl: Some(3600),
                     reusable: false,
                 },
-                skymesh_controller::model::unix_now(),
+                skymesh_controller::store::records::unix_now(),
             )
             .await
             .expect("token");
@@ -172,7 +172,7 @@ async fn fifty_nodes_at_the_cap_are_admitted_while_a_join_goes_through() {
     const NODES: u32 = 50;
     let f = start().await;
     let ca = f.ctl.registry.load_or_create_ca().await.expect("ca");
-    let now = skymesh_controller::model::unix_now();
+    let now = skymesh_controller::store::records::unix_now();
     let mut names = Vec::new();
     for i in 0..NODES {
         let name = format!("n{i}");
@@ -274,7 +274,7 @@ async fn a_lost_enrollment_answer_is_given_again_for_the_same_token_and_key() {
             &token.id,
             &token.secret,
             &csr,
-            skymesh_controller::model::unix_now(),
+            skymesh_controller::store::records::unix_now(),
         )
         .await
         .expect("the first enrollment commits");
@@ -697,7 +697,7 @@ async fn unauthenticated_first_frames_do_not_grow_the_controllers_memory() {
 async fn an_enrollment_answer_is_given_again_only_within_the_retry_window() {
     let f = start().await;
     let ca = f.ctl.registry.load_or_create_ca().await.expect("ca");
-    let now = skymesh_controller::model::unix_now();
+    let now = skymesh_controller::store::records::unix_now();
     let (rec, secret) = f
         .ctl
         .registry
@@ -771,7 +771,7 @@ async fn enroll_direct(
                 ttl: Some(3600),
                 reusable: false,
             },
-            skymesh_controller::model::unix_now(),
+            skymesh_controller::store::records::unix_now(),
         )
         .await
         .expect("token");
@@ -789,7 +789,7 @@ async fn enroll_direct(
             &rec.id,
             &secret,
             &csr,
-            skymesh_controller::model::unix_now(),
+            skymesh_controller::store::records::unix_now(),
         )
         .await
         .expect("enrolled");
@@ -956,7 +956,7 @@ async fn a_node_reconnecting_with_refused_prefixes_does_not_hold_up_a_revocation
     let f = start().await;
     let registry = f.ctl.registry.clone();
     let observed: std::net::SocketAddr = "203.0.113.9:40000".parse().expect("addr");
-    let now = skymesh_controller::model::unix_now;
+    let now = skymesh_controller::store::records::unix_now;
     for name in ["holder-gw", "looper-gw", "victim-gw", "quiet-gw"] {
         enroll_direct(&f, name).await;
     }

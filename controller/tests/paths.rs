@@ -125,7 +125,7 @@ async fn reports_become_paths_and_operators_override_them() {
                     ttl: Some(3600),
                     reusable: false,
                 },
-                skymesh_controller::model::unix_now(),
+                skymesh_controller::store::records::unix_now(),
             )
             .await
             .expect("token");

@@ -12,9 +12,9 @@
 use super::outbox::{self, Outbox};
 use crate::fabric::{Fabric, Output};
 use crate::metrics::Metrics;
-use crate::model::{self, NodeRecord};
 use crate::paths::{LinkOverride, LinkView, PairView, PathConfig, PathEngine};
 use crate::registry::Registry;
+use crate::store::records::{self, NodeRecord};
 use crate::store::{StoreError, WatchEvent};
 use anyhow::{anyhow, Result};
 use skymesh_wire::control::RefusalCode;
@@ -408,18 +408,20 @@ impl HubState {
     /// Loads every node record and watches from there.
     async fn resync(&mut self) -> Result<mpsc::Receiver<WatchEvent>> {
         loop {
-            let (kvs, rev) = self.registry.store().range(model::NODES).await?;
+            let (kvs, rev) = self.registry.store().range(records::NODES).await?;
             let nodes = kvs
                 .iter()
-                .filter_map(|kv| match model::decode::<NodeRecord>(&kv.key, &kv.value) {
-                    Ok(n) => Some(n),
-                    Err(e) => {
-                        tracing::error!(error = %e, "skipping an unreadable node record");
-                        None
-                    }
-                })
+                .filter_map(
+                    |kv| match records::decode::<NodeRecord>(&kv.key, &kv.value) {
+                        Ok(n) => Some(n),
+                        Err(e) => {
+                            tracing::error!(error = %e, "skipping an unreadable node record");
+                            None
+                        }
+                    },
+                )
                 .collect::<Vec<_>>();
-            match self.registry.store().watch(model::NODES, rev).await {
+            match self.registry.store().watch(records::NODES, rev).await {
                 Ok(w) => {
                     self.enrolled.store(nodes.len(), Ordering::Relaxed);
                     self.engine.reserve(nodes.len());
@@ -438,7 +440,7 @@ impl HubState {
     async fn watch_links(&mut self) -> Result<mpsc::Receiver<WatchEvent>> {
         loop {
             let rev = self.reload_overrides().await;
-            match self.registry.store().watch(model::LINKS, rev).await {
+            match self.registry.store().watch(records::LINKS, rev).await {
                 Ok(w) => return Ok(w),
                 Err(StoreError::Compacted { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -450,7 +452,7 @@ impl HubState {
     /// replica and a restarted controller agree); returns the store revision
     /// read, 0 if the read failed (the previous overrides stay).
     async fn reload_overrides(&mut self) -> u64 {
-        let (kvs, rev) = match self.registry.store().range(model::LINKS).await {
+        let (kvs, rev) = match self.registry.store().range(records::LINKS).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "could not read link overrides; keeping the previous ones");
@@ -486,7 +488,7 @@ impl HubState {
                 }
             }
             WatchEvent::Delete { key, .. } => {
-                if let Some((a, b)) = model::link_from_key(&key) {
+                if let Some((a, b)) = records::link_from_key(&key) {
                     self.set_override(&a, &b, None);
                 }
             }
@@ -506,7 +508,7 @@ impl HubState {
         let (outputs, changed) = match ev {
             WatchEvent::Put(kv) => {
                 self.revision = self.revision.max(kv.mod_revision);
-                match model::decode::<NodeRecord>(&kv.key, &kv.value) {
+                match records::decode::<NodeRecord>(&kv.key, &kv.value) {
                     Ok(node) => {
                         if !self.fabric.contains(&node.name) {
                             let enrolled = self.enrolled.fetch_add(1, Ordering::Relaxed) + 1;
@@ -523,7 +525,7 @@ impl HubState {
             }
             WatchEvent::Delete { key, revision } => {
                 self.revision = self.revision.max(revision);
-                let name = key.strip_prefix(model::NODES).unwrap_or(&key).to_string();
+                let name = key.strip_prefix(records::NODES).unwrap_or(&key).to_string();
                 if self.fabric.contains(&name) {
                     self.enrolled.fetch_sub(1, Ordering::Relaxed);
                 }
@@ -594,7 +596,7 @@ impl HubState {
                 Subscriber {
                     id,
                     outbox,
-                    since: model::unix_now(),
+                    since: records::unix_now(),
                 },
             );
             self.set_online();
@@ -647,7 +649,7 @@ impl HubState {
 
 /// A stored override, or `None` (logged) if its key or value is unreadable.
 fn read_override(key: &str, value: &[u8]) -> Option<((String, String), LinkOverride)> {
-    let (a, b) = model::link_from_key(key)?;
+    let (a, b) = records::link_from_key(key)?;
     match serde_json::from_slice::<LinkOverride>(value) {
         Ok(o) => Some(((a, b), o)),
         Err(e) => {

@@ -225,7 +225,7 @@ struct UpdateOut<'a> {
 mod tests {
     use super::*;
     use crate::fabric::{Fabric, Output};
-    use crate::model::NodeRecord;
+    use crate::store::records::NodeRecord;
     use skymesh_wire::control::{ControllerMessage, FrameBuffer, NetMapUpdate};
     use skymesh_wire::{PublicKey, Via};
 

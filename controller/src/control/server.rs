@@ -5,9 +5,9 @@
 
 use crate::listen;
 use crate::metrics::Metrics;
-use crate::model::{self, NodeRecord};
 use crate::pki::{self, Ca};
 use crate::registry::{Registry, RegistryError};
+use crate::store::records::{self, NodeRecord};
 use anyhow::{anyhow, Context, Result};
 use quinn::crypto::rustls::QuicServerConfig;
 use rustls::pki_types::CertificateDer;
@@ -329,7 +329,7 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
     };
     let registered = match ctx
         .registry
-        .register(&node.name, &reg, remote, model::unix_now())
+        .register(&node.name, &reg, remote, records::unix_now())
         .await
     {
         Ok(n) => n,
@@ -370,7 +370,7 @@ async fn session(c: Conn, node: NodeRecord, ctx: &Control) -> Result<()> {
     tracing::info!(node = %registered.name, "agent disconnected");
     if let Err(e) = ctx
         .registry
-        .touch(&registered.name, model::unix_now())
+        .touch(&registered.name, records::unix_now())
         .await
     {
         tracing::debug!(error = %e, "could not record last_seen");
@@ -519,7 +519,7 @@ async fn enroll(c: Conn, req: EnrollRequest, ctx: &Control) -> Result<()> {
             &req.token_id,
             &req.secret,
             &req.csr_pem,
-            model::unix_now(),
+            records::unix_now(),
         )
         .await
     {

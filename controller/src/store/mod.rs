@@ -17,6 +17,7 @@
 
 pub mod health;
 pub(crate) mod record;
+pub mod records;
 pub mod redb;
 
 use std::collections::VecDeque;
