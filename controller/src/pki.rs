@@ -162,7 +162,14 @@ fn serial() -> SerialNumber {
 
 /// Lower-case hex SHA-256 of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
-    crate::registry::sha256_hex(der)
+    sha256_hex(der)
+}
+
+/// Lower-case hex SHA-256 of `bytes` (fingerprints, and the stored form of
+/// token secrets).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 pub fn pem_to_der(pem: &str) -> Result<CertificateDer<'static>> {

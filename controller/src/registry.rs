@@ -25,13 +25,12 @@
 //! agent could not receive.
 
 use crate::ipam::{self, Ipam};
-use crate::pki::Ca;
+use crate::pki::{self, Ca};
 use crate::store::records::{self, NodeRecord, TokenRecord};
 use crate::store::{Store, StoreError, Txn, TxnOutcome};
 use ipnet::IpNet;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use skymesh_wire::control::{Register, RejectedPrefix};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -220,13 +219,13 @@ impl Registry {
         }
         let mut id_bytes = [0u8; 6];
         rand::rngs::OsRng.fill_bytes(&mut id_bytes);
-        let id = format!("jt-{}", hex(&id_bytes));
+        let id = format!("jt-{}", hex::encode(id_bytes));
         let mut secret_bytes = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut secret_bytes);
-        let secret = hex(&secret_bytes);
+        let secret = hex::encode(secret_bytes);
         let rec = TokenRecord {
             id: id.clone(),
-            secret_sha256: sha256_hex(secret.as_bytes()),
+            secret_sha256: pki::sha256_hex(secret.as_bytes()),
             name: req.name,
             site: req.site,
             cloud: req.cloud,
@@ -298,7 +297,7 @@ impl Registry {
         };
         let token: TokenRecord = records::decode(&tkv.key, &tkv.value)?;
         if !constant_time_eq(
-            sha256_hex(secret.as_bytes()).as_bytes(),
+            pki::sha256_hex(secret.as_bytes()).as_bytes(),
             token.secret_sha256.as_bytes(),
         ) {
             return Err(RegistryError::TokenRefused(
@@ -314,7 +313,7 @@ impl Registry {
             };
             let mut token: TokenRecord = records::decode(&tkv.key, &tkv.value)?;
             if !constant_time_eq(
-                sha256_hex(secret.as_bytes()).as_bytes(),
+                pki::sha256_hex(secret.as_bytes()).as_bytes(),
                 token.secret_sha256.as_bytes(),
             ) {
                 return Err(refused());
@@ -806,15 +805,7 @@ fn csr_key_sha256(csr_pem: &str) -> Result<String> {
             problem: format!("the certificate signing request is invalid: {e}"),
         }
     })?;
-    Ok(sha256_hex(csr.public_key.der_bytes()))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
+    Ok(pki::sha256_hex(csr.public_key.der_bytes()))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -200,7 +200,7 @@ pub fn load_or_create_admin_token(path: &Path) -> Result<String> {
             }
             let mut bytes = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut bytes);
-            let token = crate::registry::hex(&bytes);
+            let token = hex::encode(bytes);
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)

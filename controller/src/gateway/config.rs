@@ -730,7 +730,7 @@ pub fn create_key(name: &str, out: &Path, routes: &[String], rpm: u32) -> Result
     }
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    let key = format!("sk-skymesh-{}", crate::registry::hex(&bytes));
+    let key = format!("sk-skymesh-{}", hex::encode(bytes));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -743,7 +743,7 @@ pub fn create_key(name: &str, out: &Path, routes: &[String], rpm: u32) -> Result
             )
         })?;
     std::io::Write::write_all(&mut f, format!("{key}\n").as_bytes())?;
-    let hash = crate::registry::hex(&sha2::Sha256::digest(key.as_bytes()));
+    let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
     let routes: Vec<String> = routes.iter().map(|r| format!("{r:?}")).collect();
     Ok(format!(
         "[[ai_gateway.keys]]\nname = {name:?}\nsha256 = \"{hash}\"\nroutes = [{}]\nrpm = {rpm}\n",
