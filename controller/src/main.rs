@@ -220,11 +220,11 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// it instead of 10 ms (arenas: 10 ms instead of 100): the control plane frees
 /// in bursts (a node joining thousands, a cold start), and with the longer
 /// delay they pile up into the peak RSS. Measured at 1,000 agents
-/// (`tests/bench/control.sh`): a peak of 193 MiB at 1 ms, 234–276 MiB at
-/// 10 ms. Purging at once (0) saves no more and costs the AI gateway's
-/// shards a quarter more CPU per request (30.5 µs instead of 24.4 µs in
-/// `tests/bench/ai_gateway.sh`; 24.1 µs at 10 ms). The environment variable
-/// `MIMALLOC_PURGE_DELAY` still overrides it.
+/// (`tests/bench/control.sh`, noisy): a peak of 193–229 MiB at 1 ms,
+/// 234–276 MiB at 10 ms. Purging at once (0, 183–221 MiB) saves no more and
+/// costs the AI gateway's shards a quarter more CPU per request (30.5 µs
+/// instead of 24.4 µs in `tests/bench/ai_gateway.sh`; 24.1 µs at 10 ms). The
+/// environment variable `MIMALLOC_PURGE_DELAY` still overrides it.
 fn tune_allocator() {
     // mimalloc read its options from the environment when the process loaded.
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
