@@ -559,15 +559,26 @@ async fn refuse(
     code: RefusalCode,
     message: String,
 ) -> Result<()> {
-    let frame = control::encode(&ControllerMessage::Refused(Refusal {
-        code,
-        message: message.clone(),
-    }))?;
-    let _ = send.write_all(&frame).await;
-    let _ = send.finish();
+    send_refusal(send, code, &message).await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
     conn.close(1u8.into(), b"refused");
     Err(anyhow!("refused ({code:?}): {message}"))
+}
+
+/// Writes the refusal and finishes the stream; the peer may be gone already,
+/// so only an encoding failure is an error.
+async fn send_refusal(
+    send: &mut quinn::SendStream,
+    code: RefusalCode,
+    message: &str,
+) -> Result<()> {
+    let frame = control::encode(&ControllerMessage::Refused(Refusal {
+        code,
+        message: message.to_string(),
+    }))?;
+    let _ = send.write_all(&frame).await;
+    let _ = send.finish();
+    Ok(())
 }
 
 /// [`refuse`] for a frame too large to read: the refusal goes out at once, then
@@ -583,12 +594,7 @@ async fn refuse_then_discard(
     message: String,
 ) -> Result<()> {
     let code = RefusalCode::Protocol;
-    let frame = control::encode(&ControllerMessage::Refused(Refusal {
-        code,
-        message: message.clone(),
-    }))?;
-    let _ = send.write_all(&frame).await;
-    let _ = send.finish();
+    send_refusal(send, code, &message).await?;
     let _ = tokio::time::timeout_at(deadline, async {
         let mut left = rest;
         while left > 0 {
