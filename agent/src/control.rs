@@ -505,13 +505,13 @@ async fn session(
                 let mut tick = tokio::time::interval(REPORT_INTERVAL);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
-                    tick.tick().await;
+                    let now = tick.tick().await.into_std();
                     // The source is asked outside the lock: it may take the node's.
                     let report = source();
                     let msg = {
                         let mut reporter = lock(&reporter);
                         reporter.observe(report);
-                        reporter.next_message()
+                        reporter.next_message(now)
                     };
                     let Some(msg) = msg else {
                         continue;

@@ -3,9 +3,20 @@
 //! told, so that after one full report only material changes
 //! ([`LinkSample::differs_materially`], the rule the controller shares) go out.
 //!
-//! Sans-IO: the session driver in [`crate::control`] feeds it samples and the
-//! netmaps it receives, and writes the messages it returns. It owns no socket,
-//! no clock and no task, and must not learn of any.
+//! When they go out: an urgent change ([`LinkSample::is_urgent`]: up, down,
+//! loss, a new link, or an RTT move big enough to switch a path alone) at the
+//! next tick, together with whatever else is pending. Drift (smaller material
+//! RTT moves) is gathered for up to [`DRIFT_DELAY`] and sent in one message.
+//! Drift only refines costs that the engine's hysteresis holds steady for
+//! its hold time (5 s by default), so the delay postpones no failover and at
+//! most delays a switch made for a better RTT by as long; in exchange a fabric
+//! whose RTTs wobble sends one message per agent every few seconds instead of
+//! every second, and the controller's cost per message is fixed (QUIC receive,
+//! decryption, ACK, wake-ups) whatever it carries.
+//!
+//! Sans-IO: the session driver in [`crate::control`] feeds it samples, the
+//! time and the netmaps it receives, and writes the messages it returns. It
+//! owns no socket, no clock and no task, and must not learn of any.
 //!
 //! Call contract:
 //! - [`observe`](LinkReporter::observe) each report of the source. A report may
@@ -21,6 +32,11 @@
 use skymesh_wire::control::{AgentMessage, NetMapUpdate, CAPABILITY};
 use skymesh_wire::{LinkChanges, LinkReport, LinkSample, NetMap};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// The longest a material but not urgent change (drift) waits to be sent:
+/// the path engine's default hold, see the module doc.
+pub const DRIFT_DELAY: Duration = Duration::from_secs(5);
 
 /// What the controller takes from this agent after the first full report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,9 +71,12 @@ pub struct LinkReporter {
     latest: BTreeMap<String, LinkSample>,
     /// What the current session last sent of each link.
     sent: HashMap<String, LinkSample>,
-    /// Peers whose latest sample changed since the last message; only these
-    /// are compared, so a tick where the source reports little costs little.
+    /// Peers whose latest sample changed since it was last sent (or found
+    /// immaterial); only these are compared, so a tick where the source
+    /// reports little costs little.
     dirty: BTreeSet<String>,
+    /// Since when drift has been waiting to be sent, if it is.
+    drift_since: Option<Instant>,
     /// The next message is a full report (a session just started).
     full_due: bool,
     /// The netmap's peers, once one was handled; samples of others are
@@ -72,6 +91,7 @@ impl LinkReporter {
             latest: BTreeMap::new(),
             sent: HashMap::new(),
             dirty: BTreeSet::new(),
+            drift_since: None,
             full_due: true,
             peers: None,
         }
@@ -128,14 +148,16 @@ impl LinkReporter {
         self.full_due = true;
     }
 
-    /// What to send now, remembering it as what this session was told: the
-    /// full report first in a session (and always in [`ReportMode::Whole`]),
-    /// afterwards the links whose latest sample differs materially from what
-    /// was sent (new links included), or `None` when nothing does.
-    pub fn next_message(&mut self) -> Option<AgentMessage> {
+    /// What to send at `now`, remembering it as what this session was told:
+    /// the full report first in a session (and always in
+    /// [`ReportMode::Whole`]); afterwards the links whose latest sample
+    /// differs materially from what was sent (new links included), when one
+    /// of them is urgent or drift has waited [`DRIFT_DELAY`]; else `None`.
+    pub fn next_message(&mut self, now: Instant) -> Option<AgentMessage> {
         if self.full_due || self.mode == ReportMode::Whole {
             self.full_due = false;
             self.dirty.clear();
+            self.drift_since = None;
             self.sent = self
                 .latest
                 .iter()
@@ -145,21 +167,44 @@ impl LinkReporter {
                 links: self.latest.values().cloned().collect(),
             }));
         }
-        let mut changed = Vec::new();
-        for peer in std::mem::take(&mut self.dirty) {
-            let Some(latest) = self.latest.get(&peer) else {
-                continue;
+        let mut urgent = false;
+        let (latest, sent) = (&self.latest, &self.sent);
+        // Links that are no longer material (or gone) leave the dirty set;
+        // material ones stay in it until they are sent.
+        self.dirty.retain(|peer| {
+            let Some(latest) = latest.get(peer) else {
+                return false;
             };
-            let material = self
-                .sent
-                .get(&peer)
-                .is_none_or(|sent| latest.differs_materially(sent));
-            if material {
-                self.sent.insert(peer, latest.clone());
-                changed.push(latest.clone());
+            match sent.get(peer) {
+                None => {
+                    urgent = true;
+                    true
+                }
+                Some(sent) => {
+                    urgent |= latest.is_urgent(sent);
+                    latest.differs_materially(sent)
+                }
+            }
+        });
+        if self.dirty.is_empty() {
+            self.drift_since = None;
+            return None;
+        }
+        if !urgent {
+            let since = *self.drift_since.get_or_insert(now);
+            if now.saturating_duration_since(since) < DRIFT_DELAY {
+                return None;
             }
         }
-        (!changed.is_empty()).then_some(AgentMessage::LinkChanges(LinkChanges { changed }))
+        self.drift_since = None;
+        let mut changed = Vec::with_capacity(self.dirty.len());
+        for peer in std::mem::take(&mut self.dirty) {
+            if let Some(latest) = self.latest.get(&peer) {
+                changed.push(latest.clone());
+                self.sent.insert(peer, latest.clone());
+            }
+        }
+        Some(AgentMessage::LinkChanges(LinkChanges { changed }))
     }
 }
 
@@ -176,6 +221,12 @@ mod tests {
             jitter_us: 300,
             loss_ppm: 0,
         }
+    }
+
+    /// The time of every call in tests that do not wait for drift.
+    fn t0() -> Instant {
+        static T0: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *T0.get_or_init(Instant::now)
     }
 
     fn report(links: &[LinkSample]) -> LinkReport {
@@ -228,7 +279,7 @@ mod tests {
         let mut r = LinkReporter::new(ReportMode::Changes);
         r.observe(report(links));
         r.session_started();
-        full(r.next_message());
+        full(r.next_message(t0()));
         r
     }
 
@@ -238,15 +289,15 @@ mod tests {
         r.observe(report(&[s("gcp", true, 20_000), s("aws", true, 10_000)]));
         r.session_started();
         assert_eq!(
-            full(r.next_message()),
+            full(r.next_message(t0())),
             vec![s("aws", true, 10_000), s("gcp", true, 20_000)]
         );
         // Nothing new: nothing to send.
-        assert_eq!(r.next_message(), None);
+        assert_eq!(r.next_message(t0()), None);
         // A session starts with a full report even when no link is known yet.
         let mut empty = LinkReporter::new(ReportMode::Changes);
         empty.session_started();
-        assert_eq!(full(empty.next_message()), Vec::new());
+        assert_eq!(full(empty.next_message(t0())), Vec::new());
     }
 
     #[test]
@@ -256,61 +307,119 @@ mod tests {
         let mut jittery = s("aws", true, 102_000);
         jittery.jitter_us = 40_000;
         r.observe(report(&[jittery]));
-        assert_eq!(r.next_message(), None);
+        assert_eq!(r.next_message(t0()), None);
         // Drift is measured from what was sent, not the previous sample: two
-        // 2% moves make a material 4% one.
+        // 2% moves make a material 4% one, sent once it has waited.
         r.observe(report(&[s("aws", true, 104_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("aws", true, 104_000)]);
+        assert_eq!(r.next_message(t0()), None);
+        assert_eq!(
+            changes(r.next_message(t0() + DRIFT_DELAY)),
+            vec![s("aws", true, 104_000)]
+        );
     }
 
     #[test]
-    fn an_rtt_move_a_down_and_a_new_peer_are_sent_once_each() {
+    fn drift_waits_and_goes_with_the_next_urgent_change() {
+        let at = |secs: u64| t0() + Duration::from_secs(secs);
+        let mut r = reporting(&[
+            s("aws", true, 100_000),
+            s("azure", true, 70_000),
+            s("gcp", true, 50_000),
+        ]);
+        // 4%: material but not urgent; it waits DRIFT_DELAY from when it was
+        // first seen, whatever else is observed meanwhile.
+        r.observe(report(&[s("aws", true, 104_000)]));
+        assert_eq!(r.next_message(at(0)), None);
+        r.observe(report(&[s("aws", true, 104_100)]));
+        assert_eq!(r.next_message(at(4)), None);
+        assert_eq!(
+            changes(r.next_message(at(5))),
+            vec![s("aws", true, 104_100)]
+        );
+        assert_eq!(r.next_message(at(11)), None, "sent twice");
+
+        // Pending drift goes out with an urgent change, at once.
+        r.observe(report(&[s("gcp", true, 52_000)]));
+        assert_eq!(r.next_message(at(12)), None);
+        r.observe(report(&[s("azure", false, 70_000)]));
+        assert_eq!(
+            changes(r.next_message(at(13))),
+            vec![s("azure", false, 70_000), s("gcp", true, 52_000)]
+        );
+
+        // Drift that settles back under the threshold before it is sent is
+        // not sent, and the wait starts again for the next drift.
+        r.observe(report(&[s("aws", true, 108_000)]));
+        assert_eq!(r.next_message(at(14)), None);
+        r.observe(report(&[s("aws", true, 104_500)]));
+        assert_eq!(r.next_message(at(20)), None);
+        r.observe(report(&[s("aws", true, 108_000)]));
+        assert_eq!(r.next_message(at(21)), None);
+        assert_eq!(r.next_message(at(25)), None);
+        assert_eq!(
+            changes(r.next_message(at(26))),
+            vec![s("aws", true, 108_000)]
+        );
+
+        // An RTT move big enough to switch a path alone does not wait.
+        r.observe(report(&[s("gcp", true, 60_000)]));
+        assert_eq!(
+            changes(r.next_message(at(27))),
+            vec![s("gcp", true, 60_000)]
+        );
+    }
+
+    #[test]
+    fn a_big_rtt_move_a_down_and_a_new_peer_are_sent_at_once_and_once_each() {
         let mut r = reporting(&[s("aws", true, 100_000), s("gcp", true, 50_000)]);
-        r.observe(report(&[s("aws", true, 103_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("aws", true, 103_000)]);
-        r.observe(report(&[s("aws", true, 103_000)]));
-        assert_eq!(r.next_message(), None, "sent twice");
+        r.observe(report(&[s("aws", true, 120_000)]));
+        assert_eq!(changes(r.next_message(t0())), vec![s("aws", true, 120_000)]);
+        r.observe(report(&[s("aws", true, 120_000)]));
+        assert_eq!(r.next_message(t0()), None, "sent twice");
 
         r.observe(report(&[s("gcp", false, 50_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("gcp", false, 50_000)]);
+        assert_eq!(changes(r.next_message(t0())), vec![s("gcp", false, 50_000)]);
         r.observe(report(&[s("gcp", false, 50_000)]));
-        assert_eq!(r.next_message(), None, "sent twice");
+        assert_eq!(r.next_message(t0()), None, "sent twice");
 
         r.observe(report(&[s("azure", true, 30_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("azure", true, 30_000)]);
+        assert_eq!(
+            changes(r.next_message(t0())),
+            vec![s("azure", true, 30_000)]
+        );
         r.observe(report(&[s("azure", true, 30_100)]));
-        assert_eq!(r.next_message(), None, "sent twice");
+        assert_eq!(r.next_message(t0()), None, "sent twice");
     }
 
     #[test]
     fn a_new_session_repeats_everything_in_its_full_report() {
         let mut r = reporting(&[s("aws", true, 100_000)]);
         r.observe(report(&[s("gcp", true, 50_000)]));
-        changes(r.next_message());
+        changes(r.next_message(t0()));
         // Below the threshold: not sent in this session...
         r.observe(report(&[s("aws", true, 101_000)]));
-        assert_eq!(r.next_message(), None);
+        assert_eq!(r.next_message(t0()), None);
         // ...but the next session is told the latest of every link.
         r.session_started();
         assert_eq!(
-            full(r.next_message()),
+            full(r.next_message(t0())),
             vec![s("aws", true, 101_000), s("gcp", true, 50_000)]
         );
         // And compares with what it sent, not what the old session sent.
         r.observe(report(&[s("aws", true, 102_500)]));
-        assert_eq!(r.next_message(), None);
+        assert_eq!(r.next_message(t0()), None);
     }
 
     #[test]
     fn links_left_out_of_a_report_keep_their_sample() {
         let mut r = reporting(&[s("aws", true, 100_000), s("gcp", false, 50_000)]);
         r.observe(report(&[s("aws", true, 200_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("aws", true, 200_000)]);
+        assert_eq!(changes(r.next_message(t0())), vec![s("aws", true, 200_000)]);
         r.observe(report(&[]));
-        assert_eq!(r.next_message(), None);
+        assert_eq!(r.next_message(t0()), None);
         r.session_started();
         assert_eq!(
-            full(r.next_message()),
+            full(r.next_message(t0())),
             vec![s("aws", true, 200_000), s("gcp", false, 50_000)]
         );
     }
@@ -325,7 +434,7 @@ mod tests {
         r.handle_netmap(&netmap(&["aws", "azure"]));
         // A source lagging behind the netmap does not bring gcp back.
         r.observe(report(&[s("gcp", false, 50_000)]));
-        assert_eq!(r.next_message(), None);
+        assert_eq!(r.next_message(t0()), None);
         r.handle_update(&NetMapUpdate {
             seq: 2,
             node: None,
@@ -335,16 +444,16 @@ mod tests {
             path_changes: Vec::new(),
         });
         r.observe(report(&[s("azure", false, 1), s("oci", true, 40_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("oci", true, 40_000)]);
+        assert_eq!(changes(r.next_message(t0())), vec![s("oci", true, 40_000)]);
         r.session_started();
         assert_eq!(
-            full(r.next_message()),
+            full(r.next_message(t0())),
             vec![s("aws", true, 100_000), s("oci", true, 40_000)]
         );
         // A peer that comes back is new again: its first sample is sent.
         r.handle_netmap(&netmap(&["aws", "oci", "gcp"]));
         r.observe(report(&[s("gcp", true, 50_000)]));
-        assert_eq!(changes(r.next_message()), vec![s("gcp", true, 50_000)]);
+        assert_eq!(changes(r.next_message(t0())), vec![s("gcp", true, 50_000)]);
     }
 
     #[test]
@@ -354,12 +463,12 @@ mod tests {
         let mut r = LinkReporter::new(ReportMode::Whole);
         r.observe(report(&[s("aws", true, 100_000), s("gcp", true, 50_000)]));
         r.session_started();
-        full(r.next_message());
+        full(r.next_message(t0()));
         r.observe(report(&[s("aws", true, 100_001)]));
         assert_eq!(
-            full(r.next_message()),
+            full(r.next_message(t0())),
             vec![s("aws", true, 100_001), s("gcp", true, 50_000)]
         );
-        assert_eq!(full(r.next_message()).len(), 2);
+        assert_eq!(full(r.next_message(t0())).len(), 2);
     }
 }

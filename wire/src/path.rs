@@ -100,6 +100,11 @@ pub const REPORT_RTT_MIN_US: u32 = 500;
 /// A change of loss smaller than this, in parts per million, is not worth
 /// reporting unless loss starts or ends.
 pub const REPORT_LOSS_PPM: u32 = 5_000;
+/// A round-trip time that moved by this fraction of the reported one...
+/// (see [`LinkSample::is_urgent`]): the path engine's default switch ratio.
+pub const URGENT_RTT_RATIO: f64 = 0.10;
+/// ...and by at least this, in microseconds: its default minimum switch.
+pub const URGENT_RTT_MIN_US: u32 = 5_000;
 
 impl LinkSample {
     /// Whether this sample tells the controller something `reported` (the last
@@ -124,6 +129,28 @@ impl LinkSample {
         let moved = self.rtt_us.abs_diff(reported.rtt_us);
         let needed =
             ((f64::from(reported.rtt_us) * REPORT_RTT_RATIO) as u32).max(REPORT_RTT_MIN_US);
+        moved >= needed
+    }
+
+    /// Whether this sample's news should reach the controller at once rather
+    /// than with the next batch of drift: the link went up or down, loss
+    /// changed materially, or the round-trip time moved by at least
+    /// [`URGENT_RTT_RATIO`] and [`URGENT_RTT_MIN_US`] of the reported one, a
+    /// move that alone can make the path engine switch. Smaller material moves
+    /// are drift: they only refine costs that hysteresis already holds
+    /// steady, so an agent may gather them for a few seconds.
+    pub fn is_urgent(&self, reported: &LinkSample) -> bool {
+        if self.up != reported.up {
+            return true;
+        }
+        if (self.loss_ppm == 0) != (reported.loss_ppm == 0)
+            || self.loss_ppm.abs_diff(reported.loss_ppm) >= REPORT_LOSS_PPM
+        {
+            return true;
+        }
+        let moved = self.rtt_us.abs_diff(reported.rtt_us);
+        let needed =
+            ((f64::from(reported.rtt_us) * URGENT_RTT_RATIO) as u32).max(URGENT_RTT_MIN_US);
         moved >= needed
     }
 }
@@ -184,5 +211,32 @@ mod tests {
         let mut jittery = base.clone();
         jittery.jitter_us = 50_000;
         assert!(!jittery.differs_materially(&base));
+    }
+
+    #[test]
+    fn urgent_changes_are_those_that_can_switch_a_path_alone() {
+        let base = s(true, 100_000, 0);
+        // RTT: 10% of the reported value, at least 5 ms; smaller material
+        // moves are drift.
+        assert!(s(true, 108_000, 0).differs_materially(&base));
+        assert!(!s(true, 109_999, 0).is_urgent(&base));
+        assert!(s(true, 110_000, 0).is_urgent(&base));
+        assert!(s(true, 90_000, 0).is_urgent(&base));
+        let short = s(true, 20_000, 0);
+        assert!(!s(true, 24_999, 0).is_urgent(&short));
+        assert!(s(true, 25_000, 0).is_urgent(&short));
+        // Up/down and every material loss change are urgent.
+        assert!(s(false, 100_000, 0).is_urgent(&base));
+        assert!(s(true, 100_000, 1).is_urgent(&base));
+        assert!(s(true, 100_000, 0).is_urgent(&s(true, 100_000, 1)));
+        let lossy = s(true, 100_000, 30_000);
+        assert!(!s(true, 100_000, 34_999).is_urgent(&lossy));
+        assert!(s(true, 100_000, 35_000).is_urgent(&lossy));
+        // Whatever is urgent is material.
+        for rtt in (0..300_000).step_by(997) {
+            for sample in [s(true, rtt, 0), s(false, rtt, 0), s(true, rtt, 40_000)] {
+                assert!(!sample.is_urgent(&base) || sample.differs_materially(&base));
+            }
+        }
     }
 }
