@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::sessions::{Admission, Sessions};
 
@@ -99,18 +99,25 @@ struct Report {
     node: String,
     whole: bool,
     samples: Vec<LinkSample>,
+    /// Its share of [`REPORT_QUEUE`], given back when the hub has taken it.
+    _credit: OwnedSemaphorePermit,
 }
 
-/// Reports waiting for the hub: when it falls behind, sessions wait to read
-/// more from their agents (QUIC flow control holds the rest on the agents),
-/// instead of the hub's queue growing without bound.
-const REPORT_QUEUE: usize = 1024;
+/// Link samples waiting for the hub, in all queued reports (about 56 bytes
+/// each decoded, so ~3.5 MiB): when the hub falls behind, sessions wait to
+/// read more from their agents (QUIC flow control holds the rest on the
+/// agents) instead of the queue growing. Bounded by samples, not reports: a
+/// cold start sends one whole report of N−1 links per agent, and a thousand
+/// of them queued would be ~55 MiB at N = 1,000.
+const REPORT_QUEUE: u32 = 1 << 16;
 
 /// Handle to the hub task.
 #[derive(Clone)]
 pub struct Hub {
     cmds: mpsc::UnboundedSender<HubCmd>,
-    reports: mpsc::Sender<Report>,
+    reports: mpsc::UnboundedSender<Report>,
+    /// [`REPORT_QUEUE`] samples' worth of credit.
+    report_credit: Arc<Semaphore>,
     online: Arc<Mutex<HashMap<String, u64>>>,
     /// The authenticated sessions, one per node.
     sessions: Arc<Sessions<quinn::Connection>>,
@@ -128,12 +135,13 @@ impl Hub {
         paths: PathConfig,
     ) -> Self {
         let (cmds, rx) = mpsc::unbounded_channel();
-        let (reports, reports_rx) = mpsc::channel(REPORT_QUEUE);
+        let (reports, reports_rx) = mpsc::unbounded_channel();
         let online = Arc::new(Mutex::new(HashMap::new()));
         let enrolled = Arc::new(AtomicUsize::new(0));
         let hub = Self {
             cmds,
             reports,
+            report_credit: Arc::new(Semaphore::new(REPORT_QUEUE as usize)),
             online: online.clone(),
             sessions: Sessions::new(),
             enrolled: enrolled.clone(),
@@ -196,14 +204,20 @@ impl Hub {
     /// A node's link measurements: its whole report, or what changed. Waits
     /// while the hub is behind.
     pub async fn report(&self, node: &str, whole: bool, samples: Vec<LinkSample>) {
-        let _ = self
-            .reports
-            .send(Report {
-                node: node.to_string(),
-                whole,
-                samples,
-            })
-            .await;
+        // An empty report costs one credit; one larger than the whole queue
+        // waits for all of it.
+        let cost = u32::try_from(samples.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, REPORT_QUEUE);
+        let Ok(credit) = self.report_credit.clone().acquire_many_owned(cost).await else {
+            return;
+        };
+        let _ = self.reports.send(Report {
+            node: node.to_string(),
+            whole,
+            samples,
+            _credit: credit,
+        });
     }
 
     /// Renders `node`'s whole netmap or path list as one frame, from the
@@ -274,7 +288,7 @@ impl HubState {
     async fn run(
         &mut self,
         mut cmds: mpsc::UnboundedReceiver<HubCmd>,
-        mut reports: mpsc::Receiver<Report>,
+        mut reports: mpsc::UnboundedReceiver<Report>,
     ) -> Result<()> {
         let mut nodes = self.resync().await?;
         // Overrides are loaded before the first command is served, so the API
@@ -424,7 +438,6 @@ impl HubState {
             match self.registry.store().watch(records::NODES, rev).await {
                 Ok(w) => {
                     self.enrolled.store(nodes.len(), Ordering::Relaxed);
-                    self.engine.reserve(nodes.len());
                     self.fabric = Fabric::new(self.mtu, nodes);
                     self.engine.set_nodes(self.fabric.members());
                     self.revision = self.revision.max(rev);
@@ -511,8 +524,7 @@ impl HubState {
                 match records::decode::<NodeRecord>(&kv.key, &kv.value) {
                     Ok(node) => {
                         if !self.fabric.contains(&node.name) {
-                            let enrolled = self.enrolled.fetch_add(1, Ordering::Relaxed) + 1;
-                            self.engine.reserve(enrolled);
+                            self.enrolled.fetch_add(1, Ordering::Relaxed);
                         }
                         let name = node.name.clone();
                         (self.fabric.handle_put(node), Some(name))

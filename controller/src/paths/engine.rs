@@ -16,8 +16,8 @@
 
 use super::config::{is_cost, via_text, LinkOverride, OverrideError, PairMap, PathConfig};
 use super::table::{
-    self, slot, table_len, Id, Nodes, PairState, Route, Sides, ADJUSTED, CHALLENGED, DIRECT, DIRTY,
-    NO_ROUTE,
+    self, slot, table_len, Chunked, Id, Nodes, PairState, Route, Sides, ADJUSTED, CHALLENGED,
+    DIRECT, DIRTY, NO_ROUTE,
 };
 use rustc_hash::FxHashMap;
 use skymesh_wire::{LinkReport, LinkSample, PathSpec, Via};
@@ -32,9 +32,12 @@ pub struct PathEngine {
     pub(super) config: PathConfig,
     pub(super) nodes: Nodes,
     /// Per pair: the link's sides, its usable cost (NaN: unusable), the decision.
-    pub(super) sides: Vec<Sides>,
-    pub(super) costs: Vec<f64>,
-    pub(super) pairs: Vec<PairState>,
+    pub(super) sides: Chunked<Sides>,
+    /// The usable cost of each link, NaN if paths may not use it (f32: 4
+    /// bytes a pair; 24 bits of mantissa keep a cost to about a ten-millionth
+    /// of itself, under 0.2 µs up to a second).
+    pub(super) costs: Chunked<f32>,
+    pub(super) pairs: Chunked<PairState>,
     pub(super) overrides: PairMap<LinkOverride>,
     pub(super) weights: PairMap<f64>,
     /// Pairs with a path clearly cheaper than their primary, and since when.
@@ -100,9 +103,9 @@ impl PathEngine {
         Self {
             config,
             nodes: Nodes::default(),
-            sides: Vec::new(),
-            costs: Vec::new(),
-            pairs: Vec::new(),
+            sides: Chunked::default(),
+            costs: Chunked::default(),
+            pairs: Chunked::default(),
             overrides: PairMap::default(),
             weights,
             challengers: FxHashMap::default(),
@@ -142,21 +145,6 @@ impl PathEngine {
         }
     }
 
-    /// Makes room for `nodes` members, with a quarter more for growth, if there
-    /// is not room already. Called with the enrolled nodes before they
-    /// register, the table is allocated while still empty, instead of being
-    /// copied as it fills (a copy holds twice its size for a moment). Room
-    /// that is never written costs address space, not memory.
-    pub fn reserve(&mut self, nodes: usize) {
-        if self.sides.capacity() >= table_len(nodes) {
-            return;
-        }
-        let want = table_len(nodes + nodes / 4 + 16);
-        self.sides.reserve_exact(want - self.sides.len());
-        self.costs.reserve_exact(want - self.costs.len());
-        self.pairs.reserve_exact(want - self.pairs.len());
-    }
-
     /// Adds a node, or changes whether it may transit.
     pub fn upsert_node(&mut self, name: &str, transit: bool) {
         if let Some(id) = self.nodes.id(name) {
@@ -173,17 +161,16 @@ impl PathEngine {
                 if other != id {
                     let s = slot(id, other);
                     self.sides[s] = Sides::default();
-                    self.costs[s] = f64::NAN;
+                    self.costs[s] = f32::NAN;
                     self.pairs[s] = PairState::default();
                     self.challengers.remove(&s);
                     self.forget_change(s);
                 }
             }
         } else {
-            self.reserve(self.nodes.capacity());
-            self.sides.resize(len, Sides::default());
-            self.costs.resize(len, f64::NAN);
-            self.pairs.resize(len, PairState::default());
+            self.sides.grow(len, Sides::default());
+            self.costs.grow(len, f32::NAN);
+            self.pairs.grow(len, PairState::default());
         }
         // Overrides and weights may name the node before it joins.
         let adjusted: Vec<(String, String)> = self
@@ -231,7 +218,7 @@ impl PathEngine {
             if other != id {
                 let s = slot(id, other);
                 self.sides[s].flags &= !(table::PRESENT[0] | table::PRESENT[1]);
-                self.costs[s] = f64::NAN;
+                self.costs[s] = f32::NAN;
             }
         }
         if was_transit {
@@ -491,7 +478,7 @@ impl PathEngine {
         Measurement::Fresh(Metrics {
             up: fresh_sides().all(|s| sides.flags & table::UP[s] != 0),
             rtt_ms: sum(&sides.rtt_us) / n / 1000.0,
-            jitter_ms: sum(&sides.jitter_us) / n / 1000.0,
+            jitter_ms: sum(&[sides.jitter_us(0), sides.jitter_us(1)]) / n / 1000.0,
             loss: fresh_sides()
                 .map(|s| sides.loss_ppm[s])
                 .max()
@@ -514,7 +501,7 @@ impl PathEngine {
     /// The cost of the link if paths may use it.
     pub(super) fn usable_cost(&self, x: Id, y: Id) -> Option<f64> {
         let c = self.costs[slot(x, y)];
-        (!c.is_nan()).then_some(c)
+        (!c.is_nan()).then_some(f64::from(c))
     }
 
     /// The cost of `{x, y}` (slot `s`) if paths may use it, else NaN: what
@@ -568,6 +555,7 @@ impl PathEngine {
             .to_bits(),
             "the one-pass cost of {x}-{y} differs from the measured one"
         );
+        let new = if new.is_nan() { f32::NAN } else { new as f32 };
         let old = self.costs[s];
         if old.to_bits() == new.to_bits() {
             return;
@@ -763,7 +751,7 @@ impl PathEngine {
                 if other != id {
                     let s = slot(id, other);
                     self.sides[s] = Sides::default();
-                    self.costs[s] = f64::NAN;
+                    self.costs[s] = f32::NAN;
                     self.pairs[s] = PairState::default();
                     self.challengers.remove(&s);
                     self.forget_change(s);

@@ -189,15 +189,83 @@ pub(super) fn table_len(ids: usize) -> usize {
     ids * ids.saturating_sub(1) / 2
 }
 
+/// Entries per chunk of a [`Chunked`] table.
+const CHUNK_BITS: u32 = 14;
+const CHUNK: usize = 1 << CHUNK_BITS;
+
+/// A growable array in chunks of [`CHUNK`] entries. A new id appends its
+/// slots at the end of the triangle, so the table grows by chunks and never
+/// copies what it holds: no moment with two copies of a table of N² entries
+/// (a `Vec` doubling from 24 to 48 MiB held 72), and no room reserved ahead
+/// beyond one chunk.
+#[derive(Debug, Clone)]
+pub(super) struct Chunked<T> {
+    chunks: Vec<Box<[T]>>,
+    len: usize,
+}
+
+impl<T> Default for Chunked<T> {
+    fn default() -> Self {
+        Self {
+            chunks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<T: Copy> Chunked<T> {
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Grows to `len` entries, the new ones `value` (never shrinks).
+    pub(super) fn grow(&mut self, len: usize, value: T) {
+        while self.chunks.len() * CHUNK < len {
+            self.chunks.push(vec![value; CHUNK].into_boxed_slice());
+        }
+        // Entries of the last chunk beyond the old length may hold values
+        // from before: chunks are only ever added, but be exact.
+        for i in self.len..len {
+            self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)] = value;
+        }
+        self.len = self.len.max(len);
+    }
+}
+
+impl<T> std::ops::Index<usize> for Chunked<T> {
+    type Output = T;
+
+    #[inline]
+    fn index(&self, i: usize) -> &T {
+        debug_assert!(i < self.len, "slot {i} beyond the table's {}", self.len);
+        &self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
+    }
+}
+
+impl<T> std::ops::IndexMut<usize> for Chunked<T> {
+    #[inline]
+    fn index_mut(&mut self, i: usize) -> &mut T {
+        debug_assert!(i < self.len, "slot {i} beyond the table's {}", self.len);
+        &mut self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)]
+    }
+}
+
 /// What each end of a link last reported about it (the lower id's report is
 /// side 0), and flags of the pair.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Sides {
     pub(super) rtt_us: [u32; 2],
-    pub(super) jitter_us: [u32; 2],
     pub(super) loss_ppm: [u32; 2],
+    /// Jitter in units of [`JITTER_UNIT_US`], saturating at ~655 ms: it is
+    /// only shown, never chosen by, and a whole u32 per side would make the
+    /// entry 28 bytes instead of 24.
+    jitter: [u16; 2],
     pub(super) flags: u8,
 }
+
+/// The unit of [`Sides`]' jitter, in microseconds.
+pub(super) const JITTER_UNIT_US: u32 = 10;
 
 pub(super) const PRESENT: [u8; 2] = [1, 2];
 pub(super) const UP: [u8; 2] = [4, 8];
@@ -223,15 +291,20 @@ impl Sides {
             peer: String::new(),
             up: self.flags & UP[side] != 0,
             rtt_us: self.rtt_us[side],
-            jitter_us: self.jitter_us[side],
+            jitter_us: self.jitter_us(side),
             loss_ppm: self.loss_ppm[side],
         };
         s.differs_materially(&held)
     }
 
+    /// The side's jitter, to [`JITTER_UNIT_US`].
+    pub(super) fn jitter_us(&self, side: usize) -> u32 {
+        u32::from(self.jitter[side]) * JITTER_UNIT_US
+    }
+
     pub(super) fn set(&mut self, side: usize, s: &LinkSample) {
         self.rtt_us[side] = s.rtt_us;
-        self.jitter_us[side] = s.jitter_us;
+        self.jitter[side] = u16::try_from(s.jitter_us.div_ceil(JITTER_UNIT_US)).unwrap_or(u16::MAX);
         self.loss_ppm[side] = s.loss_ppm;
         self.flags |= PRESENT[side];
         if s.up {
@@ -244,7 +317,7 @@ impl Sides {
     pub(super) fn clear(&mut self, side: usize) {
         self.flags &= !(PRESENT[side] | UP[side]);
         self.rtt_us[side] = 0;
-        self.jitter_us[side] = 0;
+        self.jitter[side] = 0;
         self.loss_ppm[side] = 0;
     }
 }
@@ -329,6 +402,39 @@ mod tests {
         }
         assert!(seen.iter().all(|s| *s));
         assert_eq!(std::mem::size_of::<PairState>(), 16);
-        assert_eq!(std::mem::size_of::<Sides>(), 28);
+        assert_eq!(std::mem::size_of::<Sides>(), 24);
+    }
+
+    #[test]
+    fn a_chunked_table_grows_without_moving_or_changing_entries() {
+        let mut t: Chunked<u32> = Chunked::default();
+        t.grow(10, 7);
+        t[3] = 3;
+        let first = &t[0] as *const u32;
+        t.grow(3 * CHUNK + 5, 9);
+        assert_eq!(t.len(), 3 * CHUNK + 5);
+        assert_eq!(&t[0] as *const u32, first, "grown by copying");
+        assert_eq!(
+            (t[3], t[9], t[10], t[CHUNK], t[3 * CHUNK + 4]),
+            (3, 7, 9, 9, 9)
+        );
+        t[CHUNK + 1] = 1;
+        // Never shrinks; a smaller length changes nothing.
+        t.grow(4, 0);
+        assert_eq!((t.len(), t[3], t[CHUNK + 1]), (3 * CHUNK + 5, 3, 1));
+        // Jitter is kept to 10 µs, saturating.
+        let mut sides = Sides::default();
+        let mut s = LinkSample {
+            peer: String::new(),
+            up: true,
+            rtt_us: 1,
+            jitter_us: 301,
+            loss_ppm: 0,
+        };
+        sides.set(1, &s);
+        assert_eq!(sides.jitter_us(1), 310);
+        s.jitter_us = u32::MAX;
+        sides.set(0, &s);
+        assert_eq!(sides.jitter_us(0), 655_350);
     }
 }
