@@ -9,12 +9,13 @@
 //! is bounded by the mesh, not by how far behind the agent is. Owns no IO.
 
 use crate::fabric::PeerJson;
+use crate::paths::SharedPath;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use skymesh_wire::control::{self, FrameError, RefusalCode, SelfInfo};
 use skymesh_wire::PathSpec;
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 /// One agent's queue.
@@ -39,8 +40,8 @@ pub(crate) struct Pending {
     pub(crate) node: Option<SelfInfo>,
     /// Peer name → its new entry, or `None` for a removal.
     pub(crate) peers: BTreeMap<String, Option<PeerJson>>,
-    /// Destination → its new path.
-    pub(crate) paths: BTreeMap<String, PathSpec>,
+    /// Destination → its new path (names shared with the path engine).
+    pub(crate) paths: BTreeMap<Arc<str>, SharedPath>,
     pub(crate) close: Option<(RefusalCode, String)>,
 }
 
@@ -89,7 +90,7 @@ impl Outbox {
     }
 
     /// The path to one destination changed.
-    pub(crate) fn path(&self, seq: u64, spec: PathSpec) {
+    pub(crate) fn path(&self, seq: u64, spec: SharedPath) {
         let whole = self.capability < 1;
         self.push(seq, |p| {
             if whole {
@@ -218,13 +219,14 @@ struct UpdateOut<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     paths: Option<&'a [PathSpec]>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    path_changes: Vec<&'a PathSpec>,
+    path_changes: Vec<&'a SharedPath>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fabric::{Fabric, Output};
+    use crate::paths::Hop;
     use crate::store::records::NodeRecord;
     use skymesh_wire::control::{ControllerMessage, FrameBuffer, NetMapUpdate};
     use skymesh_wire::{PublicKey, Via};
@@ -272,6 +274,18 @@ mod tests {
         }
     }
 
+    fn shared(p: PathSpec) -> SharedPath {
+        let hop = |v: Via| match v {
+            Via::Direct => Hop::Direct,
+            Via::Transit(t) => Hop::Transit(t.into()),
+        };
+        SharedPath {
+            dest: p.dest.into(),
+            primary: hop(p.primary),
+            backup: p.backup.map(hop),
+        }
+    }
+
     fn path(dest: &str, via: Via) -> PathSpec {
         PathSpec {
             dest: dest.into(),
@@ -298,8 +312,8 @@ mod tests {
         }
         out.peer(30, "c", Some(entry(&mut f, record("c", 3, 1))));
         out.peer(31, "c", None);
-        out.path(32, path("b", Via::Direct));
-        out.path(33, path("b", Via::Transit("t".into())));
+        out.path(32, shared(path("b", Via::Direct)));
+        out.path(33, shared(path("b", Via::Transit("t".into()))));
         let p = out.take();
         assert!(!p.full && p.has_update());
         let u = decode(&p.update_frame().expect("encodes"));
@@ -321,13 +335,13 @@ mod tests {
         let out = Outbox::new(control::CAPABILITY);
         out.full(4);
         out.peer(5, "b", Some(entry(&mut f, record("b", 2, 1))));
-        out.path(5, path("b", Via::Direct));
+        out.path(5, shared(path("b", Via::Direct)));
         let p = out.take();
         assert!(
             p.full && !p.has_update(),
             "the netmap rendered now holds both"
         );
-        out.path(6, path("b", Via::Direct));
+        out.path(6, shared(path("b", Via::Direct)));
         out.whole_paths(7);
         out.peer(7, "b", None);
         let p = out.take();
@@ -343,7 +357,7 @@ mod tests {
     fn an_agent_without_the_capability_gets_whole_path_lists() {
         let out = Outbox::new(0);
         let _ = out.take();
-        out.path(3, path("b", Via::Direct));
+        out.path(3, shared(path("b", Via::Direct)));
         let p = out.take();
         assert!(p.whole_paths && p.paths.is_empty());
         let frame = paths_frame(3, &[path("b", Via::Direct)]).expect("encodes");

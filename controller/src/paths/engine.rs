@@ -15,6 +15,7 @@
 //! Nothing else is looked at: steady state costs nothing but the timers.
 
 use super::config::{is_cost, via_text, LinkOverride, OverrideError, PairMap, PathConfig};
+use super::shared::{Hop, SharedPath};
 use super::table::{
     self, slot, table_len, Chunked, Id, Nodes, PairState, Route, Sides, ADJUSTED, CHALLENGED,
     DIRECT, DIRTY, NO_ROUTE,
@@ -681,14 +682,14 @@ impl PathEngine {
         &'a mut self,
         now: Instant,
         wanted: impl Fn(&str) -> bool + 'a,
-    ) -> impl Iterator<Item = (&'a str, PathSpec)> + 'a {
+    ) -> impl Iterator<Item = (&'a str, SharedPath)> + 'a {
         self.decide_due(now);
         let this = &*self;
         this.published
             .iter()
             .flat_map(|(a, b)| [(*a, *b), (*b, *a)])
             .filter(move |(from, _)| wanted(this.nodes.name(*from)))
-            .map(move |(from, to)| (this.nodes.name(from), this.spec(from, to)))
+            .map(move |(from, to)| (this.nodes.name(from), this.shared_spec(from, to)))
     }
 
     /// Decides every pair again, as if every input had changed: what the
@@ -1105,6 +1106,24 @@ impl PathEngine {
             Via::Direct
         } else {
             Via::Transit(self.nodes.name(route).to_string())
+        }
+    }
+
+    fn hop(&self, route: Route) -> Hop {
+        if route == DIRECT {
+            Hop::Direct
+        } else {
+            Hop::Transit(self.nodes.shared_name(route))
+        }
+    }
+
+    /// [`spec`](Self::spec) with the engine's names shared, not copied.
+    fn shared_spec(&self, from: Id, to: Id) -> SharedPath {
+        let st = &self.pairs[slot(from, to)];
+        SharedPath {
+            dest: self.nodes.shared_name(to),
+            primary: self.hop(st.primary),
+            backup: (st.backup != NO_ROUTE).then(|| self.hop(st.backup)),
         }
     }
 

@@ -23,6 +23,7 @@
 
 mod config;
 mod engine;
+mod shared;
 mod table;
 mod views;
 
@@ -31,4 +32,5 @@ mod tests;
 
 pub use config::{LinkOverride, LinkWeight, OverrideError, PathConfig, PathConfigError};
 pub use engine::PathEngine;
+pub use shared::{Hop, SharedPath};
 pub use views::{LinkView, PairView};

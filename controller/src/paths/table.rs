@@ -76,6 +76,12 @@ impl Nodes {
         self.get(id).map_or("?", |n| &n.name)
     }
 
+    /// [`name`](Self::name), shared.
+    pub(super) fn shared_name(&self, id: Id) -> Arc<str> {
+        self.get(id)
+            .map_or_else(|| Arc::from("?"), |n| n.name.clone())
+    }
+
     pub(super) fn is_member(&self, id: Id) -> bool {
         self.get(id).is_some_and(|n| n.member)
     }

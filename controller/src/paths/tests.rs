@@ -1113,7 +1113,7 @@ fn a_recompute_decides_only_what_changed() {
     assert_eq!(engine.pending(), 1 + 199);
     let changed: Vec<(String, PathSpec)> = engine
         .recompute_paths(now, |_| true)
-        .map(|(n, s)| (n.to_string(), s))
+        .map(|(n, s)| (n.to_string(), s.to_spec()))
         .collect();
     assert!(!changed.is_empty());
     for (node, spec) in &changed {
