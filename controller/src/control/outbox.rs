@@ -18,6 +18,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
+/// Path changes an outbox holds; one more makes it send the whole list.
+pub(crate) const PATH_CHANGES_MAX: usize = 256;
+
 /// One agent's queue.
 #[derive(Debug)]
 pub(crate) struct Outbox {
@@ -89,11 +92,17 @@ impl Outbox {
         self.push(seq, |p| p.node = Some(info));
     }
 
-    /// The path to one destination changed.
+    /// The path to one destination changed. Past [`PATH_CHANGES_MAX`]
+    /// queued changes the whole path list is sent instead, rendered when the
+    /// writer is ready: a mass switch (hundreds of thousands of pairs whose
+    /// hold ends together) then costs each outbox a flag, not an entry per
+    /// change.
     pub(crate) fn path(&self, seq: u64, spec: SharedPath) {
         let whole = self.capability < 1;
         self.push(seq, |p| {
-            if whole {
+            let full = p.paths.len() >= PATH_CHANGES_MAX && !p.paths.contains_key(&spec.dest);
+            if whole || full {
+                p.paths = BTreeMap::new();
                 p.whole_paths = true;
             } else if !(p.full || p.whole_paths) {
                 p.paths.insert(spec.dest.clone(), spec);
@@ -351,6 +360,33 @@ mod tests {
             1,
             "peer changes still go out beside the list"
         );
+    }
+
+    #[test]
+    fn a_flood_of_path_changes_becomes_one_whole_path_list() {
+        let out = Outbox::new(control::CAPABILITY);
+        let _ = out.take();
+        for i in 0..PATH_CHANGES_MAX {
+            out.path(1, shared(path(&format!("n{i}"), Via::Direct)));
+        }
+        // Up to the bound, changes are queued as such...
+        out.path(1, shared(path("n0", Via::Transit("t".into()))));
+        assert!(out.wants_path_changes());
+        let p = out.take();
+        assert!(!p.whole_paths);
+        assert_eq!(p.paths.len(), PATH_CHANGES_MAX);
+        assert_eq!(
+            p.paths["n0"].primary,
+            Hop::Transit("t".into()),
+            "the latest change of a destination wins"
+        );
+        // ...one more, and the queue holds the flag instead.
+        for i in 0..=PATH_CHANGES_MAX {
+            out.path(2, shared(path(&format!("n{i}"), Via::Direct)));
+        }
+        assert!(!out.wants_path_changes());
+        let p = out.take();
+        assert!(p.whole_paths && p.paths.is_empty() && p.seq == 2);
     }
 
     #[test]
