@@ -42,7 +42,8 @@
 //! - change → agent: from starting the new node's session until each agent
 //!   holds its peer entry; p50/p99 over all N × K deliveries;
 //! - controller CPU (user + system, % of one core) while idle, over
-//!   `--idle-secs` (≥ 10 s) starting 2 s after convergence, with link reports
+//!   `--idle-secs` (≥ 10 s, default 15) starting 7 s after convergence (past
+//!   the path engine's 5 s hold on the cold start's switches), with link reports
 //!   flowing; and over the K changes; the bench process's own CPU beside it;
 //! - controller peak RSS (VmHWM);
 //! - netmap bytes per change: the growth of the controller's
@@ -117,9 +118,11 @@ const BYTES_SENT: &str = "skymesh_controller_netmap_bytes_sent_total";
 const FRAMES_SENT: &str = "skymesh_controller_netmap_frames_sent_total";
 /// Shortest idle window: link reports are once a second, downs last 3–10 s.
 const MIN_IDLE: Duration = Duration::from_secs(10);
-/// Pause between convergence and the idle window, for the first reports of
-/// all peers to pass.
-const SETTLE: Duration = Duration::from_secs(2);
+/// Pause between convergence and the idle window: for the first reports of
+/// all peers to pass, and for the path engine's hold (5 s) to end on the
+/// switches those reports started, which belong to the cold start; the idle
+/// window then measures the steady state.
+const SETTLE: Duration = Duration::from_secs(7);
 
 #[derive(Parser)]
 #[command(about = "skymesh control-plane benchmark: N agents reporting links, K changes")]
@@ -149,8 +152,9 @@ struct Args {
     /// Give up on a phase (convergence, one change) after this long.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
-    /// How long the controller's idle CPU is measured (at least 10).
-    #[arg(long, default_value_t = 10)]
+    /// How long the controller's idle CPU is measured (at least 10; agents
+    /// send RTT drift every 5 s, so the default holds three rounds).
+    #[arg(long, default_value_t = 15)]
     idle_secs: u64,
     /// Seed of the simulated links (base RTTs, jitter, downs).
     #[arg(long, default_value_t = 1)]

@@ -651,7 +651,7 @@ async fn read_message(
 /// handshakes made agents time out and reconnect.
 const RECV_BUFFER: usize = 4 << 20;
 
-/// Binds the control endpoint, with a [`RECV_BUFFER`] receive buffer (or as
+/// Binds the control endpoint, with a 4 MiB receive buffer (or as
 /// much as `net.core.rmem_max` allows, with a warning).
 pub fn bind(addr: SocketAddr, ca: &Ca) -> Result<quinn::Endpoint> {
     let context = || format!("binding the control endpoint {addr} ([control] listen)");
