@@ -32,7 +32,7 @@ mod error;
 pub mod limits;
 mod openapi;
 
-pub use error::{ApiError, Json, Path};
+pub use error::{ApiError, Json, Path, Query};
 use limits::{CidrText, PrefixLen, Ttl, WeightMs};
 pub use openapi::{is_documented, openapi_document};
 
@@ -545,23 +545,57 @@ async fn ipam_suggest(
     }
 }
 
-/// `GET /v1/links`.
-async fn list_links(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
-    let snap = s
-        .hub
-        .paths(PathsQuery::default())
-        .await
-        .map_err(unavailable)?;
+/// `?node=NAME` of `GET /v1/links` and `GET /v1/paths`: only what has that
+/// node as an end. At 1,000 nodes the whole list holds 500,000 pairs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeFilter {
+    node: Option<String>,
+}
+
+impl NodeFilter {
+    /// The hub's query, after checking that the node exists (a name that
+    /// does not is a 404, not an empty list that looks like a quiet node).
+    async fn query(self, s: &ApiState) -> Result<PathsQuery, ApiError> {
+        if let Some(name) = &self.node {
+            if s.registry.node(name).await?.is_none() {
+                return Err(RegistryError::NotFound {
+                    what: "node",
+                    name: name.clone(),
+                }
+                .into());
+            }
+        }
+        Ok(PathsQuery {
+            refresh: false,
+            node: self.node,
+        })
+    }
+}
+
+/// `GET /v1/links[?node=NAME]`.
+async fn list_links(
+    State(s): State<Arc<ApiState>>,
+    Query(filter): Query<NodeFilter>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let query = filter.query(&s).await?;
+    let node = query.node.clone();
+    let mut snap = s.hub.paths(query).await.map_err(unavailable)?;
+    // The hub adds the legs of the transits the node's paths cross (what the
+    // AI gateway needs); the operator asked for the node's own links.
+    if let Some(node) = node {
+        snap.links.retain(|l| l.a == node || l.b == node);
+    }
     Ok(axum::Json(json!(snap.links)))
 }
 
-/// `GET /v1/paths`.
-async fn list_paths(State(s): State<Arc<ApiState>>) -> Result<axum::Json<Value>, ApiError> {
-    let snap = s
-        .hub
-        .paths(PathsQuery::default())
-        .await
-        .map_err(unavailable)?;
+/// `GET /v1/paths[?node=NAME]`.
+async fn list_paths(
+    State(s): State<Arc<ApiState>>,
+    Query(filter): Query<NodeFilter>,
+) -> Result<axum::Json<Value>, ApiError> {
+    let query = filter.query(&s).await?;
+    let snap = s.hub.paths(query).await.map_err(unavailable)?;
     Ok(axum::Json(json!(snap.pairs)))
 }
 

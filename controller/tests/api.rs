@@ -883,7 +883,7 @@ async fn skymeshctl_refuses_out_of_range_numbers_naming_the_flag() {
 
 /// A name is one path segment: `nodes show ../../healthz` asks for a node by that name, never
 /// for another route; names the API cannot hold (`.`, `..`, empty) are refused naming the
-/// argument.
+/// argument; `--node` is one query value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skymeshctl_sends_each_argument_as_one_path_segment() {
     let f = start().await;
@@ -920,6 +920,17 @@ async fn skymeshctl_sends_each_argument_as_one_path_segment() {
     }
     let listed = ctl.ok(&["--json", "join-token", "list"]);
     assert!(listed.contains(&id), "the token was not revoked: {listed}");
+    // --node goes as one query value: `&` and `=` in it add no parameter (that
+    // would be a 400 naming `colour`), and an empty one is refused first.
+    for what in ["paths", "links"] {
+        let err = ctl.fails(&[what, "list", "--node", "x&colour=red"]);
+        assert!(
+            err.contains("404") && err.contains("x&colour=red"),
+            "{what}: {err}"
+        );
+        let err = ctl.fails(&[what, "list", "--node", ""]);
+        assert!(err.contains("--node"), "{what}: {err}");
+    }
     f.ctl.shutdown().await;
 }
 

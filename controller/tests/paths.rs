@@ -219,6 +219,43 @@ async fn reports_become_paths_and_operators_override_them() {
         .clone();
     assert_eq!(pair["primary"], "azure", "{pair:#}");
     assert!(pair["reason"].as_str().unwrap_or("").contains("via azure"));
+    // ?node= keeps only that node's pairs and links, the same as in the whole
+    // lists; a node that does not exist and an unknown parameter are refused.
+    let all_paths = paths.as_array().expect("array");
+    let all_links = links.as_array().expect("array");
+    for (route, all) in [("/v1/paths", all_paths), ("/v1/links", all_links)] {
+        let (code, some) = http(&base, "GET", &format!("{route}?node=aws"), &admin, None);
+        assert_eq!(code, 200, "{some}");
+        let some = some.as_array().expect("array").clone();
+        let want: Vec<Value> = all
+            .iter()
+            .filter(|p| p["a"] == "aws" || p["b"] == "aws")
+            .cloned()
+            .collect();
+        assert!(
+            !want.is_empty() && want.len() < all.len(),
+            "{route}: {all:#?}"
+        );
+        assert_eq!(some.len(), want.len(), "{route}?node=aws: {some:#?}");
+        for p in &some {
+            assert!(
+                p["a"] == "aws" || p["b"] == "aws",
+                "{route}?node=aws gave {p:#}"
+            );
+        }
+        let (code, err) = http(&base, "GET", &format!("{route}?node=nobody"), &admin, None);
+        assert_eq!(code, 404, "{err}");
+        assert!(
+            err["detail"].as_str().unwrap_or("").contains("nobody"),
+            "{err}"
+        );
+        let (code, err) = http(&base, "GET", &format!("{route}?colour=red"), &admin, None);
+        assert_eq!(code, 400, "{err}");
+        assert!(
+            err["detail"].as_str().unwrap_or("").contains("colour"),
+            "{err}"
+        );
+    }
 
     // Operator pins the pair to direct: pushed at once, both ends.
     let (code, v) = http(

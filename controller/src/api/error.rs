@@ -155,6 +155,28 @@ where
     }
 }
 
+/// `Query<T>` whose rejections (an unknown or malformed parameter) are our
+/// error shape, naming the parameter.
+pub struct Query<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Query<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|r| ApiError::bad_request(format!("query: {}", r.body_text())))
+    }
+}
+
 /// A request body: a JSON object sent as `application/json`, at most
 /// [`MAX_BODY_BYTES`]. Serde would also read a struct from a JSON array, which
 /// the document does not allow, so anything but an object is refused here.

@@ -81,8 +81,8 @@ fn operation(method: &str, path: &str) -> Option<Operation> {
             (200, one("IpamSuggestResult")),
             &[409, 422, 500],
         ),
-        ("GET", "/v1/links") => op(None, (200, list("Link")), &[]),
-        ("GET", "/v1/paths") => op(None, (200, list("Pair")), &[]),
+        ("GET", "/v1/links") => op(None, (200, list("Link")), &[400, 404]),
+        ("GET", "/v1/paths") => op(None, (200, list("Pair")), &[400, 404]),
         ("PUT", "/v1/links/{a}/{b}") => op(
             Some("LinkOverride"),
             (200, one("LinkOverrideResult")),
@@ -162,6 +162,16 @@ fn path_item(method: &str, path: &str, summary: &str) -> Value {
         .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
         .map(|p| json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
         .collect();
+    let mut params = params;
+    if matches!((method, path), ("GET", "/v1/links" | "/v1/paths")) {
+        params.push(json!({
+            "name": "node",
+            "in": "query",
+            "required": false,
+            "description": "Only the links or pairs with this node as an end (404 if there is no such node)",
+            "schema": {"type": "string"},
+        }));
+    }
     if !params.is_empty() {
         op["parameters"] = Value::Array(params);
     }

@@ -84,7 +84,11 @@ enum AiCmd {
 #[derive(Subcommand)]
 enum LinksCmd {
     /// RTT, jitter, loss and state of every measured link.
-    List,
+    List {
+        /// Only the links of this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
     /// Override one link (replaces any earlier override of it).
     Set {
         a: String,
@@ -107,7 +111,11 @@ enum LinksCmd {
 #[derive(Subcommand)]
 enum PathsCmd {
     /// Every pair's primary and backup path, cost and reason.
-    List,
+    List {
+        /// Only the pairs this node is part of.
+        #[arg(long)]
+        node: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -303,7 +311,10 @@ fn run(cli: Cli) -> Result<()> {
             command: PrefixesCmd::List,
         } => show(&api.call("GET", "/v1/prefixes", None)?, &prefixes_table),
         Command::Links { command } => match command {
-            LinksCmd::List => show(&api.call("GET", "/v1/links", None)?, &links_table),
+            LinksCmd::List { node } => show(
+                &api.call("GET", &format!("/v1/links{}", node_filter(node)?), None)?,
+                &links_table,
+            ),
             LinksCmd::Set {
                 a,
                 b,
@@ -328,8 +339,11 @@ fn run(cli: Cli) -> Result<()> {
             ),
         },
         Command::Paths {
-            command: PathsCmd::List,
-        } => show(&api.call("GET", "/v1/paths", None)?, &paths_table),
+            command: PathsCmd::List { node },
+        } => show(
+            &api.call("GET", &format!("/v1/paths{}", node_filter(node)?), None)?,
+            &paths_table,
+        ),
         Command::Ai {
             command: AiCmd::Upstreams,
         } => show(
@@ -372,6 +386,20 @@ fn segment(arg: &str, value: &str) -> Result<String> {
         ));
     }
     Ok(percent_encoding::utf8_percent_encode(value, SEGMENT).to_string())
+}
+
+/// `?node=NAME` (percent-encoded) for `--node`, or nothing.
+fn node_filter(node: Option<String>) -> Result<String> {
+    match node {
+        None => Ok(String::new()),
+        Some(n) if n.is_empty() => Err(anyhow!(
+            "--node \"\": give a node's name as `nodes list` shows it"
+        )),
+        Some(n) => Ok(format!(
+            "?node={}",
+            percent_encoding::utf8_percent_encode(&n, percent_encoding::NON_ALPHANUMERIC)
+        )),
+    }
 }
 
 /// Left-aligned columns, two spaces apart.
