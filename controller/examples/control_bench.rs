@@ -1,5 +1,6 @@
 //! Control-plane benchmark (issue 15): N simulated agents enroll with the real
-//! controller binary, hold their netmaps and report their links every second;
+//! controller binary, hold their netmaps and report their links as real agents
+//! do (looked at every second; urgent changes at once, drift within 5 s);
 //! then K new nodes join one after another, and for each the delay until every
 //! one of the N agents has received the new node's peer entry is measured. It
 //! also measures the cold start, the controller's CPU while idle (link reports
@@ -17,7 +18,7 @@
 //!
 //! # Simulated links
 //! Each agent reports its links through `run_session_reporting`, as a real
-//! agent does once a second. The state of every unordered pair of nodes is one
+//! agent does (its source is asked once a second). The state of every unordered pair of nodes is one
 //! byte in one shared table (`control_bench/links.rs`), not strings per agent,
 //! so 3,000 agents (4.5 M pairs, 9 M directed links) stay cheap:
 //! - a pair's base RTT is drawn from a hash of the two indices, 5–250 ms, loss 0;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Control-plane benchmark (issue 15): N simulated agents (the real agent control
 # client, in one process, on loopback) enroll with the real skymesh-controller,
-# hold netmaps and report their links every second (random RTT jitter, the
+# hold netmaps and report their links as real agents do (random RTT jitter, the
 # occasional link down; 3 of them are transit nodes); then K new nodes join one
 # after another and the delay until each agent has the new node's peer entry is
 # measured. See controller/examples/control_bench.rs for the model and what is
