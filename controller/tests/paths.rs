@@ -255,6 +255,18 @@ async fn reports_become_paths_and_operators_override_them() {
             err["detail"].as_str().unwrap_or("").contains("colour"),
             "{err}"
         );
+        // Twice: refused, naming the query. Not UTF-8 once decoded: read
+        // lossily, so no node has that name.
+        let bad = format!("{route}?node=aws&node=gcp");
+        let (code, err) = http(&base, "GET", &bad, &admin, None);
+        assert_eq!(code, 400, "{bad}: {err}");
+        assert!(
+            err["detail"].as_str().unwrap_or("").contains("query"),
+            "{err}"
+        );
+        let bad = format!("{route}?node=%FF");
+        let (code, err) = http(&base, "GET", &bad, &admin, None);
+        assert_eq!(code, 404, "{bad}: {err}");
     }
 
     // Operator pins the pair to direct: pushed at once, both ends.

@@ -126,10 +126,14 @@ impl LinkSample {
         if self.loss_ppm.abs_diff(reported.loss_ppm) >= REPORT_LOSS_PPM {
             return true;
         }
-        let moved = self.rtt_us.abs_diff(reported.rtt_us);
-        let needed =
-            ((f64::from(reported.rtt_us) * REPORT_RTT_RATIO) as u32).max(REPORT_RTT_MIN_US);
-        moved >= needed
+        self.rtt_moved(reported, REPORT_RTT_RATIO, REPORT_RTT_MIN_US)
+    }
+
+    /// Whether the RTT moved from `reported`'s by at least `ratio` of it and
+    /// at least `min_us`.
+    fn rtt_moved(&self, reported: &LinkSample, ratio: f64, min_us: u32) -> bool {
+        let needed = ((f64::from(reported.rtt_us) * ratio) as u32).max(min_us);
+        self.rtt_us.abs_diff(reported.rtt_us) >= needed
     }
 
     /// Whether this sample's news should reach the controller at once rather
@@ -148,10 +152,7 @@ impl LinkSample {
         {
             return true;
         }
-        let moved = self.rtt_us.abs_diff(reported.rtt_us);
-        let needed =
-            ((f64::from(reported.rtt_us) * URGENT_RTT_RATIO) as u32).max(URGENT_RTT_MIN_US);
-        moved >= needed
+        self.rtt_moved(reported, URGENT_RTT_RATIO, URGENT_RTT_MIN_US)
     }
 }
 

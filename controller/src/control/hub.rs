@@ -60,7 +60,9 @@ pub struct PathsQuery {
     /// Reload the overrides from the store and decide first (after an
     /// operator's change).
     pub refresh: bool,
-    /// Only links and pairs with this node as an end.
+    /// Only the pairs with this node as an end, with the node's links and
+    /// those of the transits its primaries cross (what the AI gateway needs
+    /// to add up a path's RTT).
     pub node: Option<String>,
 }
 

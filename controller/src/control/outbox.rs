@@ -100,8 +100,8 @@ impl Outbox {
     pub(crate) fn path(&self, seq: u64, spec: SharedPath) {
         let whole = self.capability < 1;
         self.push(seq, |p| {
-            let full = p.paths.len() >= PATH_CHANGES_MAX && !p.paths.contains_key(&spec.dest);
-            if whole || full {
+            let at_cap = p.paths.len() >= PATH_CHANGES_MAX && !p.paths.contains_key(&spec.dest);
+            if whole || at_cap {
                 p.paths = BTreeMap::new();
                 p.whole_paths = true;
             } else if !(p.full || p.whole_paths) {

@@ -1128,12 +1128,7 @@ impl PathEngine {
     }
 
     fn spec(&self, from: Id, to: Id) -> PathSpec {
-        let st = &self.pairs[slot(from, to)];
-        PathSpec {
-            dest: self.nodes.name(to).to_string(),
-            primary: self.via(st.primary),
-            backup: (st.backup != NO_ROUTE).then(|| self.via(st.backup)),
-        }
+        self.shared_spec(from, to).to_spec()
     }
 
     /// The paths of `node`: one per other current node, sorted by destination.

@@ -227,13 +227,14 @@ impl<T: Copy> Chunked<T> {
 
     /// Grows to `len` entries, the new ones `value` (never shrinks).
     pub(super) fn grow(&mut self, len: usize, value: T) {
+        // The old last chunk's entries past the old length are set here; new
+        // chunks come filled.
+        let room = len.min(self.chunks.len() * CHUNK);
+        for i in self.len..room {
+            self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)] = value;
+        }
         while self.chunks.len() * CHUNK < len {
             self.chunks.push(vec![value; CHUNK].into_boxed_slice());
-        }
-        // Entries of the last chunk beyond the old length may hold values
-        // from before: chunks are only ever added, but be exact.
-        for i in self.len..len {
-            self.chunks[i >> CHUNK_BITS][i & (CHUNK - 1)] = value;
         }
         self.len = self.len.max(len);
     }
