@@ -633,13 +633,13 @@ async fn read_message(
     recv: &mut quinn::RecvStream,
     frames: &mut FrameBuffer,
 ) -> Result<Option<ControllerMessage>> {
-    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if let Some(msg) = frames.next_message::<ControllerMessage>()? {
+        if let Some(msg) = frames.next_message_with(control::decode_controller)? {
             return Ok(Some(msg));
         }
-        match recv.read(&mut buf).await? {
-            Some(n) => frames.extend(&buf[..n]),
+        // quinn's own buffer, in order; at most a chunk past the frame.
+        match recv.read_chunk(64 * 1024, true).await? {
+            Some(chunk) => frames.extend(&chunk.bytes),
             None => return Ok(None),
         }
     }

@@ -31,7 +31,7 @@
 
 use skymesh_wire::control::{AgentMessage, NetMapUpdate, CAPABILITY};
 use skymesh_wire::{LinkChanges, LinkReport, LinkSample, NetMap};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 /// The longest a material but not urgent change (drift) waits to be sent:
@@ -60,40 +60,55 @@ impl ReportMode {
     }
 }
 
+/// One link as the reporter keeps it.
+#[derive(Debug, Default)]
+struct Link {
+    /// The latest sample (none yet for a netmap peer the source has not
+    /// reported).
+    latest: Option<LinkSample>,
+    /// What the current session last sent of it.
+    sent: Option<LinkSample>,
+    /// `latest` differs materially from `sent` (or was never sent).
+    dirty: bool,
+    /// ...and the difference is urgent ([`LinkSample::is_urgent`]).
+    urgent: bool,
+}
+
 /// The latest sample of each link and what the current session last sent; see
 /// the module doc for the call contract. Lives across sessions, so a reconnect
 /// starts from the samples already known.
+///
+/// Whether a link must be sent, and at once, is decided when its sample
+/// changes, and counted: a tick costs one hash look-up per sample the source
+/// reports, and nothing per link that did not change, so an agent with
+/// thousands of peers reports as cheaply as one with a few.
 #[derive(Debug)]
 pub struct LinkReporter {
     mode: ReportMode,
-    /// The latest sample of each link, by peer name (sorted: full reports are
-    /// deterministic).
-    latest: BTreeMap<String, LinkSample>,
-    /// What the current session last sent of each link.
-    sent: HashMap<String, LinkSample>,
-    /// Peers whose latest sample changed since it was last sent (or found
-    /// immaterial); only these are compared, so a tick where the source
-    /// reports little costs little.
-    dirty: BTreeSet<String>,
+    /// Each link by peer name.
+    links: HashMap<String, Link>,
+    /// Links are kept only for the netmap's peers (one was handled); samples
+    /// of others are ignored (the source may lag behind the netmap).
+    netmap_known: bool,
+    /// Links with `dirty` set, and of them with `urgent` set.
+    dirty: usize,
+    urgent: usize,
     /// Since when drift has been waiting to be sent, if it is.
     drift_since: Option<Instant>,
     /// The next message is a full report (a session just started).
     full_due: bool,
-    /// The netmap's peers, once one was handled; samples of others are
-    /// ignored (the source may lag behind the netmap for a moment).
-    peers: Option<HashSet<String>>,
 }
 
 impl LinkReporter {
     pub fn new(mode: ReportMode) -> Self {
         Self {
             mode,
-            latest: BTreeMap::new(),
-            sent: HashMap::new(),
-            dirty: BTreeSet::new(),
+            links: HashMap::new(),
+            netmap_known: false,
+            dirty: 0,
+            urgent: 0,
             drift_since: None,
             full_due: true,
-            peers: None,
         }
     }
 
@@ -102,49 +117,66 @@ impl LinkReporter {
     /// netmap last handled are ignored.
     pub fn observe(&mut self, report: LinkReport) {
         for sample in report.links {
-            if let Some(peers) = &self.peers {
-                if !peers.contains(&sample.peer) {
-                    continue;
-                }
-            }
-            if self.latest.get(&sample.peer) == Some(&sample) {
+            let link = match self.links.get_mut(sample.peer.as_str()) {
+                Some(link) => link,
+                None if self.netmap_known => continue,
+                None => self.links.entry(sample.peer.clone()).or_default(),
+            };
+            if link.latest.as_ref() == Some(&sample) {
                 continue;
             }
-            self.dirty.insert(sample.peer.clone());
-            self.latest.insert(sample.peer.clone(), sample);
+            let (dirty, urgent) = match &link.sent {
+                None => (true, true),
+                Some(sent) => (sample.differs_materially(sent), sample.is_urgent(sent)),
+            };
+            link.latest = Some(sample);
+            mark(link, dirty, urgent, &mut self.dirty, &mut self.urgent);
         }
     }
 
     /// A full netmap: its peers are now the only ones whose links are kept
     /// and reported.
     pub fn handle_netmap(&mut self, map: &NetMap) {
-        let peers: HashSet<String> = map.peers.iter().map(|p| p.name.clone()).collect();
-        self.latest.retain(|peer, _| peers.contains(peer));
-        self.sent.retain(|peer, _| peers.contains(peer));
-        self.dirty.retain(|peer| peers.contains(peer));
-        self.peers = Some(peers);
+        let peers: HashSet<&str> = map.peers.iter().map(|p| p.name.as_str()).collect();
+        let (dirty, urgent) = (&mut self.dirty, &mut self.urgent);
+        self.links.retain(|peer, link| {
+            let keep = peers.contains(peer.as_str());
+            if !keep {
+                mark(link, false, false, dirty, urgent);
+            }
+            keep
+        });
+        for peer in &map.peers {
+            if !self.links.contains_key(&peer.name) {
+                self.links.insert(peer.name.clone(), Link::default());
+            }
+        }
+        self.netmap_known = true;
     }
 
     /// A netmap update: removed peers' links are forgotten, added peers'
     /// samples are taken from now on.
     pub fn handle_update(&mut self, update: &NetMapUpdate) {
         for name in &update.remove {
-            self.latest.remove(name);
-            self.sent.remove(name);
-            self.dirty.remove(name);
-            if let Some(peers) = &mut self.peers {
-                peers.remove(name);
+            if let Some(mut link) = self.links.remove(name) {
+                mark(&mut link, false, false, &mut self.dirty, &mut self.urgent);
             }
         }
-        if let Some(peers) = &mut self.peers {
-            peers.extend(update.upsert.iter().map(|p| p.name.clone()));
+        if self.netmap_known {
+            for peer in &update.upsert {
+                if !self.links.contains_key(&peer.name) {
+                    self.links.insert(peer.name.clone(), Link::default());
+                }
+            }
         }
     }
 
     /// A session opened: it has been told nothing, so the next message is a
     /// full report.
     pub fn session_started(&mut self) {
-        self.sent.clear();
+        for link in self.links.values_mut() {
+            link.sent = None;
+        }
         self.full_due = true;
     }
 
@@ -153,58 +185,77 @@ impl LinkReporter {
     /// [`ReportMode::Whole`]); afterwards the links whose latest sample
     /// differs materially from what was sent (new links included), when one
     /// of them is urgent or drift has waited [`DRIFT_DELAY`]; else `None`.
+    /// Links are in peer-name order.
     pub fn next_message(&mut self, now: Instant) -> Option<AgentMessage> {
         if self.full_due || self.mode == ReportMode::Whole {
             self.full_due = false;
-            self.dirty.clear();
             self.drift_since = None;
-            self.sent = self
-                .latest
-                .iter()
-                .map(|(peer, s)| (peer.clone(), s.clone()))
-                .collect();
-            return Some(AgentMessage::Links(LinkReport {
-                links: self.latest.values().cloned().collect(),
-            }));
+            let links = self.take(|_| true);
+            return Some(AgentMessage::Links(LinkReport { links }));
         }
-        let mut urgent = false;
-        let (latest, sent) = (&self.latest, &self.sent);
-        // Links that are no longer material (or gone) leave the dirty set;
-        // material ones stay in it until they are sent.
-        self.dirty.retain(|peer| {
-            let Some(latest) = latest.get(peer) else {
-                return false;
-            };
-            match sent.get(peer) {
-                None => {
-                    urgent = true;
-                    true
-                }
-                Some(sent) => {
-                    urgent |= latest.is_urgent(sent);
-                    latest.differs_materially(sent)
-                }
-            }
-        });
-        if self.dirty.is_empty() {
+        if self.dirty == 0 {
             self.drift_since = None;
             return None;
         }
-        if !urgent {
+        if self.urgent == 0 {
             let since = *self.drift_since.get_or_insert(now);
             if now.saturating_duration_since(since) < DRIFT_DELAY {
                 return None;
             }
         }
         self.drift_since = None;
-        let mut changed = Vec::with_capacity(self.dirty.len());
-        for peer in std::mem::take(&mut self.dirty) {
-            if let Some(latest) = self.latest.get(&peer) {
-                changed.push(latest.clone());
-                self.sent.insert(peer, latest.clone());
-            }
-        }
+        let changed = self.take(|link| link.dirty);
         Some(AgentMessage::LinkChanges(LinkChanges { changed }))
+    }
+
+    /// The latest samples of the links `pick` selects, sorted by peer, now
+    /// remembered as sent; no link is dirty afterwards.
+    fn take(&mut self, pick: impl Fn(&Link) -> bool) -> Vec<LinkSample> {
+        let mut out = Vec::new();
+        for link in self.links.values_mut() {
+            if pick(link) {
+                if let Some(latest) = &link.latest {
+                    remember_sent(&mut link.sent, latest);
+                    out.push(latest.clone());
+                }
+            }
+            link.dirty = false;
+            link.urgent = false;
+        }
+        self.dirty = 0;
+        self.urgent = 0;
+        out.sort_unstable_by(|a, b| a.peer.cmp(&b.peer));
+        out
+    }
+}
+
+/// Sets a link's flags, keeping the reporter's counts of them.
+fn mark(link: &mut Link, dirty: bool, urgent: bool, dirty_n: &mut usize, urgent_n: &mut usize) {
+    let urgent = dirty && urgent;
+    *dirty_n = *dirty_n + usize::from(dirty) - usize::from(link.dirty);
+    *urgent_n = *urgent_n + usize::from(urgent) - usize::from(link.urgent);
+    link.dirty = dirty;
+    link.urgent = urgent;
+}
+
+/// `sent = latest`, reusing the name already held (the destructuring makes a
+/// new field of [`LinkSample`] a compile error here, not a stale copy).
+fn remember_sent(sent: &mut Option<LinkSample>, latest: &LinkSample) {
+    let LinkSample {
+        peer,
+        up,
+        rtt_us,
+        jitter_us,
+        loss_ppm,
+    } = latest;
+    match sent {
+        Some(s) if s.peer == *peer => {
+            s.up = *up;
+            s.rtt_us = *rtt_us;
+            s.jitter_us = *jitter_us;
+            s.loss_ppm = *loss_ppm;
+        }
+        _ => *sent = Some(latest.clone()),
     }
 }
 
@@ -470,5 +521,156 @@ mod tests {
             vec![s("aws", true, 100_001), s("gcp", true, 50_000)]
         );
         assert_eq!(full(r.next_message(t0())).len(), 2);
+    }
+    /// What the reporter must send, decided from scratch on every call from all
+    /// links (the specification the counting reporter implements).
+    #[derive(Default)]
+    struct Reference {
+        latest: std::collections::BTreeMap<String, LinkSample>,
+        sent: std::collections::BTreeMap<String, LinkSample>,
+        peers: Option<std::collections::BTreeSet<String>>,
+        drift_since: Option<Instant>,
+        full_due: bool,
+    }
+
+    impl Reference {
+        fn observe(&mut self, links: &[LinkSample]) {
+            for l in links {
+                if self.peers.as_ref().is_none_or(|p| p.contains(&l.peer)) {
+                    self.latest.insert(l.peer.clone(), l.clone());
+                }
+            }
+        }
+
+        fn netmap(&mut self, names: &[&str]) {
+            let peers: std::collections::BTreeSet<String> =
+                names.iter().map(|n| n.to_string()).collect();
+            self.latest.retain(|p, _| peers.contains(p));
+            self.sent.retain(|p, _| peers.contains(p));
+            self.peers = Some(peers);
+        }
+
+        fn update(&mut self, upsert: &[&str], remove: &[&str]) {
+            for n in remove {
+                self.latest.remove(*n);
+                self.sent.remove(*n);
+                if let Some(p) = &mut self.peers {
+                    p.remove(*n);
+                }
+            }
+            if let Some(p) = &mut self.peers {
+                p.extend(upsert.iter().map(|n| n.to_string()));
+            }
+        }
+
+        fn next_message(&mut self, now: Instant) -> Option<AgentMessage> {
+            if std::mem::take(&mut self.full_due) {
+                self.drift_since = None;
+                self.sent = self.latest.clone();
+                return Some(AgentMessage::Links(LinkReport {
+                    links: self.latest.values().cloned().collect(),
+                }));
+            }
+            let due: Vec<LinkSample> = self
+                .latest
+                .values()
+                .filter(|l| {
+                    self.sent
+                        .get(&l.peer)
+                        .is_none_or(|s| l.differs_materially(s))
+                })
+                .cloned()
+                .collect();
+            if due.is_empty() {
+                self.drift_since = None;
+                return None;
+            }
+            let urgent = due
+                .iter()
+                .any(|l| self.sent.get(&l.peer).is_none_or(|s| l.is_urgent(s)));
+            if !urgent && now - *self.drift_since.get_or_insert(now) < DRIFT_DELAY {
+                return None;
+            }
+            self.drift_since = None;
+            for l in &due {
+                self.sent.insert(l.peer.clone(), l.clone());
+            }
+            Some(AgentMessage::LinkChanges(LinkChanges { changed: due }))
+        }
+    }
+
+    /// The reporter decides what is due as samples arrive and counts it; after
+    /// any sequence of reports, netmaps, updates and sessions it must send
+    /// exactly what deciding from scratch over every link sends.
+    #[test]
+    fn counting_what_is_due_agrees_with_deciding_from_scratch() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        const PEERS: [&str; 6] = ["a", "b", "c", "d", "e", "f"];
+        let mut messages = 0usize;
+        for seed in 0..300u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut r = LinkReporter::new(ReportMode::Changes);
+            let mut reference = Reference {
+                full_due: true,
+                ..Reference::default()
+            };
+            let mut now = t0();
+            for step in 0..150 {
+                match rng.gen_range(0..100) {
+                    0..=59 => {
+                        let n = rng.gen_range(0..4);
+                        let links: Vec<LinkSample> = (0..n)
+                            .map(|_| {
+                                // Few values, so moves cross both thresholds and repeat.
+                                let rtt = [50_000, 50_400, 51_500, 53_000, 60_000];
+                                let mut l = s(
+                                    PEERS[rng.gen_range(0..PEERS.len())],
+                                    rng.gen_bool(0.9),
+                                    rtt[rng.gen_range(0..rtt.len())],
+                                );
+                                l.loss_ppm = [0, 0, 0, 6_000][rng.gen_range(0..4)];
+                                l
+                            })
+                            .collect();
+                        reference.observe(&links);
+                        r.observe(report(&links));
+                    }
+                    60..=64 => {
+                        let names: Vec<&str> = PEERS
+                            .iter()
+                            .copied()
+                            .filter(|_| rng.gen_bool(0.7))
+                            .collect();
+                        reference.netmap(&names);
+                        r.handle_netmap(&netmap(&names));
+                    }
+                    65..=72 => {
+                        let pick = |rng: &mut StdRng| PEERS[rng.gen_range(0..PEERS.len())];
+                        let (up, gone) = (pick(&mut rng), pick(&mut rng));
+                        let remove: Vec<&str> = if up == gone { vec![] } else { vec![gone] };
+                        reference.update(&[up], &remove);
+                        r.handle_update(&NetMapUpdate {
+                            seq: step,
+                            node: None,
+                            upsert: vec![spec(up, 1)],
+                            remove: remove.iter().map(|n| n.to_string()).collect(),
+                            paths: None,
+                            path_changes: Vec::new(),
+                        });
+                    }
+                    73..=75 => {
+                        reference.full_due = true;
+                        r.session_started();
+                    }
+                    _ => {
+                        now += Duration::from_millis(rng.gen_range(0..2_500));
+                        let want = reference.next_message(now);
+                        messages += usize::from(want.is_some());
+                        assert_eq!(r.next_message(now), want, "seed {seed}, step {step}");
+                    }
+                }
+            }
+        }
+        assert!(messages > 3_000, "only {messages} messages compared");
     }
 }

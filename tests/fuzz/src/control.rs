@@ -26,6 +26,12 @@ pub fn control_frame(data: &[u8]) {
         (fast, general) => panic!("decode_agent gave {fast:?}, decode {general:?}"),
     }
     let controller = round_trip::<ControllerMessage>(data);
+    // The agent's fast decoder takes exactly what the general one takes.
+    match (control::decode_controller(data), &controller) {
+        (Ok(fast), Some(general)) => assert_eq!(&fast, general),
+        (Err(_), None) => {}
+        (fast, general) => panic!("decode_controller gave {fast:?}, decode {general:?}"),
+    }
     reassembled::<AgentMessage>(data, agent.is_some());
     reassembled::<ControllerMessage>(data, controller.is_some());
     match controller {
