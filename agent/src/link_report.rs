@@ -61,8 +61,9 @@ impl ReportMode {
 }
 
 /// One link as the reporter keeps it.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Link {
+    peer: String,
     /// The latest sample (none yet for a netmap peer the source has not
     /// reported).
     latest: Option<LinkSample>,
@@ -70,8 +71,24 @@ struct Link {
     sent: Option<LinkSample>,
     /// `latest` differs materially from `sent` (or was never sent).
     dirty: bool,
+    /// The link is in [`LinkReporter::dirty`] (every dirty link is; one that
+    /// stopped being dirty stays until the next message looks).
+    listed: bool,
     /// ...and the difference is urgent ([`LinkSample::is_urgent`]).
     urgent: bool,
+}
+
+impl Link {
+    fn new(peer: String) -> Self {
+        Self {
+            peer,
+            latest: None,
+            sent: None,
+            dirty: false,
+            listed: false,
+            urgent: false,
+        }
+    }
 }
 
 /// The latest sample of each link and what the current session last sent; see
@@ -79,19 +96,23 @@ struct Link {
 /// starts from the samples already known.
 ///
 /// Whether a link must be sent, and at once, is decided when its sample
-/// changes, and counted: a tick costs one hash look-up per sample the source
-/// reports, and nothing per link that did not change, so an agent with
-/// thousands of peers reports as cheaply as one with a few.
+/// changes, and the links due are listed: a tick costs one hash look-up per
+/// sample the source reports and a message costs the links in it, nothing per
+/// link that did not change, so an agent with thousands of peers reports as
+/// cheaply as one with a few.
 #[derive(Debug)]
 pub struct LinkReporter {
     mode: ReportMode,
-    /// Each link by peer name.
-    links: HashMap<String, Link>,
+    /// The links, in no order.
+    links: Vec<Link>,
+    /// Peer name → its link's place in `links`.
+    index: HashMap<String, usize>,
     /// Links are kept only for the netmap's peers (one was handled); samples
     /// of others are ignored (the source may lag behind the netmap).
     netmap_known: bool,
-    /// Links with `dirty` set, and of them with `urgent` set.
-    dirty: usize,
+    /// The places of the links with `dirty` set, and how many of them have
+    /// `urgent` set.
+    dirty: Vec<usize>,
     urgent: usize,
     /// Since when drift has been waiting to be sent, if it is.
     drift_since: Option<Instant>,
@@ -103,9 +124,10 @@ impl LinkReporter {
     pub fn new(mode: ReportMode) -> Self {
         Self {
             mode,
-            links: HashMap::new(),
+            links: Vec::new(),
+            index: HashMap::new(),
             netmap_known: false,
-            dirty: 0,
+            dirty: Vec::new(),
             urgent: 0,
             drift_since: None,
             full_due: true,
@@ -117,11 +139,12 @@ impl LinkReporter {
     /// netmap last handled are ignored.
     pub fn observe(&mut self, report: LinkReport) {
         for sample in report.links {
-            let link = match self.links.get_mut(sample.peer.as_str()) {
-                Some(link) => link,
+            let at = match self.index.get(sample.peer.as_str()) {
+                Some(&at) => at,
                 None if self.netmap_known => continue,
-                None => self.links.entry(sample.peer.clone()).or_default(),
+                None => self.add(sample.peer.clone()),
             };
+            let link = &mut self.links[at];
             if link.latest.as_ref() == Some(&sample) {
                 continue;
             }
@@ -130,7 +153,14 @@ impl LinkReporter {
                 Some(sent) => (sample.differs_materially(sent), sample.is_urgent(sent)),
             };
             link.latest = Some(sample);
-            mark(link, dirty, urgent, &mut self.dirty, &mut self.urgent);
+            if dirty && !link.listed {
+                link.listed = true;
+                self.dirty.push(at);
+            }
+            let urgent = dirty && urgent;
+            self.urgent = self.urgent + usize::from(urgent) - usize::from(link.urgent);
+            link.dirty = dirty;
+            link.urgent = urgent;
         }
     }
 
@@ -138,17 +168,18 @@ impl LinkReporter {
     /// and reported.
     pub fn handle_netmap(&mut self, map: &NetMap) {
         let peers: HashSet<&str> = map.peers.iter().map(|p| p.name.as_str()).collect();
-        let (dirty, urgent) = (&mut self.dirty, &mut self.urgent);
-        self.links.retain(|peer, link| {
-            let keep = peers.contains(peer.as_str());
-            if !keep {
-                mark(link, false, false, dirty, urgent);
+        let before = self.links.len();
+        self.links.retain(|link| peers.contains(link.peer.as_str()));
+        if self.links.len() != before {
+            self.index.clear();
+            for (at, link) in self.links.iter().enumerate() {
+                self.index.insert(link.peer.clone(), at);
             }
-            keep
-        });
+            self.relist_dirty();
+        }
         for peer in &map.peers {
-            if !self.links.contains_key(&peer.name) {
-                self.links.insert(peer.name.clone(), Link::default());
+            if !self.index.contains_key(&peer.name) {
+                self.add(peer.name.clone());
             }
         }
         self.netmap_known = true;
@@ -157,15 +188,24 @@ impl LinkReporter {
     /// A netmap update: removed peers' links are forgotten, added peers'
     /// samples are taken from now on.
     pub fn handle_update(&mut self, update: &NetMapUpdate) {
+        let before = self.links.len();
         for name in &update.remove {
-            if let Some(mut link) = self.links.remove(name) {
-                mark(&mut link, false, false, &mut self.dirty, &mut self.urgent);
+            if let Some(at) = self.index.remove(name) {
+                self.links.swap_remove(at);
+                if let Some(moved) = self.links.get(at) {
+                    if let Some(place) = self.index.get_mut(moved.peer.as_str()) {
+                        *place = at;
+                    }
+                }
             }
+        }
+        if self.links.len() != before {
+            self.relist_dirty();
         }
         if self.netmap_known {
             for peer in &update.upsert {
-                if !self.links.contains_key(&peer.name) {
-                    self.links.insert(peer.name.clone(), Link::default());
+                if !self.index.contains_key(&peer.name) {
+                    self.add(peer.name.clone());
                 }
             }
         }
@@ -174,7 +214,7 @@ impl LinkReporter {
     /// A session opened: it has been told nothing, so the next message is a
     /// full report.
     pub fn session_started(&mut self) {
-        for link in self.links.values_mut() {
+        for link in &mut self.links {
             link.sent = None;
         }
         self.full_due = true;
@@ -190,10 +230,17 @@ impl LinkReporter {
         if self.full_due || self.mode == ReportMode::Whole {
             self.full_due = false;
             self.drift_since = None;
-            let links = self.take(|_| true);
+            let all: Vec<usize> = (0..self.links.len()).collect();
+            let links = self.take(all);
             return Some(AgentMessage::Links(LinkReport { links }));
         }
-        if self.dirty == 0 {
+        let links = &mut self.links;
+        self.dirty.retain(|&at| {
+            let link = &mut links[at];
+            link.listed = link.dirty;
+            link.dirty
+        });
+        if self.dirty.is_empty() {
             self.drift_since = None;
             return None;
         }
@@ -204,38 +251,53 @@ impl LinkReporter {
             }
         }
         self.drift_since = None;
-        let changed = self.take(|link| link.dirty);
+        let due = std::mem::take(&mut self.dirty);
+        let changed = self.take(due);
         Some(AgentMessage::LinkChanges(LinkChanges { changed }))
     }
 
-    /// The latest samples of the links `pick` selects, sorted by peer, now
-    /// remembered as sent; no link is dirty afterwards.
-    fn take(&mut self, pick: impl Fn(&Link) -> bool) -> Vec<LinkSample> {
-        let mut out = Vec::new();
-        for link in self.links.values_mut() {
-            if pick(link) {
-                if let Some(latest) = &link.latest {
-                    remember_sent(&mut link.sent, latest);
-                    out.push(latest.clone());
-                }
+    /// The latest samples of the links at `places` (every dirty link among
+    /// them), sorted by peer, now remembered as sent; no link is dirty
+    /// afterwards.
+    fn take(&mut self, places: Vec<usize>) -> Vec<LinkSample> {
+        let mut out = Vec::with_capacity(places.len());
+        for at in places {
+            let link = &mut self.links[at];
+            if let Some(latest) = &link.latest {
+                remember_sent(&mut link.sent, latest);
+                out.push(latest.clone());
             }
             link.dirty = false;
+            link.listed = false;
             link.urgent = false;
         }
-        self.dirty = 0;
+        self.dirty.clear();
         self.urgent = 0;
         out.sort_unstable_by(|a, b| a.peer.cmp(&b.peer));
         out
     }
-}
 
-/// Sets a link's flags, keeping the reporter's counts of them.
-fn mark(link: &mut Link, dirty: bool, urgent: bool, dirty_n: &mut usize, urgent_n: &mut usize) {
-    let urgent = dirty && urgent;
-    *dirty_n = *dirty_n + usize::from(dirty) - usize::from(link.dirty);
-    *urgent_n = *urgent_n + usize::from(urgent) - usize::from(link.urgent);
-    link.dirty = dirty;
-    link.urgent = urgent;
+    /// Adds a link with no sample yet; returns its place.
+    fn add(&mut self, peer: String) -> usize {
+        let at = self.links.len();
+        self.index.insert(peer.clone(), at);
+        self.links.push(Link::new(peer));
+        at
+    }
+
+    /// Lists the dirty links again and counts the urgent ones, after links
+    /// were removed (rare: a peer left the mesh) and others moved.
+    fn relist_dirty(&mut self) {
+        self.dirty.clear();
+        self.urgent = 0;
+        for (at, link) in self.links.iter_mut().enumerate() {
+            link.listed = link.dirty;
+            if link.dirty {
+                self.dirty.push(at);
+                self.urgent += usize::from(link.urgent);
+            }
+        }
+    }
 }
 
 /// `sent = latest`, reusing the name already held (the destructuring makes a
