@@ -337,6 +337,24 @@ async fn run(args: &Args, work: &Path) -> Result<Value> {
         })?;
     let cold_start = t.elapsed();
     let converge_cpu = cpu0.to(Cpu::now(ctl.cpu_seconds()), 1.0);
+    let cold_entries = (
+        shared.peer_entries.load(Ordering::Relaxed),
+        shared
+            .path_entries
+            .each_ref()
+            .map(|c| c.load(Ordering::Relaxed)),
+    );
+    let needed = (n * (n - 1)) as f64;
+    let [in_maps, in_lists, changes] = cold_entries.1;
+    progress(format!(
+        "cold start: {:.2} × N(N-1) peer entries received; path entries {:.2} × \
+         ({:.2} in netmaps, {:.2} in whole lists, {:.2} as changes)",
+        cold_entries.0 as f64 / needed,
+        (in_maps + in_lists + changes) as f64 / needed,
+        in_maps as f64 / needed,
+        in_lists as f64 / needed,
+        changes as f64 / needed,
+    ));
     let rss_converged = ctl.memory()?;
     progress(format!(
         "{n} agents hold {} peers each after {} (all sessions started after {})",
@@ -648,6 +666,8 @@ async fn run(args: &Args, work: &Path) -> Result<Value> {
         "sessions_started_s": all_started.as_secs_f64(),
         "cold_start_s": cold_start.as_secs_f64(),
         "cold_start_cpu_s": {"controller": converge_cpu.controller, "bench": converge_cpu.bench},
+        "cold_start_entries": {"peers": cold_entries.0, "paths_in_netmaps": in_maps,
+                               "paths_in_whole_lists": in_lists, "path_changes": changes},
         "idle_cpu_cores": {"controller": idle_cpu.controller, "bench": idle_cpu.bench, "window_s": idle_wall},
         "idle_link_samples_per_s": idle_samples,
         "delay_s": {"p50": d.p50.as_secs_f64(), "p90": d.p90.as_secs_f64(),

@@ -56,6 +56,12 @@ pub(crate) struct Shared {
     pub(crate) full_maps: AtomicUsize,
     /// Path entries received (in full netmaps and updates) that go through a transit.
     pub(crate) transit_paths: AtomicUsize,
+    /// Peer entries received, in full netmaps and updates, and path entries
+    /// by where they came: in full netmaps, in whole path lists of updates,
+    /// as path changes. Against the N × (N − 1) each a cold start needs at
+    /// least, they show what is sent again.
+    pub(crate) peer_entries: AtomicUsize,
+    pub(crate) path_entries: [AtomicUsize; 3],
     /// Why sessions ended, as the agents saw it, with how often.
     reasons: Mutex<BTreeMap<String, usize>>,
     probe: Mutex<Option<Probe>>,
@@ -80,6 +86,8 @@ impl Shared {
             disconnects: AtomicUsize::new(0),
             full_maps: AtomicUsize::new(0),
             transit_paths: AtomicUsize::new(0),
+            peer_entries: AtomicUsize::new(0),
+            path_entries: Default::default(),
             reasons: Mutex::new(BTreeMap::new()),
             probe: Mutex::new(None),
             done: Arc::new(Notify::new()),
@@ -161,10 +169,14 @@ impl Shared {
         all
     }
 
-    fn count_transit<'a>(&self, paths: impl Iterator<Item = &'a PathSpec>) {
-        let via_transit = paths
-            .filter(|p| matches!(p.primary, Via::Transit(_)))
-            .count();
+    /// Counts path entries received as `kind` (an index of `path_entries`).
+    fn count_paths<'a>(&self, kind: usize, paths: impl Iterator<Item = &'a PathSpec>) {
+        let (mut all, mut via_transit) = (0, 0);
+        for p in paths {
+            all += 1;
+            via_transit += usize::from(matches!(p.primary, Via::Transit(_)));
+        }
+        self.path_entries[kind].fetch_add(all, Ordering::Relaxed);
         if via_transit > 0 {
             self.transit_paths.fetch_add(via_transit, Ordering::Relaxed);
         }
@@ -222,7 +234,10 @@ async fn follow(
                     }
                 }
                 in_map = next;
-                shared.count_transit(full.netmap.paths.iter());
+                shared
+                    .peer_entries
+                    .fetch_add(peers.len(), Ordering::Relaxed);
+                shared.count_paths(0, full.netmap.paths.iter());
                 has_map = true;
                 first_netmap = None;
             }
@@ -236,8 +251,11 @@ async fn follow(
                         appeared.push(b as u32);
                     }
                 }
-                let replaced = u.paths.iter().flatten();
-                shared.count_transit(replaced.chain(u.path_changes.iter()));
+                shared
+                    .peer_entries
+                    .fetch_add(u.upsert.len(), Ordering::Relaxed);
+                shared.count_paths(1, u.paths.iter().flatten());
+                shared.count_paths(2, u.path_changes.iter());
             }
             ControlEvent::Disconnected { reason } => {
                 shared.disconnects.fetch_add(1, Ordering::Relaxed);
