@@ -82,6 +82,9 @@ enum Timer {
     Hold { lo: Id, hi: Id, since: Instant },
     /// The reports of a node that is not live go stale (generation `gen`).
     Stale { node: Id, gen: u32 },
+    /// A node whose session started has not reported a link for a hold: its
+    /// pairs stop waiting for it (wait generation `gen`).
+    Await { node: Id, gen: u32 },
 }
 
 /// One usable way for a pair to go, and what it costs.
@@ -251,6 +254,13 @@ impl PathEngine {
     /// Whether `name`'s session is up. While it is, what it reported stays
     /// current however long it is silent; from the moment it ends, its
     /// reports go stale after `stale_after`.
+    ///
+    /// From the session's start until the node reports a link (at most the
+    /// hold, or until the session ends), the node's pairs keep what they
+    /// have: a node that joins is decided once, with its own links to the
+    /// transits known, instead of on the direct link its peers measured
+    /// first and again, through a transit, a hold later. An agent reports
+    /// its links about a second after it gets its netmap.
     pub fn set_live(&mut self, name: &str, live: bool, now: Instant) {
         let Some(id) = self.nodes.id(name) else {
             return;
@@ -263,9 +273,22 @@ impl PathEngine {
             return;
         }
         node.live = live;
+        let was_awaiting = std::mem::replace(&mut node.awaiting, live);
         if live {
+            node.await_gen = node.await_gen.wrapping_add(1);
+            let gen = node.await_gen;
+            self.timers.push(Reverse((
+                now + self.config.hold,
+                Timer::Await { node: id, gen },
+            )));
             self.heard(id, now);
         } else {
+            if was_awaiting {
+                self.mark_pairs_of(id);
+            }
+            let Some(node) = self.nodes.get_mut(id) else {
+                return;
+            };
             node.heard_at = Some(now);
             node.stale_gen = node.stale_gen.wrapping_add(1);
             let gen = node.stale_gen;
@@ -290,11 +313,16 @@ impl PathEngine {
         self.heard(id, now);
         let cap = self.nodes.capacity();
         let mut seen = vec![false; cap];
+        let mut any = false;
         for s in &report.links {
             if let Some(peer) = self.nodes.id(&s.peer).filter(|p| *p != id) {
                 seen[peer as usize] = true;
+                any = true;
                 self.take_sample(id, peer, s);
             }
+        }
+        if any {
+            self.stop_awaiting(id);
         }
         for (peer, seen) in seen.iter().enumerate() {
             let peer = peer as Id;
@@ -316,10 +344,15 @@ impl PathEngine {
             return;
         };
         self.heard(id, now);
+        let mut any = false;
         for s in changed {
             if let Some(peer) = self.nodes.id(&s.peer).filter(|p| *p != id) {
+                any = true;
                 self.take_sample(id, peer, s);
             }
+        }
+        if any {
+            self.stop_awaiting(id);
         }
     }
 
@@ -349,6 +382,29 @@ impl PathEngine {
         }
         if !was_fresh {
             self.refresh_links_of(id);
+        }
+    }
+
+    /// `id`'s pairs stop waiting for its links (see [`Self::set_live`]).
+    fn stop_awaiting(&mut self, id: Id) {
+        let waited = self
+            .nodes
+            .get_mut(id)
+            .is_some_and(|n| std::mem::take(&mut n.awaiting));
+        if waited {
+            self.mark_pairs_of(id);
+        }
+    }
+
+    /// Queues every pair of `id` for a decision.
+    fn mark_pairs_of(&mut self, id: Id) {
+        if self.all_dirty {
+            return;
+        }
+        for other in 0..self.nodes.capacity() as Id {
+            if other != id && self.nodes.is_member(other) {
+                self.mark(id, other);
+            }
         }
     }
 
@@ -767,7 +823,8 @@ impl PathEngine {
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
             let due = match timer {
                 Timer::Hold { .. } => now >= at,
-                Timer::Stale { .. } => now > at,
+                // Strict as stale timers, which sort before at the same instant.
+                Timer::Stale { .. } | Timer::Await { .. } => now > at,
             };
             if !due {
                 break;
@@ -781,6 +838,15 @@ impl PathEngine {
                         .is_some_and(|c| c.since == since);
                     if current && self.nodes.is_member(lo) && self.nodes.is_member(hi) {
                         self.mark(lo, hi);
+                    }
+                }
+                Timer::Await { node, gen } => {
+                    let current = self
+                        .nodes
+                        .get(node)
+                        .is_some_and(|n| n.member && n.await_gen == gen);
+                    if current {
+                        self.stop_awaiting(node);
                     }
                 }
                 Timer::Stale { node, gen } => {
@@ -851,6 +917,12 @@ impl PathEngine {
             self.challengers.contains_key(&s),
             "the challenged flag of {i}-{j} disagrees with the challengers"
         );
+        if self.nodes.get(i).is_some_and(|n| n.awaiting)
+            || self.nodes.get(j).is_some_and(|n| n.awaiting)
+        {
+            // Decided when the node reports its links (see `set_live`).
+            return;
+        }
         self.decisions += 1;
         let mut cands = std::mem::take(&mut self.scratch);
         self.candidates(i, j, &mut cands);

@@ -41,6 +41,11 @@ pub(super) struct Node {
     pub(super) fresh: bool,
     /// Tells a stale timer set before the latest report from a current one.
     pub(super) stale_gen: u32,
+    /// Its session is up and has reported no link yet: its pairs wait (see
+    /// [`PathEngine::set_live`](super::PathEngine::set_live)).
+    pub(super) awaiting: bool,
+    /// Tells the timer of the current wait from one of an earlier session.
+    pub(super) await_gen: u32,
 }
 
 /// The nodes by id and by name.
@@ -120,6 +125,8 @@ impl Nodes {
             heard_at: None,
             fresh: false,
             stale_gen: 0,
+            awaiting: false,
+            await_gen: 0,
         };
         let (id, reused) = match self.free.pop() {
             Some(id) => {

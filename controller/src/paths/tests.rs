@@ -1125,3 +1125,81 @@ fn a_recompute_decides_only_what_changed() {
     }
     assert_eq!(engine.pending(), 0);
 }
+
+/// A joining node's pairs wait for it to report its links (an agent's first
+/// report of a session comes before its netmap, so it is empty): decided on
+/// the direct link its peers measured first, a pair would move through a
+/// transit a hold later, when the node's own links arrive; two path changes
+/// to send and a last change to keep, for every pair of every node joining.
+#[test]
+fn a_joining_node_is_decided_once_its_own_links_are_known() {
+    let primary = |engine: &PathEngine, from: &str, to: &str| {
+        let spec = engine.paths_for(from).into_iter().find(|p| p.dest == to);
+        spec.map(|p| (p.primary, p.backup))
+    };
+    let report = |engine: &mut PathEngine, from: &str, links: &[(&str, f64)], now| {
+        let links = links
+            .iter()
+            .map(|(p, ms)| sample(p, *ms, 0.0, true))
+            .collect();
+        engine.report(from, &LinkReport { links }, now);
+    };
+    let mut engine = PathEngine::new(PathConfig::default());
+    let mut now = Instant::now();
+    for (n, transit) in [("a", false), ("t", true)] {
+        engine.upsert_node(n, transit);
+        engine.set_live(n, true, now);
+    }
+    report(&mut engine, "a", &[("t", 10.0)], now);
+    report(&mut engine, "t", &[("a", 10.0)], now);
+    engine.recompute(now);
+
+    // x joins and sends its empty first report; a measures its link to x.
+    engine.upsert_node("x", false);
+    engine.set_live("x", true, now);
+    report(&mut engine, "x", &[], now);
+    engine.report_changes("a", &[sample("x", 200.0, 0.0, true)], now);
+    assert!(engine.recompute(now).is_empty(), "decided before x's links");
+    now += SECOND;
+    engine.report_changes(
+        "x",
+        &[sample("a", 200.0, 0.0, true), sample("t", 10.0, 0.0, true)],
+        now,
+    );
+    assert_eq!(engine.recompute(now), ["a", "t", "x"]);
+    assert_eq!(
+        primary(&engine, "a", "x"),
+        Some((via("t"), Some(Via::Direct)))
+    );
+    for _ in 0..10 {
+        now += SECOND;
+        assert!(engine.recompute(now).is_empty(), "x's pairs moved again");
+    }
+
+    // A node whose session ends before it reports a link is decided without it...
+    engine.upsert_node("y", false);
+    engine.set_live("y", true, now);
+    engine.report_changes("a", &[sample("y", 20.0, 0.0, true)], now);
+    engine.report_changes("t", &[sample("y", 10.0, 0.0, true)], now);
+    assert!(engine.recompute(now).is_empty(), "decided before y's links");
+    engine.set_live("y", false, now);
+    assert!(engine.recompute(now).contains(&"y".to_string()));
+    assert_eq!(
+        primary(&engine, "a", "y"),
+        Some((Via::Direct, Some(via("t"))))
+    );
+
+    // ...and one that reports none is waited for a hold, no longer.
+    engine.upsert_node("z", false);
+    engine.set_live("z", true, now);
+    engine.report_changes("a", &[sample("z", 20.0, 0.0, true)], now);
+    engine.report_changes("t", &[sample("z", 10.0, 0.0, true)], now);
+    now += PathConfig::default().hold - SECOND;
+    assert!(engine.recompute(now).is_empty(), "decided before the hold");
+    now += SECOND + Duration::from_millis(1);
+    assert!(engine.recompute(now).contains(&"z".to_string()));
+    assert_eq!(
+        primary(&engine, "a", "z"),
+        Some((Via::Direct, Some(via("t"))))
+    );
+}
