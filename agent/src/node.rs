@@ -546,12 +546,16 @@ impl Node {
             .enumerate()
             .filter_map(|(i, p)| p.as_ref().map(|p| (p.spec.name.as_str(), PeerId(i))))
             .collect();
+        // By destination: a mesh of thousands would otherwise scan the list
+        // once per peer on every update.
+        let spec_of: HashMap<&str, &skymesh_wire::PathSpec> =
+            specs.iter().map(|p| (p.dest.as_str(), p)).collect();
         for i in 0..self.peers.len() {
             let Some(peer) = &self.peers[i] else {
                 self.paths[i] = None;
                 continue;
             };
-            let spec = specs.iter().find(|p| p.dest == peer.spec.name);
+            let spec = spec_of.get(peer.spec.name.as_str()).copied();
             let primary = spec
                 .and_then(|p| resolve(&p.primary, &by_name))
                 .unwrap_or(Hop::Direct);

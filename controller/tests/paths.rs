@@ -38,8 +38,16 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(m) = &self.map {
-                let got = m.netmap.paths.iter().find(|p| p.dest == dest);
-                if got.is_some_and(|p| &p.primary == want) {
+                // As an agent reads it: a destination the list leaves out
+                // is reached directly; an empty list is no decision yet.
+                let paths = &m.netmap.paths;
+                let got = (!paths.is_empty()).then(|| {
+                    paths
+                        .iter()
+                        .find(|p| p.dest == dest)
+                        .map_or(&Via::Direct, |p| &p.primary)
+                });
+                if got == Some(want) {
                     return m.clone();
                 }
             }

@@ -18,7 +18,7 @@ use crate::store::records::{self, NodeRecord};
 use crate::store::{StoreError, WatchEvent};
 use anyhow::{anyhow, Result};
 use skymesh_wire::control::RefusalCode;
-use skymesh_wire::LinkSample;
+use skymesh_wire::{LinkSample, PathSpec, Via};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -399,7 +399,7 @@ impl HubState {
 
     fn render(&self, node: &str, what: Render) -> Option<Vec<u8>> {
         let paths = if self.warm {
-            self.engine.paths_for(node)
+            without_plain_direct(self.engine.paths_for(node))
         } else {
             Vec::new()
         };
@@ -661,6 +661,20 @@ impl HubState {
     }
 }
 
+/// A path list without the entries that say "direct, no backup": a peer a
+/// list leaves out is reached directly, and most of a joining node's pairs are
+/// not decided yet. One entry stays if all would go, since an empty list
+/// means "no decision yet" to an agent, which then keeps the paths it had.
+fn without_plain_direct(mut paths: Vec<PathSpec>) -> Vec<PathSpec> {
+    let plain = |p: &PathSpec| p.primary == Via::Direct && p.backup.is_none();
+    if paths.iter().all(plain) {
+        paths.truncate(1);
+    } else {
+        paths.retain(|p| !plain(p));
+    }
+    paths
+}
+
 /// A stored override, or `None` (logged) if its key or value is unreadable.
 fn read_override(key: &str, value: &[u8]) -> Option<((String, String), LinkOverride)> {
     let (a, b) = records::link_from_key(key)?;
@@ -670,5 +684,37 @@ fn read_override(key: &str, value: &[u8]) -> Option<((String, String), LinkOverr
             tracing::error!(key, error = %e, "ignoring an unreadable link override");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn path(dest: &str, primary: Via, backup: Option<Via>) -> PathSpec {
+        PathSpec {
+            dest: dest.into(),
+            primary,
+            backup,
+        }
+    }
+
+    #[test]
+    fn path_lists_leave_out_what_an_agent_does_without_them() {
+        let t = || Via::Transit("t".into());
+        let mixed = vec![
+            path("a", Via::Direct, None),
+            path("b", Via::Direct, Some(t())),
+            path("c", t(), None),
+            path("d", Via::Direct, None),
+        ];
+        assert_eq!(
+            without_plain_direct(mixed),
+            [path("b", Via::Direct, Some(t())), path("c", t(), None)]
+        );
+        // Never empty when there were paths: empty means "no decision yet".
+        let plain = vec![path("a", Via::Direct, None), path("d", Via::Direct, None)];
+        assert_eq!(without_plain_direct(plain), [path("a", Via::Direct, None)]);
+        assert!(without_plain_direct(Vec::new()).is_empty());
     }
 }
