@@ -31,9 +31,10 @@ pub struct Status {
     /// What the probes measure on each link.
     #[serde(default)]
     pub links: Vec<LinkStatusJson>,
-    /// The path to each destination peer.
-    #[serde(default)]
-    pub routes: Vec<RouteStatusJson>,
+    /// The path to each destination peer (`routes` in the JSON, as before
+    /// paths had their own name).
+    #[serde(default, rename = "routes")]
+    pub paths: Vec<PathStatusJson>,
 }
 
 /// One link's probe measurements.
@@ -52,7 +53,7 @@ pub struct LinkStatusJson {
 
 /// The path to one destination: "direct" or a transit node's name.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RouteStatusJson {
+pub struct PathStatusJson {
     pub dest: String,
     pub primary: String,
     pub backup: Option<String>,
@@ -365,7 +366,7 @@ pub fn render_table(s: &Status, now_unix: u64) -> String {
                 l.loss * 100.0
             ));
         }
-        if let Some(r) = s.routes.iter().find(|r| r.dest == p.name) {
+        if let Some(r) = s.paths.iter().find(|r| r.dest == p.name) {
             let backup = r.backup.as_deref().unwrap_or("none");
             out.push_str(&format!(
                 "  path: via {} (primary {}, backup {backup}; {} failovers)\n",
@@ -452,7 +453,7 @@ mod tests {
                 probes_sent: 10,
                 probes_received: 9,
             }],
-            routes: vec![RouteStatusJson {
+            paths: vec![PathStatusJson {
                 dest: "gcp-gw".into(),
                 primary: "azure".into(),
                 backup: Some("direct".into()),
@@ -477,6 +478,11 @@ mod tests {
         );
         assert!(t.contains("transfer: 3.00 MiB received, 500 B sent"), "{t}");
         assert!(t.contains("dropped packets: replay=2\n"), "{t}");
+        // The JSON keeps its field name from before paths were named apart
+        // from routes: scripts read `status --json`.
+        let json = serde_json::to_value(&s).expect("status json");
+        assert_eq!(json["routes"][0]["primary"], "azure");
+        assert!(json.get("paths").is_none());
     }
 }
 

@@ -9,8 +9,8 @@
 //! Timers, the admin socket and metrics run on tokio.
 
 use crate::admin::{
-    self, ControllerStatus, InterfaceStatus, LinkStatusJson, PeerStatusJson, RejectedPrefixStatus,
-    RouteStatusJson, Status,
+    self, ControllerStatus, InterfaceStatus, LinkStatusJson, PathStatusJson, PeerStatusJson,
+    RejectedPrefixStatus, Status,
 };
 use crate::batch::{Transmits, TunWrites, MAX_PACKET};
 use crate::config::Config;
@@ -124,10 +124,10 @@ impl Shared {
                     probes_received: l.probes_received,
                 })
                 .collect(),
-            routes: node
-                .routes()
+            paths: node
+                .paths()
                 .into_iter()
-                .map(|r| RouteStatusJson {
+                .map(|r| PathStatusJson {
                     dest: r.dest,
                     primary: r.primary.to_string(),
                     backup: r.backup.map(|b| b.to_string()),

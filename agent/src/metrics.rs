@@ -156,7 +156,7 @@ pub fn render(status: &Status) -> String {
     let path = Family::<Labels, Gauge>::default();
     let changes = Family::<Labels, Counter>::default();
     let failovers = Family::<Labels, Counter>::default();
-    for r in &status.routes {
+    for r in &status.paths {
         let dest = vec![("dest".to_string(), r.dest.clone())];
         for via in std::iter::once(&r.primary).chain(&r.backup) {
             let labels = vec![
@@ -390,7 +390,7 @@ mod tests {
                 probes_sent: 7,
                 probes_received: 6,
             }],
-            routes: vec![crate::admin::RouteStatusJson {
+            paths: vec![crate::admin::PathStatusJson {
                 dest: "gcp-gw".into(),
                 primary: "azure".into(),
                 backup: Some("direct".into()),
@@ -461,7 +461,7 @@ mod tests {
             link_check_stalls: 0,
             controller: None,
             links: vec![],
-            routes: vec![],
+            paths: vec![],
         };
         let req = |method: Method, path: &str| {
             Request::builder()

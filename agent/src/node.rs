@@ -203,7 +203,7 @@ pub struct LinkStatus {
 
 /// The path to one destination as status and metrics show it.
 #[derive(Debug, Clone)]
-pub struct RouteStatus {
+pub struct PathStatus {
     pub dest: String,
     pub primary: Via,
     pub backup: Option<Via>,
@@ -258,7 +258,7 @@ enum Hop {
 
 /// Path state of one destination peer.
 #[derive(Debug, Clone)]
-struct RouteState {
+struct PathState {
     primary: Hop,
     backup: Option<Hop>,
     active: Hop,
@@ -266,7 +266,7 @@ struct RouteState {
     failovers: u64,
 }
 
-impl RouteState {
+impl PathState {
     fn direct() -> Self {
         Self {
             primary: Hop::Direct,
@@ -335,7 +335,7 @@ pub struct Node {
     address: Option<IpNet>,
     /// Path state per peer, indexed like `peers` (a separate vector so that a
     /// peer and another's path can be borrowed together).
-    paths: Vec<Option<RouteState>>,
+    paths: Vec<Option<PathState>>,
     /// Whether this node forwards between peers (a transit gateway).
     transit: bool,
     probe: ProbeConfig,
@@ -564,9 +564,9 @@ impl Node {
                 .and_then(|b| resolve(b, &by_name))
                 .filter(|b| *b != primary);
             // A new destination starts on its primary: that is no change.
-            let state = self.paths[i].get_or_insert_with(|| RouteState {
+            let state = self.paths[i].get_or_insert_with(|| PathState {
                 active: primary,
-                ..RouteState::direct()
+                ..PathState::direct()
             });
             state.primary = primary;
             state.backup = backup;
@@ -1116,15 +1116,15 @@ impl Node {
     }
 
     /// Every destination's paths, by peer name.
-    pub fn routes(&self) -> Vec<RouteStatus> {
-        let mut out: Vec<RouteStatus> = self
+    pub fn paths(&self) -> Vec<PathStatus> {
+        let mut out: Vec<PathStatus> = self
             .paths
             .iter()
             .enumerate()
             .filter_map(|(i, st)| {
                 let st = st.as_ref()?;
                 let peer = self.peers.get(i)?.as_ref()?;
-                Some(RouteStatus {
+                Some(PathStatus {
                     dest: peer.spec.name.clone(),
                     primary: self.via(st.primary),
                     backup: st.backup.map(|b| self.via(b)),
@@ -1879,9 +1879,9 @@ mod tests {
                     .expect("link")
             }
 
-            pub fn route(&self, i: usize, dest: &str) -> RouteStatus {
+            pub fn path_of(&self, i: usize, dest: &str) -> PathStatus {
                 self.nodes[i]
-                    .routes()
+                    .paths()
                     .into_iter()
                     .find(|r| r.dest == dest)
                     .expect("route")
@@ -1944,7 +1944,10 @@ mod tests {
     #[test]
     fn transit_forwards_with_ttl_and_the_destination_accepts_its_source() {
         let mut net = transit_net();
-        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
+        assert_eq!(
+            net.path_of(0, "alibaba").active,
+            Via::Transit("azure".into())
+        );
         assert!(net.reaches(0, 2, b"aws-to-alibaba"));
         let got = net.tun[2].last().expect("delivered").clone();
         assert_eq!(got[8], 63, "the transit decremented the TTL");
@@ -2024,7 +2027,7 @@ mod tests {
             "{events:?}"
         );
         assert!(net.link(0, "azure").up && net.link(0, "alibaba").up);
-        assert_eq!(net.route(0, "alibaba").failovers, 0);
+        assert_eq!(net.path_of(0, "alibaba").failovers, 0);
         assert_eq!(net.nodes[0].stalls, 1);
         // A link that really died during the stall goes down once its silence
         // outside the stall passes the detection time; the log tells all of it.
@@ -2047,7 +2050,7 @@ mod tests {
             "{events:?}"
         );
         assert!(net.link(0, "alibaba").up, "alibaba's probes were waiting");
-        assert_eq!(net.route(0, "alibaba").active, Via::Direct);
+        assert_eq!(net.path_of(0, "alibaba").active, Via::Direct);
     }
 
     #[test]
@@ -2062,14 +2065,14 @@ mod tests {
         let now = net.now;
         assert!(net.nodes[0].link_check_would_fail(now));
         assert!(net.link(0, "azure").up, "only the check itself declares it");
-        assert_eq!(net.route(0, "alibaba").failovers, 0);
+        assert_eq!(net.path_of(0, "alibaba").failovers, 0);
         // The check that finally runs was late, so it forgives the stall: the
         // link goes down once the silence outside the stall passes 350 ms.
         net.run(ms(60));
         assert!(net.link(0, "azure").up);
         net.run(ms(400));
         assert!(!net.link(0, "azure").up);
-        assert_eq!(net.route(0, "alibaba").failovers, 1);
+        assert_eq!(net.path_of(0, "alibaba").failovers, 1);
     }
 
     #[test]
@@ -2079,21 +2082,28 @@ mod tests {
         net.run(ms(450));
         // aws saw its link to azure die; alibaba learned it from azure's probes.
         assert!(!net.link(0, "azure").up);
-        assert_eq!(net.route(0, "alibaba").active, Via::Direct);
-        assert_eq!(net.route(0, "alibaba").failovers, 1);
+        assert_eq!(net.path_of(0, "alibaba").active, Via::Direct);
+        assert_eq!(net.path_of(0, "alibaba").failovers, 1);
         net.run(ms(300));
-        assert_eq!(net.route(2, "aws").active, Via::Direct, "via the down list");
+        assert_eq!(
+            net.path_of(2, "aws").active,
+            Via::Direct,
+            "via the down list"
+        );
         assert!(net.reaches(0, 2, b"after-cut"));
         assert!(net.reaches(2, 0, b"reply-after-cut"));
         // Healed: back through azure only once it held for failback_hold.
         net.set_cut(0, 1, false);
         net.run(ms(2_000));
         assert!(net.link(0, "azure").up);
-        assert_eq!(net.route(0, "alibaba").active, Via::Direct, "held");
+        assert_eq!(net.path_of(0, "alibaba").active, Via::Direct, "held");
         net.run(ms(4_000));
-        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
-        assert_eq!(net.route(2, "aws").active, Via::Transit("azure".into()));
-        let r = net.route(0, "alibaba");
+        assert_eq!(
+            net.path_of(0, "alibaba").active,
+            Via::Transit("azure".into())
+        );
+        assert_eq!(net.path_of(2, "aws").active, Via::Transit("azure".into()));
+        let r = net.path_of(0, "alibaba");
         assert_eq!((r.changes, r.failovers), (2, 1));
     }
 
@@ -2106,8 +2116,11 @@ mod tests {
         net.run(ms(1_000));
         net.set_cut(0, 2, true);
         net.run(ms(400));
-        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
-        assert_eq!(net.route(2, "aws").active, Via::Transit("azure".into()));
+        assert_eq!(
+            net.path_of(0, "alibaba").active,
+            Via::Transit("azure".into())
+        );
+        assert_eq!(net.path_of(2, "aws").active, Via::Transit("azure".into()));
         assert!(net.reaches(0, 2, b"around-the-cut"));
         assert!(net.reaches(2, 0, b"and-back"));
     }
@@ -2117,23 +2130,26 @@ mod tests {
         let mut net = transit_net();
         // A restarted controller sends netmaps without paths until it has measured.
         net.apply(0, false, &[]);
-        assert_eq!(net.route(0, "alibaba").active, Via::Transit("azure".into()));
-        assert_eq!(net.route(0, "alibaba").changes, 0);
+        assert_eq!(
+            net.path_of(0, "alibaba").active,
+            Via::Transit("azure".into())
+        );
+        assert_eq!(net.path_of(0, "alibaba").changes, 0);
         // An explicit list replaces them.
         net.apply(0, false, &[("alibaba", "direct", None)]);
-        assert_eq!(net.route(0, "alibaba").active, Via::Direct);
+        assert_eq!(net.path_of(0, "alibaba").active, Via::Direct);
     }
 
     #[test]
     fn new_paths_from_the_controller_take_effect_and_are_counted() {
         let mut net = transit_net();
         net.apply(0, false, &[("alibaba", "direct", Some("azure"))]);
-        let r = net.route(0, "alibaba");
+        let r = net.path_of(0, "alibaba");
         assert_eq!(r.active, Via::Direct);
         assert_eq!(r.changes, 1);
         assert_eq!(r.failovers, 0);
         // Unchanged paths change nothing.
         net.apply(0, false, &[("alibaba", "direct", Some("azure"))]);
-        assert_eq!(net.route(0, "alibaba").changes, 1);
+        assert_eq!(net.path_of(0, "alibaba").changes, 1);
     }
 }

@@ -243,7 +243,7 @@ pub struct Status {
     pub links: Vec<skymesh_agent::admin::LinkStatusJson>,
     /// The path to each destination.
     #[serde(default)]
-    pub routes: Vec<skymesh_agent::admin::RouteStatusJson>,
+    pub routes: Vec<skymesh_agent::admin::PathStatusJson>,
 }
 
 /// `status --json` → `controller`.

@@ -28,9 +28,22 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use upstream::FabricView;
+use upstream::FabricSnapshot;
 
 pub use proxy::Gateway;
+
+/// An error of the HTTP stack, from either side of the proxy.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Locks a gateway mutex; a panic while holding one leaves consistent state
+/// (counters, idle lists), so a poisoned lock is taken as is. Here, not in
+/// [`proxy`], so that [`upstream`] does not depend on the module that uses it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
 
 /// How often the gateway refreshes its view of the fabric.
 const FABRIC_REFRESH: Duration = Duration::from_secs(2);
@@ -81,7 +94,7 @@ async fn refresh_fabric(gw: &Gateway, registry: &Registry, hub: &Hub) {
             return;
         }
     };
-    let mut view = FabricView::default();
+    let mut view = FabricSnapshot::default();
     for n in &nodes {
         let p = view.site_prefixes.entry(n.site.clone()).or_default();
         p.extend(n.prefixes.iter().copied());

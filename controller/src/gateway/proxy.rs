@@ -10,7 +10,8 @@ use super::metrics::{AiMetrics, PairSeries, UpstreamGauge};
 use super::request;
 use super::select::{self, Choice, Excluded, Health, RateLimit};
 use super::shard;
-use super::upstream::{self, Fabric, Lease, Pool};
+use super::upstream::{self, FabricView, Lease, Pool};
+use super::{lock, BoxError};
 use anyhow::Result;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -29,7 +30,6 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type GwBody = BoxBody<Bytes, BoxError>;
 
 /// The header a client restricts the regions of its request with.
@@ -96,13 +96,13 @@ pub struct Gateway {
     pub clients: Arc<crate::listen::Guard>,
     /// Request body bytes held by requests in flight.
     buffered: AtomicUsize,
-    pub fabric: Arc<Fabric>,
+    pub fabric: Arc<FabricView>,
     pub metrics: AiMetrics,
 }
 
 impl Gateway {
     pub fn new(config: GatewayConfig) -> Result<Self> {
-        let fabric = Arc::new(Fabric::default());
+        let fabric = Arc::new(FabricView::default());
         let shards = shard::count();
         let clients = crate::listen::Guard::new("ai_gateway", config.clients);
         let generation = Generation::build(config, &fabric, None, shards)?;
@@ -220,19 +220,10 @@ impl Gateway {
     }
 }
 
-/// Locks a gateway mutex; a panic while holding one leaves consistent state
-/// (counters, idle lists), so a poisoned lock is taken as is.
-pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
 impl Generation {
     fn build(
         config: GatewayConfig,
-        fabric: &Arc<Fabric>,
+        fabric: &Arc<FabricView>,
         old: Option<&Generation>,
         shards: usize,
     ) -> Result<Self> {
@@ -1545,9 +1536,13 @@ mod tests {
 
     /// A relay of `inner` with a ledger whose duration histogram is returned.
     fn relay_over<B>(inner: B, idle: Duration, sse: bool) -> (Relay<B>, Histogram) {
-        let generation =
-            Generation::build(one_upstream(idle), &Arc::new(Fabric::default()), None, 1)
-                .expect("generation");
+        let generation = Generation::build(
+            one_upstream(idle),
+            &Arc::new(FabricView::default()),
+            None,
+            1,
+        )
+        .expect("generation");
         let duration = Histogram::new([1.0]);
         let relay = Relay {
             inner,

@@ -6,7 +6,7 @@
 //! addresses. Requests never pick the address: it comes from `base_url` alone.
 
 use super::config::UpstreamConfig;
-use super::proxy::{lock, BoxError};
+use super::{lock, BoxError};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, Uri};
@@ -29,7 +29,7 @@ use tower_service::Service;
 /// What the gateway knows of the fabric, refreshed from the registry and the
 /// path engine every few seconds.
 #[derive(Debug, Default, Clone)]
-pub struct FabricView {
+pub struct FabricSnapshot {
     /// Site → prefixes the mesh routes to its nodes (accepted VPC prefixes and
     /// overlay addresses).
     pub site_prefixes: HashMap<String, Vec<IpNet>>,
@@ -37,16 +37,18 @@ pub struct FabricView {
     pub site_rtt: HashMap<String, Duration>,
 }
 
-/// The view shared by the connectors and the proxy.
+/// The gateway's view of the fabric: the latest [`FabricSnapshot`], shared by
+/// the connectors and the proxy (the control plane's own fabric, the netmaps,
+/// is [`crate::fabric::Fabric`]).
 #[derive(Debug, Default)]
-pub struct Fabric(RwLock<Arc<FabricView>>);
+pub struct FabricView(RwLock<Arc<FabricSnapshot>>);
 
-impl Fabric {
-    pub fn get(&self) -> Arc<FabricView> {
+impl FabricView {
+    pub fn get(&self) -> Arc<FabricSnapshot> {
         self.0.read().map(|v| v.clone()).unwrap_or_default()
     }
 
-    pub fn set(&self, view: FabricView) {
+    pub fn set(&self, view: FabricSnapshot) {
         if let Ok(mut v) = self.0.write() {
             *v = Arc::new(view);
         }
@@ -80,7 +82,7 @@ struct Guard {
     upstream: String,
     /// `None` for a public upstream.
     site: Option<String>,
-    fabric: Arc<Fabric>,
+    fabric: Arc<FabricView>,
     connect_timeout: Duration,
 }
 
@@ -363,7 +365,7 @@ fn host_header(origin: &Uri) -> Result<HeaderValue> {
 
 /// Builds `n` pools of one upstream (one per gateway shard) over one guarded
 /// connector and TLS config.
-pub fn pools(cfg: &UpstreamConfig, fabric: Arc<Fabric>, n: usize) -> Result<Vec<Pool>> {
+pub fn pools(cfg: &UpstreamConfig, fabric: Arc<FabricView>, n: usize) -> Result<Vec<Pool>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = &cfg.ca_file {
@@ -452,7 +454,7 @@ pub fn describe(err: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
-    fn connector(site: Option<&str>, fabric: Arc<Fabric>) -> GuardedConnector {
+    fn connector(site: Option<&str>, fabric: Arc<FabricView>) -> GuardedConnector {
         GuardedConnector(Arc::new(Guard {
             upstream: "az".into(),
             site: site.map(String::from),
@@ -478,7 +480,7 @@ mod tests {
             idle_timeout: Duration::from_secs(1),
             ca_file: None,
         };
-        let pool = pools(&cfg, Arc::new(Fabric::default()), 1)?.remove(0);
+        let pool = pools(&cfg, Arc::new(FabricView::default()), 1)?.remove(0);
         let now = Instant::now();
         let mut peers = Vec::new();
         for age in [
@@ -513,8 +515,8 @@ mod tests {
 
     #[test]
     fn fabric_upstreams_stay_inside_their_site() {
-        let fabric = Arc::new(Fabric::default());
-        let mut view = FabricView::default();
+        let fabric = Arc::new(FabricView::default());
+        let mut view = FabricSnapshot::default();
         view.site_prefixes
             .insert("azure".into(), vec!["10.20.0.0/16".parse().expect("net")]);
         fabric.set(view);
